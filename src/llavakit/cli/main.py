@@ -14,7 +14,9 @@ import sys
 from llavakit.errors import LlavakitError
 
 # (subcommand, module under llavakit.cli, one-line help). Order is the order shown in --help.
-SUBCOMMANDS: list[tuple[str, str, str]] = []
+SUBCOMMANDS: list[tuple[str, str, str]] = [
+    ("data", "data", "Inspect and prepare training data (LLaVA JSON/JSONL/YAML mixtures)."),
+]
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:

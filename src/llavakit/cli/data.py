@@ -1,0 +1,79 @@
+"""``llavakit data ...``: tools for training data, one action per sub-subcommand.
+
+``llavakit data inspect DATA --image-folder DIR --tokenizer DIR`` streams a LLaVA JSON/JSONL file or a YAML
+mixture and reports sample counts, modality split, missing/corrupt images, JSON errors, token lengths after image
+expansion, truncation and tiles per image; ``--show N`` prints rendered samples with the supervised spans marked.
+The work happens in `llavakit.data.inspect`; this module only parses arguments and prints.
+
+Other actions register themselves in `register` with one ``_register_<action>(actions)`` call each.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``data`` command and its actions to the top-level parser."""
+    parser = subparsers.add_parser(
+        "data",
+        help="Inspect and prepare training data (LLaVA JSON/JSONL/YAML mixtures).",
+        description="Tools for LLaVA-format training data.",
+    )
+    actions = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    _register_inspect(actions)
+
+
+def _register_inspect(actions: argparse._SubParsersAction) -> None:
+    parser = actions.add_parser(
+        "inspect",
+        help="Validate a dataset and report lengths, images, errors and truncation.",
+        description=(
+            "Stream a LLaVA JSON/JSONL file or YAML mixture without decoding pixels (image sizes come from file "
+            "headers) and report: sample count, modality split, missing/unreadable images (with sample ids), JSON "
+            "errors (file:line), token lengths after image expansion, truncated/dropped counts and tiles per image. "
+            "Exits 1 when the fraction of bad samples exceeds --max-error-fraction."
+        ),
+    )
+    parser.add_argument("data", help="LLaVA .json / .jsonl file or a .yaml mixture")
+    parser.add_argument("--image-folder", required=True, help="folder that sample 'image' paths are relative to")
+    parser.add_argument(
+        "--tokenizer",
+        required=True,
+        help="tokenizer folder (a checkpoint or tokenizer directory; loaded offline with AutoTokenizer)",
+    )
+    parser.add_argument("--template", default="vicuna_v1", help="chat template id (default: vicuna_v1)")
+    parser.add_argument(
+        "--image-spec",
+        help="JSON file with an ImageSpec dict, or a checkpoint config.json holding llavakit.image_spec "
+        "(default: the LLaVA-1.6 CLIP-336 AnyRes spec)",
+    )
+    parser.add_argument("--model-max-length", type=int, default=4096, help="max tokens after image expansion")
+    parser.add_argument("--show", type=int, default=0, metavar="N", help="print N rendered samples")
+    parser.add_argument(
+        "--max-error-fraction",
+        type=float,
+        default=0.0,
+        help="exit non-zero when more than this fraction of samples is bad (default 0: any error fails)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for random:K mixture sampling")
+    parser.set_defaults(func=run_inspect)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """Run `llavakit.data.inspect.inspect_data` and print its report; 1 when errors exceed the threshold."""
+    from llavakit.data.inspect import InspectOptions, inspect_data, load_tokenizer_and_spec
+
+    tokenizer, image_spec = load_tokenizer_and_spec(args.tokenizer, args.image_spec)
+    options = InspectOptions(
+        data_path=args.data,
+        image_folder=args.image_folder,
+        template=args.template,
+        model_max_length=args.model_max_length,
+        show=args.show,
+        max_error_fraction=args.max_error_fraction,
+        seed=args.seed,
+    )
+    report = inspect_data(options, tokenizer, image_spec)
+    print(report.render())
+    return 0 if report.passed else 1
