@@ -1,0 +1,388 @@
+"""The built-in synthetic dataset: procedurally drawn scenes a tiny model can learn to see on a CPU in minutes.
+
+A newcomer has no weights and no data, yet ``llavakit demo`` must show the real system learning to *see*. This
+module draws small scenes (coloured shapes at grid positions, some wide or tall canvases, some with a short rendered
+word small enough that only the high-resolution tiles keep it legible) and writes them in the formats the rest of
+llavakit reads::
+
+    OUT_DIR/
+      images/train/NNNNN.png   images/heldout/NNNNN.png
+      align.json        LLaVA captions for the align stage           [{"id", "image", "conversations"}]
+      finetune.json     LLaVA instructions: single/multi-turn, text-only, multi-image samples
+      heldout.jsonl     one QA record per line: question_id, image, question, answer, type
+      manifest.json     seed, sizes, counts and version: a matching manifest means the folder is reused
+
+Image paths are relative to ``OUT_DIR``. Every answer is one canonical word (``red``, ``circle``, ``three``,
+``left``, ``cat``), so exact-match scoring is meaningful. Training and held-out scenes come from two independent RNG
+streams, and held-out images whose pixels equal a training image are redrawn, so nothing held out reaches training.
+Generation is deterministic given the seed (Python's ``random.Random``; PNGs written by Pillow).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+from llavakit.errors import DataError
+
+SYNTH_VERSION = 1
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+    "purple": (140, 60, 180),
+    "orange": (245, 130, 20),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+WORDS = ("cat", "dog", "sun", "car", "box", "hat", "pen", "cup")
+NUMBERS = ("zero", "one", "two", "three", "four")
+QUESTION_TYPES = ("colour", "shape", "count", "position", "word")
+# (height, width) canvases: square, wide, tall. Cells are CELL px, so shapes sit on a 2x2, 2x4 or 4x2 grid.
+CANVASES = ((64, 64), (64, 128), (128, 64))
+CELL = 32
+BACKGROUND = (245, 245, 240)
+# Note: 11 px upper-case glyphs are ~20x9 px: legible in a 32 px tile, a smudge once the base view squashes the
+# canvas to one tile. That is what makes the AnyRes tiles matter for the word questions.
+WORD_FONT_SIZE = 11
+MAX_SHAPES = 4
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """What to generate.
+
+    Attributes:
+        n_train: training scenes (each gives one caption and one instruction sample).
+        n_heldout: held-out scenes (each gives one question per applicable type).
+        seed: master seed; training and held-out use independent streams derived from it.
+        word_fraction: share of scenes with a rendered word.
+        text_only_fraction, multi_image_fraction: extra finetune samples, as a share of ``n_train``.
+    """
+
+    n_train: int = 2000
+    n_heldout: int = 120
+    seed: int = 0
+    word_fraction: float = 0.5
+    text_only_fraction: float = 0.05
+    multi_image_fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.n_train < 2 or self.n_heldout < 1:
+            raise DataError(f"synth: need n_train >= 2 and n_heldout >= 1, got {self.n_train} and {self.n_heldout}")
+        for name in ("word_fraction", "text_only_fraction", "multi_image_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise DataError(f"synth: {name} must be in [0, 1], got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One drawn shape: its kind, colour name, grid cell (row, col) and side in pixels."""
+
+    kind: str
+    colour: str
+    row: int
+    col: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Everything needed to draw one image and to ask questions about it."""
+
+    height: int
+    width: int
+    shapes: tuple[Shape, ...]
+    word: str | None
+    word_cell: tuple[int, int] | None
+    jitter: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class QA:
+    """A question about one scene with its one-word answer and its type (one of `QUESTION_TYPES`)."""
+
+    question: str
+    answer: str
+    type: str
+
+
+@dataclass(frozen=True)
+class SynthDataset:
+    """Paths of a generated (or cached) synthetic dataset; image paths inside are relative to ``root``."""
+
+    root: Path
+    align_path: Path
+    finetune_path: Path
+    heldout_path: Path
+    manifest: dict[str, Any]
+
+
+def sample_scene(rng: random.Random, word_fraction: float = 0.5) -> Scene:
+    """Draw a random scene: 1-4 shapes of distinct kinds and colours in distinct cells, and a word with
+    probability ``word_fraction``."""
+    height, width = rng.choice(CANVASES)
+    cells = [(r, c) for r in range(height // CELL) for c in range(width // CELL)]
+    rng.shuffle(cells)
+    has_word = rng.random() < word_fraction
+    n_shapes = rng.randint(1, min(MAX_SHAPES, len(cells) - int(has_word)))
+    kinds = rng.sample(SHAPES, n_shapes)
+    colours = rng.sample(sorted(COLOURS), n_shapes)
+    shapes = tuple(
+        Shape(kind, colour, row, col, rng.randint(12, 24))
+        for kind, colour, (row, col) in zip(kinds, colours, cells[:n_shapes])
+    )
+    word_cell = cells[n_shapes] if has_word else None
+    jitter = tuple((rng.randint(-3, 3), rng.randint(-3, 3)) for _ in range(n_shapes + 1))
+    return Scene(height, width, shapes, rng.choice(WORDS) if has_word else None, word_cell, jitter)
+
+
+def render_scene(scene: Scene) -> Image.Image:
+    """Draw ``scene`` on an RGB canvas of ``(scene.height, scene.width)``."""
+    image = Image.new("RGB", (scene.width, scene.height), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for shape, (dy, dx) in zip(scene.shapes, scene.jitter):
+        centre_y = shape.row * CELL + CELL // 2 + dy
+        centre_x = shape.col * CELL + CELL // 2 + dx
+        _draw_shape(draw, shape.kind, COLOURS[shape.colour], centre_y, centre_x, shape.size)
+    if scene.word is not None and scene.word_cell is not None:
+        font = ImageFont.load_default(size=WORD_FONT_SIZE)
+        text = scene.word.upper()
+        left, top, right, bottom = font.getbbox(text)
+        dy, dx = scene.jitter[-1]
+        x = scene.word_cell[1] * CELL + (CELL - (right - left)) // 2 + dx // 2
+        y = scene.word_cell[0] * CELL + (CELL - (bottom - top)) // 2 - top + dy
+        draw.text((x, y), text, fill=(0, 0, 0), font=font)
+    return image
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, fill: tuple[int, int, int], cy: int, cx: int, size: int) -> None:
+    half = size // 2
+    box = (cx - half, cy - half, cx + half, cy + half)
+    if kind == "circle":
+        draw.ellipse(box, fill=fill)
+    elif kind == "square":
+        draw.rectangle(box, fill=fill)
+    elif kind == "triangle":
+        draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=fill)
+    elif kind == "cross":
+        bar = max(2, size // 6)
+        draw.rectangle((cx - half, cy - bar, cx + half, cy + bar), fill=fill)
+        draw.rectangle((cx - bar, cy - half, cx + bar, cy + half), fill=fill)
+    else:
+        raise DataError(f"synth: unknown shape kind {kind!r}; known: {SHAPES}")
+
+
+def scene_questions(scene: Scene, rng: random.Random) -> list[QA]:
+    """One question per applicable type, in `QUESTION_TYPES` order.
+
+    Colour and shape questions name a shape by its (unique) kind or colour; the position question compares two
+    shapes in different columns (left/right) or rows (above/below); the word question needs a rendered word.
+    """
+    target = rng.choice(scene.shapes)
+    questions = [
+        QA(f"What colour is the {target.kind}?", target.colour, "colour"),
+        QA(f"What shape is the {target.colour} one?", target.kind, "shape"),
+        QA("How many shapes are there?", NUMBERS[len(scene.shapes)], "count"),
+    ]
+    position = _position_question(scene, rng)
+    if position is not None:
+        questions.append(position)
+    if scene.word is not None:
+        questions.append(QA("What word is written?", scene.word, "word"))
+    return questions
+
+
+def _position_question(scene: Scene, rng: random.Random) -> QA | None:
+    pairs = [(a, b) for a in scene.shapes for b in scene.shapes if a is not b and (a.col != b.col or a.row != b.row)]
+    if not pairs:
+        return None
+    first, second = rng.choice(pairs)
+    name_a, name_b = f"{first.colour} {first.kind}", f"{second.colour} {second.kind}"
+    # Note: horizontal when the columns differ; otherwise the rows differ (cells are distinct).
+    if first.col != second.col:
+        answer = "left" if first.col < second.col else "right"
+        return QA(f"Is the {name_a} left or right of the {name_b}?", answer, "position")
+    answer = "above" if first.row < second.row else "below"
+    return QA(f"Is the {name_a} above or below the {name_b}?", answer, "position")
+
+
+def scene_caption(scene: Scene) -> str:
+    """A one-sentence description listing every shape and the word, e.g. ``"a red circle and a blue square."``."""
+    parts = [f"a {shape.colour} {shape.kind}" for shape in scene.shapes]
+    caption = " and ".join(parts) + "."
+    if scene.word is not None:
+        caption += f" the word {scene.word}."
+    return caption
+
+
+def _text_only_sample(rng: random.Random, sample_id: str) -> dict[str, Any]:
+    """A conversation with no image: general knowledge about the dataset's own words."""
+    index = rng.randrange(len(NUMBERS) - 1)
+    facts = [
+        ("How many sides does a triangle have?", "three"),
+        ("How many sides does a square have?", "four"),
+        ("Which shape is round?", "circle"),
+        (f"What number comes after {NUMBERS[index]}?", NUMBERS[index + 1]),
+        (f"Is {rng.choice(sorted(COLOURS))} a colour or a shape?", "colour"),
+        (f"Is a {rng.choice(SHAPES)} a colour or a shape?", "shape"),
+    ]
+    question, answer = rng.choice(facts)
+    return _conversation(sample_id, None, [(question, answer)])
+
+
+def _conversation(sample_id: str, image: str | list[str] | None, turns: list[tuple[str, str]]) -> dict[str, Any]:
+    """A LLaVA-format record; one ``<image>`` line per image opens the first human turn."""
+    n_images = 0 if image is None else (len(image) if isinstance(image, list) else 1)
+    conversations = []
+    for index, (question, answer) in enumerate(turns):
+        prefix = "<image>\n" * n_images if index == 0 else ""
+        conversations.append({"from": "human", "value": prefix + question})
+        conversations.append({"from": "gpt", "value": answer})
+    record: dict[str, Any] = {"id": sample_id}
+    if image is not None:
+        record["image"] = image
+    record["conversations"] = conversations
+    return record
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _write_scenes(
+    root: Path, split: str, scenes_rng: random.Random, config: SynthConfig, count: int, forbidden: set[str]
+) -> tuple[list[tuple[str, Scene]], set[str], int]:
+    """Draw and write ``count`` scenes whose PNG hashes are not in ``forbidden``.
+
+    Returns (relative path, scene) pairs, their hashes, and how many duplicates were redrawn.
+    """
+    folder = root / "images" / split
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[tuple[str, Scene]] = []
+    hashes: set[str] = set()
+    redrawn = 0
+    while len(written) < count:
+        scene = sample_scene(scenes_rng, config.word_fraction)
+        data = _png_bytes(render_scene(scene))
+        digest = hashlib.sha256(data).hexdigest()
+        if digest in forbidden or digest in hashes:
+            redrawn += 1
+            continue
+        hashes.add(digest)
+        relative = f"images/{split}/{len(written):05d}.png"
+        (root / relative).write_bytes(data)
+        written.append((relative, scene))
+    return written, hashes, redrawn
+
+
+def _finetune_records(train: list[tuple[str, Scene]], config: SynthConfig, rng: random.Random) -> list[dict[str, Any]]:
+    """Instruction samples: 1-3 turns per training scene, plus text-only and two-image samples."""
+    records = []
+    for index, (path, scene) in enumerate(train):
+        questions = scene_questions(scene, rng)
+        rng.shuffle(questions)
+        turns = [(qa.question, qa.answer) for qa in questions[: rng.randint(1, 3)]]
+        records.append(_conversation(f"synth-ft-{index:05d}", path, turns))
+    for index in range(round(config.text_only_fraction * config.n_train)):
+        records.append(_text_only_sample(rng, f"synth-text-{index:05d}"))
+    for index in range(round(config.multi_image_fraction * config.n_train)):
+        (path_a, scene_a), (path_b, scene_b) = rng.sample(train, 2)
+        which, scene = rng.choice((("first", scene_a), ("second", scene_b)))
+        question = f"How many shapes are in the {which} image?"
+        records.append(_conversation(f"synth-multi-{index:05d}", [path_a, path_b], [(question, NUMBERS[len(scene.shapes)])]))
+    rng.shuffle(records)
+    return records
+
+
+def _heldout_records(heldout: list[tuple[str, Scene]], rng: random.Random) -> list[dict[str, Any]]:
+    records = []
+    for index, (path, scene) in enumerate(heldout):
+        for qa in scene_questions(scene, rng):
+            question_id = f"heldout-{index:05d}-{qa.type}"
+            records.append({"question_id": question_id, "image": path, "question": qa.question, "answer": qa.answer, "type": qa.type})
+    return records
+
+
+def _manifest_matches(root: Path, config: SynthConfig) -> dict[str, Any] | None:
+    path = root / "manifest.json"
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    if manifest.get("version") != SYNTH_VERSION or manifest.get("config") != asdict(config):
+        return None
+    return manifest
+
+
+def generate_synth(out_dir: str | Path, config: SynthConfig | None = None, overwrite: bool = False) -> SynthDataset:
+    """Generate the synthetic dataset into ``out_dir``, or reuse it when its manifest matches ``config``.
+
+    Args:
+        out_dir: destination folder (created if missing).
+        config: what to generate; defaults to `SynthConfig()`.
+        overwrite: regenerate even when a matching manifest exists.
+
+    Returns:
+        The dataset's paths and manifest (``manifest["cached"]`` says whether it was reused).
+
+    Raises:
+        DataError: ``out_dir`` holds a different synthetic dataset (different seed or sizes) and ``overwrite`` is
+            False, or it is a non-empty folder that is not a synthetic dataset.
+    """
+    config = config or SynthConfig()
+    root = Path(out_dir)
+    manifest = None if overwrite else _manifest_matches(root, config)
+    if manifest is not None:
+        return _dataset(root, {**manifest, "cached": True})
+    if root.exists() and any(root.iterdir()) and not overwrite:
+        raise DataError(
+            f"synth: {root} is not empty and holds no synthetic dataset generated with {asdict(config)}; "
+            "choose an empty folder or pass overwrite=True (CLI: --overwrite)"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    # Contract: independent streams, so the held-out scenes never depend on (or repeat) the training draw.
+    train_rng, heldout_rng, sample_rng = (random.Random(f"{config.seed}:{name}") for name in ("train", "heldout", "samples"))
+    train, train_hashes, _ = _write_scenes(root, "train", train_rng, config, config.n_train, set())
+    heldout, _, redrawn = _write_scenes(root, "heldout", heldout_rng, config, config.n_heldout, train_hashes)
+    align = [_conversation(f"synth-cap-{i:05d}", path, [("Describe the image.", scene_caption(scene))]) for i, (path, scene) in enumerate(train)]
+    finetune = _finetune_records(train, config, sample_rng)
+    heldout_qa = _heldout_records(heldout, sample_rng)
+    (root / "align.json").write_text(json.dumps(align, indent=1))
+    (root / "finetune.json").write_text(json.dumps(finetune, indent=1))
+    (root / "heldout.jsonl").write_text("".join(json.dumps(record) + "\n" for record in heldout_qa))
+    manifest = {
+        "version": SYNTH_VERSION,
+        "config": asdict(config),
+        "counts": {
+            "train_images": len(train),
+            "heldout_images": len(heldout),
+            "align_samples": len(align),
+            "finetune_samples": len(finetune),
+            "heldout_questions": len(heldout_qa),
+            "heldout_redrawn_duplicates": redrawn,
+        },
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return _dataset(root, {**manifest, "cached": False})
+
+
+def _dataset(root: Path, manifest: dict[str, Any]) -> SynthDataset:
+    return SynthDataset(root, root / "align.json", root / "finetune.json", root / "heldout.jsonl", manifest)
+
+
+def training_corpus(dataset: SynthDataset) -> list[str]:
+    """Every text of the dataset (questions, answers, captions), e.g. to train the demo tokenizer on it."""
+    texts: list[str] = []
+    for path in (dataset.align_path, dataset.finetune_path):
+        for record in json.loads(path.read_text()):
+            texts.extend(turn["value"].replace("<image>", "") for turn in record["conversations"])
+    return texts
