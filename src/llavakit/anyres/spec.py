@@ -29,6 +29,7 @@ SIGLIP_STD = (0.5, 0.5, 0.5)
 
 ASPECT_RATIOS = ("square", "pad", "anyres")
 MERGE_TYPES = ("flat", "spatial", "spatial_unpad")
+RESAMPLE_FILTERS = ("nearest", "box", "bilinear", "hamming", "bicubic", "lanczos")
 _ANYRES_MAX = re.compile(r"^anyres_max_(\d+)$")
 
 
@@ -85,6 +86,8 @@ class ImageSpec:
             raise ConfigError("image_spec.multi_image_aspect_ratio must be 'pad' or 'square'")
         if self.merge_type not in MERGE_TYPES:
             raise ConfigError(f"image_spec.merge_type {self.merge_type!r} is not one of {', '.join(MERGE_TYPES)}")
+        if self.resample not in RESAMPLE_FILTERS:
+            raise ConfigError(f"image_spec.resample {self.resample!r} is not one of {', '.join(RESAMPLE_FILTERS)}")
         if self.base_view not in ("squash", "letterbox"):
             raise ConfigError(f"image_spec.base_view {self.base_view!r} must be 'squash' or 'letterbox'")
         if self.unpad_rounding not in ("round", "floor"):

@@ -1,0 +1,226 @@
+"""Image loading and pixel preprocessing: an image becomes ``[n_tiles, 3, S, S]`` normalised tiles.
+
+Loading is the one place where untrusted files enter, so `load_image` validates everything (existence, decodability,
+truncation, size limits) before any pixel work and raises `ImageError` with the source and the fix.
+
+`process_image` reproduces transformers' ``LlavaNextImageProcessorPil`` bit for bit for AnyRes (same PIL resizes on
+uint8 RGB, same ``min(ceil(...), target)`` letterbox sizes, same black centre padding, same float64 rescale then
+float32 normalisation) but does each resize and the normalisation once per image instead of once per tile; the
+normalisation is a per-channel 256-entry lookup table computed with transformers' exact arithmetic.
+
+Upstream quirks, each a named option:
+
+- ``ImageSpec.base_view="squash"``: the base view (tile 0) is the whole image resized to S×S, aspect ratio not kept
+  (upstream ``process_anyres_image`` "FIXME", kept by transformers). ``"letterbox"`` fits and pads it with black.
+- ``pad`` mode fills with the mean colour ``int(m * 255)`` per channel (upstream ``expand2square``), not black.
+- ``load_image(alpha="white")`` composites transparency over white like transformers' ``convert_to_rgb``;
+  ``alpha="drop"`` is upstream LLaVA's ``.convert("RGB")`` (the hidden colour under transparent pixels shows).
+- EXIF orientation is not applied, like upstream and transformers (the model was trained on raw pixel order).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from llavakit.anyres.geometry import letterbox_size, select_best_resolution
+from llavakit.anyres.spec import RESAMPLE_FILTERS, ImageSpec
+from llavakit.errors import ImageError
+
+ImageSource = Union[str, os.PathLike, bytes, Image.Image]
+
+DEFAULT_MIN_SIDE = 2
+# 8192² pixels: far above the largest AnyRes canvas (2304² for OneVision), far below decompression bombs.
+DEFAULT_MAX_PIXELS = 8192 * 8192
+ALPHA_MODES = ("white", "drop")
+
+_RESAMPLE = {name: Image.Resampling[name.upper()] for name in RESAMPLE_FILTERS}
+# transformers rescales by this float64 factor before casting to float32; reuse it for identical rounding.
+_RESCALE = 1 / 255
+
+
+def load_image(
+    source: ImageSource,
+    *,
+    min_side: int = DEFAULT_MIN_SIDE,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    alpha: str = "white",
+) -> Image.Image:
+    """Open and fully decode an image as RGB, or raise `ImageError` saying what is wrong and what to do.
+
+    Args:
+        source: a file path, the encoded file bytes, or an already opened PIL image.
+        min_side: smallest accepted height/width in pixels.
+        max_pixels: largest accepted height*width, checked from the header before decoding.
+        alpha: ``"white"`` composites transparency over white (transformers), ``"drop"`` ignores the alpha channel
+            (upstream LLaVA ``.convert("RGB")``).
+
+    Returns:
+        A decoded ``RGB`` PIL image (RGBA, LA, P, L, CMYK, ... are converted).
+    """
+    if alpha not in ALPHA_MODES:
+        raise ImageError(f"load_image alpha={alpha!r} must be one of {ALPHA_MODES}")
+    label = _describe(source)
+    image = source if isinstance(source, Image.Image) else _open(source, label)
+    _check_dimensions(image.size, label, min_side, max_pixels)
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"{label}: the image data is corrupt or truncated ({exc}); re-download or re-encode it") from exc
+    return _to_rgb(image, alpha)
+
+
+def _describe(source: ImageSource) -> str:
+    """How error messages name the image."""
+    if isinstance(source, Image.Image):
+        return f"PIL image ({source.mode}, {source.width}x{source.height})"
+    if isinstance(source, (bytes, bytearray)):
+        return f"image bytes ({len(source)} bytes)"
+    if isinstance(source, (str, os.PathLike)):
+        return f"image file {os.fspath(source)!r}"
+    raise ImageError(f"cannot load an image from a {type(source).__name__}: pass a path, bytes or a PIL image")
+
+
+def _open(source: str | os.PathLike | bytes, label: str) -> Image.Image:
+    """Read the header only (lazy PIL open), translating every failure into an `ImageError`."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            reason = "is a directory" if path.is_dir() else "does not exist"
+            raise ImageError(f"{label} {reason}: check the image folder (--image-folder) and the sample's path")
+        stream: str | os.PathLike | io.BytesIO = path
+    else:
+        stream = io.BytesIO(source)
+    try:
+        with warnings.catch_warnings():
+            # our own max_pixels check below replaces PIL's decompression-bomb warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(stream)
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"{label} is not a readable image format; convert it to PNG/JPEG or remove the sample") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{label} is too large to decode safely ({exc}); downscale it first") from exc
+    except OSError as exc:
+        raise ImageError(f"{label} cannot be read ({exc}); check permissions and the file") from exc
+
+
+def _check_dimensions(size: tuple[int, int], label: str, min_side: int, max_pixels: int) -> None:
+    """Reject degenerate and oversized images before decoding (``size`` is PIL's (width, height))."""
+    width, height = size
+    if min(width, height) < min_side:
+        raise ImageError(
+            f"{label} is {width}x{height} (WxH): a side is below {min_side} px, too small to tile; remove or replace it"
+        )
+    if width * height > max_pixels:
+        raise ImageError(
+            f"{label} is {width}x{height} (WxH) = {width * height} pixels, above the limit of {max_pixels}; "
+            "downscale it or raise max_pixels"
+        )
+
+
+def _to_rgb(image: Image.Image, alpha: str) -> Image.Image:
+    """Convert any PIL mode to RGB, handling transparency per ``alpha``."""
+    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
+    if has_alpha and alpha == "white":
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def process_image(image: Image.Image, spec: ImageSpec, tiled: bool = True) -> torch.Tensor:
+    """Preprocess one RGB image into normalised tiles.
+
+    Args:
+        image: a decoded RGB PIL image (use `load_image`).
+        spec: the preprocessing spec.
+        tiled: False forces a single tile even for AnyRes specs (multi-image samples), using
+            ``spec.multi_image_aspect_ratio``.
+
+    Returns:
+        ``FloatTensor [n_tiles, 3, S, S]`` (S = ``spec.tile_size``). AnyRes: tile 0 is the base view, then the grid
+        tiles row-major, ``n_tiles = 1 + rows * cols``. Otherwise ``n_tiles = 1``.
+    """
+    if not isinstance(image, Image.Image) or image.mode != "RGB":
+        found = image.mode if isinstance(image, Image.Image) else type(image).__name__
+        raise ImageError(f"process_image needs an RGB PIL image, got {found}: open images with load_image()")
+    if tiled and spec.uses_anyres:
+        return _anyres_tiles(image, spec)
+    mode = spec.multi_image_aspect_ratio if spec.uses_anyres else spec.aspect_ratio
+    view = _pad_view(image, spec) if mode == "pad" else _square_view(image, spec)
+    return _normalize(view, spec)[None]
+
+
+def _anyres_tiles(image: Image.Image, spec: ImageSpec) -> torch.Tensor:
+    """Base view + row-major grid tiles of the letterboxed best-fit canvas, ``[1 + rows*cols, 3, S, S]``."""
+    size = spec.tile_size
+    best_h, best_w = select_best_resolution((image.height, image.width), spec.pinpoints)
+    canvas = _normalize(_letterbox(image, (best_h, best_w), spec), spec)
+    rows, cols = best_h // size, best_w // size
+    grid = canvas.reshape(3, rows, size, cols, size).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, size, size)
+    if spec.base_view == "squash":
+        base = np.asarray(image.resize((size, size), _RESAMPLE[spec.resample]))
+    else:
+        base = _letterbox(image, (size, size), spec)
+    return torch.cat([_normalize(base, spec)[None], grid])
+
+
+def _letterbox(image: Image.Image, target_hw: tuple[int, int], spec: ImageSpec) -> np.ndarray:
+    """Fit the image in ``target_hw`` keeping its aspect ratio, centred on black: uint8 ``[H, W, 3]``."""
+    new_h, new_w = letterbox_size((image.height, image.width), target_hw)
+    resized = np.asarray(image.resize((new_w, new_h), _RESAMPLE[spec.resample]))
+    canvas = np.zeros((*target_hw, 3), dtype=np.uint8)
+    top, left = (target_hw[0] - new_h) // 2, (target_hw[1] - new_w) // 2
+    canvas[top : top + new_h, left : left + new_w] = resized
+    return canvas
+
+
+def _pad_view(image: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """Upstream ``pad`` mode: expand to a square filled with the mean colour, then resize to S×S."""
+    width, height = image.size
+    side = max(width, height)
+    fill = tuple(int(m * 255) for m in spec.image_mean)
+    square = Image.new("RGB", (side, side), fill)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return _square_view(square, spec)
+
+
+def _square_view(image: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """CLIP-style ``square`` mode: shortest edge to S (long edge ``int(S * long / short)``), centre crop S×S."""
+    size, (width, height) = spec.tile_size, image.size
+    if width <= height:
+        new_w, new_h = size, int(size * height / width)
+    else:
+        new_w, new_h = int(size * width / height), size
+    resized = np.asarray(image.resize((new_w, new_h), _RESAMPLE[spec.resample]))
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return resized[top : top + size, left : left + size]
+
+
+def _normalize(pixels: np.ndarray, spec: ImageSpec) -> torch.Tensor:
+    """uint8 ``[H, W, 3]`` → normalised float32 ``[3, H, W]`` through a per-channel lookup table."""
+    table = _lookup_table(spec.image_mean, spec.image_std)
+    out = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
+    for channel in range(3):
+        np.take(table[channel], pixels[..., channel], out=out[channel])
+    return torch.from_numpy(out)
+
+
+@functools.lru_cache(maxsize=16)
+def _lookup_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """``[3, 256]`` float32 table of ``(v / 255 - mean) / std`` with transformers' rounding steps.
+
+    transformers rescales in float64 then casts to float32, and normalises in float32; doing the same per value
+    makes every pixel bit-identical to ``LlavaNextImageProcessorPil``.
+    """
+    values = (np.arange(256, dtype=np.float64) * _RESCALE).astype(np.float32)
+    mean_f32, std_f32 = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+    return ((values[None, :] - mean_f32[:, None]) / std_f32[:, None]).astype(np.float32)
