@@ -115,7 +115,9 @@ def _check_newline(newline: torch.Tensor | None, spec: ImageSpec, tile_features:
     """The newline vector is required exactly when the merge appends it, with the features' hidden size."""
     needs = spec.merge_type == "spatial_unpad"
     if needs and newline is None:
-        raise ConfigError("merge_type 'spatial_unpad' appends a learned newline vector: pass the model's image_newline")
+        raise ConfigError(
+            "merge_type 'spatial_unpad' appends a learned newline vector: pass the model's image_newline"
+        )
     if not needs and newline is not None:
         raise ConfigError(
             f"merge_type {spec.merge_type!r} has no newline token: pass newline=None (or use 'spatial_unpad')"
@@ -126,10 +128,14 @@ def _check_newline(newline: torch.Tensor | None, spec: ImageSpec, tile_features:
         )
 
 
-def _check_tiles(tile_features: torch.Tensor, expected_tiles: int, spec: ImageSpec, image_hw: tuple[int, int]) -> None:
+def _check_tiles(
+    tile_features: torch.Tensor, expected_tiles: int, spec: ImageSpec, image_hw: tuple[int, int]
+) -> None:
     """Fail with the likely cause when the feature tensor does not match the image under this spec."""
     if tile_features.dim() != 3:
-        raise ConfigError(f"tile_features must be [n_tiles, tokens, hidden], got shape {tuple(tile_features.shape)}")
+        raise ConfigError(
+            f"tile_features must be [n_tiles, tokens, hidden], got shape {tuple(tile_features.shape)}"
+        )
     n_tiles, tokens, _ = tile_features.shape
     if tokens != spec.tokens_per_tile:
         raise ConfigError(

@@ -62,7 +62,9 @@ def parse_pinpoints(value: Any, tile_size: int, order: str = "wh") -> tuple[Size
     elif isinstance(value, Sequence):
         pairs = [_as_pair(item, value) for item in value]
     else:
-        raise ConfigError(f"pinpoints must be a list or a string, got {type(value).__name__}: {_PINPOINT_HELP}")
+        raise ConfigError(
+            f"pinpoints must be a list or a string, got {type(value).__name__}: {_PINPOINT_HELP}"
+        )
     if not pairs:
         raise ConfigError(f"pinpoints {value!r} is empty: {_PINPOINT_HELP}")
     hw_pairs = tuple((b, a) if order == "wh" else (a, b) for a, b in pairs)
@@ -234,7 +236,9 @@ def count_visual_tokens(image_hw: Size, spec: ImageSpec, tiled: bool = True) -> 
 def _check_size(image_hw: Size) -> Size:
     """Validate an image (height, width) and return it as ints."""
     if len(image_hw) != 2 or not all(int(x) == x and x > 0 for x in image_hw):
-        raise ImageError(f"image size {tuple(image_hw)!r} must be a (height, width) pair of positive integers")
+        raise ImageError(
+            f"image size {tuple(image_hw)!r} must be a (height, width) pair of positive integers"
+        )
     return int(image_hw[0]), int(image_hw[1])
 
 

@@ -25,7 +25,6 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -35,7 +34,7 @@ from llavakit.anyres.geometry import letterbox_size, select_best_resolution
 from llavakit.anyres.spec import RESAMPLE_FILTERS, ImageSpec
 from llavakit.errors import ImageError
 
-ImageSource = Union[str, os.PathLike, bytes, Image.Image]
+ImageSource = str | os.PathLike | bytes | Image.Image
 
 DEFAULT_MIN_SIDE = 2
 # 8192² pixels: far above the largest AnyRes canvas (2304² for OneVision), far below decompression bombs.
@@ -74,7 +73,9 @@ def load_image(
     try:
         image.load()
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"{label}: the image data is corrupt or truncated ({exc}); re-download or re-encode it") from exc
+        raise ImageError(
+            f"{label}: the image data is corrupt or truncated ({exc}); re-download or re-encode it"
+        ) from exc
     return _to_rgb(image, alpha)
 
 
@@ -86,7 +87,9 @@ def _describe(source: ImageSource) -> str:
         return f"image bytes ({len(source)} bytes)"
     if isinstance(source, (str, os.PathLike)):
         return f"image file {os.fspath(source)!r}"
-    raise ImageError(f"cannot load an image from a {type(source).__name__}: pass a path, bytes or a PIL image")
+    raise ImageError(
+        f"cannot load an image from a {type(source).__name__}: pass a path, bytes or a PIL image"
+    )
 
 
 def _open(source: str | os.PathLike | bytes, label: str) -> Image.Image:
@@ -95,7 +98,9 @@ def _open(source: str | os.PathLike | bytes, label: str) -> Image.Image:
         path = Path(source)
         if not path.is_file():
             reason = "is a directory" if path.is_dir() else "does not exist"
-            raise ImageError(f"{label} {reason}: check the image folder (--image-folder) and the sample's path")
+            raise ImageError(
+                f"{label} {reason}: check the image folder (--image-folder) and the sample's path"
+            )
         stream: str | os.PathLike | io.BytesIO = path
     else:
         stream = io.BytesIO(source)
@@ -105,7 +110,9 @@ def _open(source: str | os.PathLike | bytes, label: str) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(stream)
     except UnidentifiedImageError as exc:
-        raise ImageError(f"{label} is not a readable image format; convert it to PNG/JPEG or remove the sample") from exc
+        raise ImageError(
+            f"{label} is not a readable image format; convert it to PNG/JPEG or remove the sample"
+        ) from exc
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{label} is too large to decode safely ({exc}); downscale it first") from exc
     except OSError as exc:
@@ -165,7 +172,9 @@ def _anyres_tiles(image: Image.Image, spec: ImageSpec) -> torch.Tensor:
     best_h, best_w = select_best_resolution((image.height, image.width), spec.pinpoints)
     canvas = _normalize(_letterbox(image, (best_h, best_w), spec), spec)
     rows, cols = best_h // size, best_w // size
-    grid = canvas.reshape(3, rows, size, cols, size).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, size, size)
+    grid = (
+        canvas.reshape(3, rows, size, cols, size).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, size, size)
+    )
     if spec.base_view == "squash":
         base = np.asarray(image.resize((size, size), _RESAMPLE[spec.resample]))
     else:

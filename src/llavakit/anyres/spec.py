@@ -82,31 +82,43 @@ class ImageSpec:
             raise ConfigError(
                 f"image_spec.aspect_ratio {self.aspect_ratio!r} is not one of {', '.join(ASPECT_RATIOS)}, anyres_max_N"
             )
-        if self.multi_image_aspect_ratio not in ("pad", "square"):
-            raise ConfigError("image_spec.multi_image_aspect_ratio must be 'pad' or 'square'")
-        if self.merge_type not in MERGE_TYPES:
-            raise ConfigError(f"image_spec.merge_type {self.merge_type!r} is not one of {', '.join(MERGE_TYPES)}")
-        if self.resample not in RESAMPLE_FILTERS:
-            raise ConfigError(f"image_spec.resample {self.resample!r} is not one of {', '.join(RESAMPLE_FILTERS)}")
-        if self.base_view not in ("squash", "letterbox"):
-            raise ConfigError(f"image_spec.base_view {self.base_view!r} must be 'squash' or 'letterbox'")
-        if self.unpad_rounding not in ("round", "floor"):
-            raise ConfigError(f"image_spec.unpad_rounding {self.unpad_rounding!r} must be 'round' or 'floor'")
-        if self.select_feature not in ("patch", "cls_patch"):
-            raise ConfigError(f"image_spec.select_feature {self.select_feature!r} must be 'patch' or 'cls_patch'")
+        self._validate_choices()
         if self.select_feature == "cls_patch" and self.merge_type != "flat":
-            raise ConfigError("select_feature 'cls_patch' keeps the CLS token, which has no grid position: use merge_type 'flat'")
+            raise ConfigError(
+                "select_feature 'cls_patch' keeps the CLS token, which has no grid position: use merge_type 'flat'"
+            )
         if self.max_tiles is not None and self.merge_type != "spatial_unpad":
-            raise ConfigError(f"{self.aspect_ratio} downsamples unpadded features: it needs merge_type 'spatial_unpad'")
+            raise ConfigError(
+                f"{self.aspect_ratio} downsamples unpadded features: it needs merge_type 'spatial_unpad'"
+            )
         if self.uses_anyres:
-            if not self.pinpoints:
-                raise ConfigError(f"aspect_ratio {self.aspect_ratio!r} needs pinpoints (image_grid_pinpoints)")
-            for h, w in self.pinpoints:
-                if h <= 0 or w <= 0 or h % self.tile_size or w % self.tile_size:
-                    raise ConfigError(
-                        f"pinpoint ({h}, {w}) is not a positive multiple of the tile size {self.tile_size}: "
-                        "every pinpoint must tile exactly (e.g. use the '(1x1),...,(3x3)' range form)"
-                    )
+            self._validate_pinpoints()
+
+    def _validate_choices(self) -> None:
+        """Every enumerated field holds one of its allowed values."""
+        choices = {
+            "multi_image_aspect_ratio": ("pad", "square"),
+            "merge_type": MERGE_TYPES,
+            "resample": RESAMPLE_FILTERS,
+            "base_view": ("squash", "letterbox"),
+            "unpad_rounding": ("round", "floor"),
+            "select_feature": ("patch", "cls_patch"),
+        }
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(f"image_spec.{name} {value!r} is not one of {', '.join(allowed)}")
+
+    def _validate_pinpoints(self) -> None:
+        """AnyRes needs at least one pinpoint, each an exact multiple of the tile size."""
+        if not self.pinpoints:
+            raise ConfigError(f"aspect_ratio {self.aspect_ratio!r} needs pinpoints (image_grid_pinpoints)")
+        for h, w in self.pinpoints:
+            if h <= 0 or w <= 0 or h % self.tile_size or w % self.tile_size:
+                raise ConfigError(
+                    f"pinpoint ({h}, {w}) is not a positive multiple of the tile size {self.tile_size}: "
+                    "every pinpoint must tile exactly (e.g. use the '(1x1),...,(3x3)' range form)"
+                )
 
     @property
     def grid_side(self) -> int:
