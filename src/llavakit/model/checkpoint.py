@@ -1,0 +1,235 @@
+"""Checkpoint I/O in the llava-hf layout, with our own key map.
+
+On disk (what ``llava-hf/*`` repositories and transformers 4.x write, and what vLLM reads)::
+
+    vision_tower.vision_model.<encoder keys>     language_model.model.<decoder keys>
+    multi_modal_projector.linear_{1,2}.*         language_model.lm_head.weight
+    image_newline
+
+We write these keys ourselves instead of calling transformers' ``save_pretrained``: transformers ≥5.6 drops the
+``vision_model.`` level when saving, and 4.57 then loads such a checkpoint with a randomly initialised vision
+tower and only a warning. ``language_model.lm_head.weight`` is always written, even when the LLM ties it to the
+embeddings, so no loader can end up with a random head (the LLaVA-OneVision-0.5B trap).
+
+Loading accepts the on-disk layout, the flattened ≥5.6 layout and transformers' in-memory names, and fails with
+the list of missing or unexpected keys rather than initialising anything at random.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from llavakit.errors import CheckpointError
+from llavakit.model.config import LlavaKitConfig
+
+if TYPE_CHECKING:
+    from llavakit.model.llava_next import LlavaNextModel
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+# Our module prefix → on-disk prefix (save direction). The vision entry also strips a 4.x ``vision_model.`` level.
+_SAVE_PREFIXES = (
+    ("vision_encoder.model.", "vision_tower.vision_model."),
+    ("projector.", "multi_modal_projector."),
+    ("llm.", "language_model."),
+)
+# On-disk or in-memory transformers prefixes → our prefixes (load direction); first match wins.
+_LOAD_RULES = (
+    (re.compile(r"^(model\.)?vision_tower\.(vision_model\.)?"), "vision_encoder.model."),
+    (re.compile(r"^(model\.)?multi_modal_projector\."), "projector."),
+    (re.compile(r"^(model\.)?image_newline$"), "image_newline"),
+    (re.compile(r"^language_model\."), "llm."),
+    (re.compile(r"^model\.language_model\."), "llm.{base}."),
+    (re.compile(r"^lm_head\."), "llm.lm_head."),
+)
+
+
+def to_disk_key(name: str) -> str:
+    """Our parameter name → llava-hf on-disk key."""
+    if name == "image_newline":
+        return name
+    for ours, disk in _SAVE_PREFIXES:
+        if name.startswith(ours):
+            rest = name[len(ours) :]
+            if ours.startswith("vision") and rest.startswith("vision_model."):
+                rest = rest[len("vision_model.") :]
+            return disk + rest
+    raise CheckpointError(f"parameter {name!r} has no place in the llava-hf layout")
+
+
+def from_disk_key(key: str, base_prefix: str) -> str | None:
+    """llava-hf key (on-disk or in-memory form) → our parameter name; None for keys we do not load."""
+    if key.endswith(".inv_freq"):
+        return None
+    for pattern, replacement in _LOAD_RULES:
+        if pattern.match(key):
+            return pattern.sub(replacement.format(base=base_prefix), key, count=1)
+    return None
+
+
+def save_checkpoint(model: LlavaNextModel, path: str | Path, max_shard_size: str = "5GB") -> Path:
+    """Write ``model`` to ``path`` (weights, config, tokenizer, transformers processor when representable)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = _disk_state_dict(model)
+    split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
+    for filename, keys in split.filename_to_tensors.items():
+        save_file({k: state[k].contiguous() for k in keys}, str(path / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())}, "weight_map": split.tensor_to_filename}
+        (path / INDEX_NAME).write_text(json.dumps(index, indent=2))
+    config = model.config.to_config_json(model.vision_encoder.backbone.has_cls_token)
+    config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    (path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=False))
+    _save_generation_config(model, path)
+    if model.tokenizer is not None:
+        _save_tokenizer_and_processor(model, path)
+    return path
+
+
+def _disk_state_dict(model: LlavaNextModel) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    for name, tensor in model.state_dict().items():
+        key = to_disk_key(name)
+        # safetensors refuses shared storage (tied embeddings): write an independent copy.
+        pointer = tensor.data_ptr()
+        state[key] = tensor.detach().cpu().clone() if pointer in seen else tensor.detach().cpu()
+        seen.setdefault(pointer, key)
+    return state
+
+
+def _save_generation_config(model: LlavaNextModel, path: Path) -> None:
+    generation_config = getattr(model.llm, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(path)
+
+
+def _save_tokenizer_and_processor(model: LlavaNextModel, path: Path) -> None:
+    """Save the tokenizer, and a transformers ``LlavaNextProcessor`` when transformers can reproduce the model."""
+    tokenizer = model.tokenizer
+    tokenizer.padding_side = model.config.padding_side
+    if model.config.transformers_incompatibility() is not None:
+        tokenizer.save_pretrained(path)
+        return
+    from transformers.models.llava_next import LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    spec = model.config.image_spec
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": spec.tile_size},
+        crop_size={"height": spec.tile_size, "width": spec.tile_size},
+        image_grid_pinpoints=[list(p) for p in spec.pinpoints],
+        image_mean=list(spec.image_mean),
+        image_std=list(spec.image_std),
+    )
+    has_cls = model.vision_encoder.backbone.has_cls_token
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy(has_cls),
+        num_additional_image_tokens=1 if has_cls else 0,
+    )
+    processor.save_pretrained(path)
+
+
+def load_checkpoint(
+    cls: type[LlavaNextModel],
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
+    device: str | torch.device | None = None,
+) -> LlavaNextModel:
+    """Load a llava-hf layout folder into ``cls`` (strict: every parameter must come from the files)."""
+    path = Path(path)
+    config = read_config(path)
+    tokenizer = _load_tokenizer(path)
+    model = cls.from_config(config, tokenizer=tokenizer, attn_implementation=attn_implementation)
+    state = _read_weights(path)
+    _load_state(model, state, path)
+    model.to(dtype=dtype or _checkpoint_dtype(path), device=device)
+    return model.eval()
+
+
+def read_config(path: Path) -> LlavaKitConfig:
+    """Parse ``path/config.json`` into a `LlavaKitConfig`."""
+    config_path = path / CONFIG_NAME
+    if not config_path.is_file():
+        raise CheckpointError(f"{path} is not a checkpoint folder: {CONFIG_NAME} is missing")
+    try:
+        data = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_path}: invalid JSON at line {err.lineno}: {err.msg}") from None
+    return LlavaKitConfig.from_config_json(data, str(config_path))
+
+
+def _checkpoint_dtype(path: Path) -> torch.dtype:
+    data = json.loads((path / CONFIG_NAME).read_text())
+    name = data.get("dtype") or data.get("torch_dtype") or "float32"
+    return getattr(torch, str(name), torch.float32)
+
+
+def _load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    index = path / INDEX_NAME
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / WEIGHTS_NAME).is_file():
+        files = [WEIGHTS_NAME]
+    else:
+        raise CheckpointError(f"{path} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
+    state: dict[str, torch.Tensor] = {}
+    for filename in files:
+        file = path / filename
+        if not file.is_file():
+            raise CheckpointError(f"{index} names {filename}, which is missing from {path}")
+        try:
+            state.update(load_file(str(file)))
+        except Exception as err:  # safetensors raises a bare Exception subtype on corrupt headers
+            raise CheckpointError(f"{file} is not a readable safetensors file ({err}); re-download or re-save it") from None
+    return state
+
+
+def _load_state(model: LlavaNextModel, disk_state: dict[str, torch.Tensor], path: Path) -> None:
+    base = model.llm.base_model_prefix
+    expected = model.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for key, tensor in disk_state.items():
+        name = from_disk_key(key, base)
+        if name is None or name not in expected:
+            unexpected.append(key)
+            continue
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"{path}: {key} has shape {tuple(tensor.shape)} but the config builds {tuple(expected[name].shape)}"
+            )
+        state[name] = tensor
+    missing = sorted(set(expected) - set(state))
+    if model.config.tie_word_embeddings:
+        missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not match its config: missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+            f"unexpected {sorted(unexpected)[:8]}{' ...' if len(unexpected) > 8 else ''}"
+        )
+    model.load_state_dict(state, strict=False)
+    if model.config.tie_word_embeddings:
+        model.llm.tie_weights()

@@ -1,0 +1,390 @@
+"""`LlavaNextModel`: one composed model — vision encoder + projector + any causal LM + image newline.
+
+Flow of one forward pass::
+
+    pixel_values [N_tiles,3,S,S] ──vision_encoder──► [N_tiles,T,C] ──projector──► [N_tiles,T,D]
+        ──split per image, anyres.features.merge_image_features──► [n_i, D] per image ──cat──► [Σn_i, D]
+    input_ids [B,L] ──LLM embeddings──► [B,L,D] ──masked_scatter at <image> positions──► inputs_embeds
+        ──llm(inputs_embeds, attention_mask, position_ids, labels)──► loss, logits [B,L,V]
+
+The sequence already holds one ``<image>`` token per visual token (the data pipeline expands placeholders with
+`llavakit.anyres.geometry.count_visual_tokens`), so placing features is a single masked scatter, and a count
+mismatch is an error naming both numbers instead of a silent reuse of another image's features (upstream).
+
+LLM families differ only by data (`llavakit.model.family`); the class never branches on a model name. The model
+knows nothing of distribution: `shard_units` only *declares* the modules a strategy may shard.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from llavakit.anyres import features as anyres_features
+from llavakit.anyres import geometry
+from llavakit.anyres.spec import ImageSpec
+from llavakit.errors import ConfigError, DataError
+from llavakit.model.config import LlavaKitConfig
+from llavakit.model.family import family_for
+from llavakit.model.projector import Projector
+from llavakit.model.tokenizer import ensure_image_token
+from llavakit.model.vision import VISION_BACKBONES, VisionEncoder, build_vision_encoder, load_vision_model
+
+# LLaVA-1.6's five grids (1×2, 2×1, 2×2, 3×1, 1×3 tiles) as (rows, cols); scaled by the tile size.
+LLAVA_16_GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
+
+
+class LlavaNextModel(nn.Module):
+    """A LLaVA-NeXT model composed of parts.
+
+    Args:
+        config: the model config (see `LlavaKitConfig`).
+        vision_encoder: the wrapped vision tower.
+        llm: any transformers causal LM.
+        tokenizer: the tokenizer, saved with the model (optional for pure tensor use).
+    """
+
+    def __init__(
+        self,
+        config: LlavaKitConfig,
+        vision_encoder: VisionEncoder,
+        llm: nn.Module,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> None:
+        super().__init__()
+        _check_spec_matches_encoder(config.image_spec, vision_encoder)
+        self.config = config
+        self.vision_encoder = vision_encoder
+        self.projector = Projector(config.projector, vision_encoder.hidden_size, config.hidden_size)
+        self.llm = llm
+        self.tokenizer = tokenizer
+        if config.image_spec.merge_type == "spatial_unpad":
+            embed_std = 1 / config.hidden_size**0.5
+            self.image_newline = nn.Parameter(torch.randn(config.hidden_size) * embed_std)
+        else:
+            self.register_parameter("image_newline", None)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_parts(
+        cls,
+        vision: str,
+        llm: str,
+        projector: str = "mlp2x_gelu",
+        image_spec: ImageSpec | None = None,
+        template: str | None = None,
+        select_layer: int = -2,
+        vision_encoder: str | None = None,
+        dtype: torch.dtype | None = None,
+        attn_implementation: str | None = None,
+    ) -> LlavaNextModel:
+        """Build a fresh model from a vision encoder and an LLM (hub ids or local folders) and a new projector.
+
+        Both parts load through transformers' ``from_pretrained``. The tokenizer comes from the LLM; ``<image>`` is
+        added to it (and the embeddings resized) when missing.
+
+        Args:
+            vision: vision checkpoint (e.g. ``openai/clip-vit-large-patch14-336``) or folder.
+            llm: causal LM checkpoint (e.g. ``lmsys/vicuna-7b-v1.5``) or folder.
+            projector: projector id.
+            image_spec: preprocessing spec; default: anyres with LLaVA-1.6's five grids at the encoder's size.
+            template: chat template id; default: the LLM family's.
+            select_layer: vision hidden-state index (-2 in every published recipe).
+            vision_encoder: registry id; default: chosen from the vision checkpoint's ``model_type``.
+            dtype: parameter dtype (default float32).
+            attn_implementation: ``sdpa`` (default), ``eager`` or ``flash_attention_2``.
+        """
+        load_kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
+        backbone, vision_model = load_vision_model(vision_encoder, vision, **load_kwargs)
+        if attn_implementation:
+            load_kwargs["attn_implementation"] = attn_implementation
+        tokenizer = AutoTokenizer.from_pretrained(llm)
+        language_model = AutoModelForCausalLM.from_pretrained(llm, **load_kwargs)
+        family = family_for(language_model.config.model_type)
+        image_token_id = ensure_image_token(tokenizer)
+        _set_pad_token(tokenizer, family.pad_policy)
+        if len(tokenizer) > language_model.get_input_embeddings().weight.shape[0]:
+            language_model.resize_token_embeddings(len(tokenizer))
+        spec = image_spec or default_image_spec(vision_model.config, backbone.image_mean, backbone.image_std)
+        config = LlavaKitConfig(
+            vision_encoder=backbone.id,
+            vision_config=_config_dict(vision_model.config),
+            text_config=_config_dict(language_model.config),
+            projector=projector,
+            select_layer=select_layer,
+            image_spec=spec,
+            template=template or family.default_template,
+            image_token_id=image_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            padding_side=family.padding_side,
+        )
+        encoder = build_vision_encoder(backbone.id, vision_model, select_layer, spec.select_feature)
+        model = cls(config, encoder, language_model, tokenizer)
+        return model.to(load_kwargs["dtype"])
+
+    @classmethod
+    def from_config(
+        cls,
+        config: LlavaKitConfig,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        attn_implementation: str | None = None,
+    ) -> LlavaNextModel:
+        """Build a randomly initialised model from a config (the skeleton `from_pretrained` fills)."""
+        backbone = VISION_BACKBONES.get(config.vision_encoder)
+        vision_config = backbone.config_class(**_strip_meta(config.vision_config))
+        text_config = AutoConfig.for_model(**config.text_config)
+        if attn_implementation:
+            vision_config._attn_implementation = attn_implementation
+            text_config._attn_implementation = attn_implementation
+        vision_model = backbone.model_class(vision_config)
+        language_model = AutoModelForCausalLM.from_config(text_config)
+        encoder = build_vision_encoder(backbone.id, vision_model, config.select_layer, config.image_spec.select_feature)
+        return cls(config, encoder, language_model, tokenizer)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype | None = None,
+        attn_implementation: str | None = None,
+        device: str | torch.device | None = None,
+    ) -> LlavaNextModel:
+        """Load a checkpoint folder in the llava-hf layout (ours, or one written by transformers)."""
+        from llavakit.model.checkpoint import load_checkpoint
+
+        return load_checkpoint(cls, path, dtype=dtype, attn_implementation=attn_implementation, device=device)
+
+    def save_pretrained(self, path: str | Path, max_shard_size: str = "5GB") -> Path:
+        """Write safetensors + ``config.json`` (+ tokenizer and transformers processor) in the llava-hf layout."""
+        from llavakit.model.checkpoint import save_checkpoint
+
+        return save_checkpoint(self, path, max_shard_size=max_shard_size)
+
+    # ------------------------------------------------------------------ forward
+
+    @property
+    def image_spec(self) -> ImageSpec:
+        return self.config.image_spec
+
+    def encode_images(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor | list[tuple[int, int]],
+        image_tiled: torch.Tensor | list[bool] | None = None,
+    ) -> list[torch.Tensor]:
+        """Visual tokens of each image.
+
+        Args:
+            pixel_values: ``[N_tiles, 3, S, S]`` (all tiles, images in order) or padded ``[N_images, max_tiles, 3, S, S]``.
+            image_sizes: ``[N_images, 2]`` original (height, width).
+            image_tiled: ``[N_images]`` — False for single-tile (pad/square) images; None = as the spec says.
+
+        Returns:
+            One ``[n_i, D]`` tensor per image, ``n_i = count_visual_tokens(size_i, spec, tiled_i)``.
+        """
+        sizes = [(int(h), int(w)) for h, w in (image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes)]
+        tiled = self._tiled_flags(len(sizes), image_tiled)
+        counts = [self._tile_count(size, flag) for size, flag in zip(sizes, tiled)]
+        tiles = _flatten_tiles(pixel_values, counts)
+        features = self.projector(self.vision_encoder(tiles))
+        newline = self.image_newline
+        return [
+            anyres_features.merge_image_features(chunk, size, self.image_spec, newline, tiled=flag)
+            for chunk, size, flag in zip(features.split(counts), sizes, tiled)
+        ]
+
+    def _tiled_flags(self, count: int, image_tiled: torch.Tensor | list[bool] | None) -> list[bool]:
+        if image_tiled is None:
+            return [self.image_spec.uses_anyres] * count
+        flags = [bool(x) for x in (image_tiled.tolist() if torch.is_tensor(image_tiled) else image_tiled)]
+        if len(flags) != count:
+            raise DataError(f"image_tiled has {len(flags)} entries but image_sizes has {count}")
+        return flags
+
+    def _tile_count(self, size: tuple[int, int], tiled: bool) -> int:
+        if not tiled:
+            return 1
+        rows, cols = geometry.grid_shape(size, self.image_spec)
+        return 1 + rows * cols
+
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        image_tiled: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings ``[B, L, D]`` with visual tokens placed at the ``<image>`` positions."""
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        image_mask = input_ids == self.config.image_token_id
+        placeholders = int(image_mask.sum())
+        if pixel_values is None:
+            if placeholders:
+                raise DataError(f"the batch has {placeholders} <image> tokens but no pixel_values")
+            if self.training:
+                embeds = embeds + self._vision_graph_anchor(embeds.dtype)
+            return embeds
+        if image_sizes is None:
+            raise DataError("pixel_values were given without image_sizes ([N_images, 2], original height and width)")
+        visual = torch.cat(self.encode_images(pixel_values, image_sizes, image_tiled))
+        if visual.shape[0] != placeholders:
+            raise DataError(
+                f"the batch has {placeholders} <image> tokens but its images yield {visual.shape[0]} visual tokens: "
+                "expand each placeholder with anyres.geometry.count_visual_tokens and never truncate inside an image"
+            )
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), visual.to(embeds.dtype))
+
+    def _vision_graph_anchor(self, dtype: torch.dtype) -> torch.Tensor:
+        """A zero that depends on every vision/projector/newline parameter in use.
+
+        A text-only batch would otherwise leave those parameters out of the graph, which makes DDP raise
+        (unused parameters) and FSDP ranks run different collectives. One blank tile costs little.
+        """
+        spec = self.image_spec
+        blank = torch.zeros(1, 3, spec.tile_size, spec.tile_size, device=self.image_newline_device())
+        anchor = self.projector(self.vision_encoder(blank)).sum()
+        if self.image_newline is not None:
+            anchor = anchor + self.image_newline.sum()
+        return (anchor * 0).to(dtype)
+
+    def image_newline_device(self) -> torch.device:
+        return next(self.projector.parameters(), self.llm.get_input_embeddings().weight).device
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        image_tiled: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **llm_kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """Run the model.
+
+        Args:
+            input_ids: ``[B, L]`` with expanded ``<image>`` tokens.
+            attention_mask: ``[B, L]`` (1 = token) or a 4-D ``[B, 1, L, L]`` mask (packed samples).
+            position_ids: ``[B, L]``; packed batches restart them per sample.
+            pixel_values, image_sizes, image_tiled: see `encode_images`.
+            labels: ``[B, L]``, -100 where not supervised; the LLM shifts them (transformers convention).
+            inputs_embeds: precomputed embeddings instead of ``input_ids`` (generation steps).
+            llm_kwargs: passed to the LLM (``past_key_values``, ``use_cache``, ``num_items_in_batch`` ...).
+
+        Returns:
+            transformers' ``CausalLMOutputWithPast`` (``loss`` when labels are given, ``logits [B, L, V]``).
+        """
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise DataError("forward needs input_ids or inputs_embeds")
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes, image_tiled)
+        return self.llm(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            labels=labels,
+            **llm_kwargs,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        image_tiled: torch.Tensor | None = None,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor:
+        """Generate with the LLM's ``generate`` from the multimodal embeddings (left-pad batches).
+
+        Returns:
+            ``[B, new_tokens]`` generated ids (the prompt is not repeated).
+        """
+        embeds = self.embed_inputs(input_ids, pixel_values, image_sizes, image_tiled)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+
+    # ------------------------------------------------------------------ training hooks
+
+    def shard_units(self) -> list[nn.Module]:
+        """Modules a sharding strategy may wrap one by one: LLM decoder layers and vision encoder layers."""
+        decoder = self.llm.get_decoder()
+        layers = getattr(decoder, "layers", None)
+        if layers is None:
+            raise ConfigError(f"{type(decoder).__name__} has no 'layers' list; cannot declare shard units")
+        return [*layers, *self.vision_encoder.layers]
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute activations of LLM and vision layers in backward (non-reentrant)."""
+        kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+        self.llm.gradient_checkpointing_enable(**kwargs)
+        self.vision_encoder.model.gradient_checkpointing_enable(**kwargs)
+
+
+def default_image_spec(vision_config: Any, mean: tuple, std: tuple) -> ImageSpec:
+    """LLaVA-1.6's spec (anyres, five grids, spatial_unpad) at the vision encoder's tile size."""
+    tile = int(vision_config.image_size)
+    return ImageSpec(
+        tile_size=tile,
+        patch_size=int(vision_config.patch_size),
+        pinpoints=tuple((rows * tile, cols * tile) for rows, cols in LLAVA_16_GRIDS),
+        image_mean=mean,
+        image_std=std,
+    )
+
+
+def _check_spec_matches_encoder(spec: ImageSpec, encoder: VisionEncoder) -> None:
+    if (spec.tile_size, spec.patch_size) != (encoder.image_size, encoder.patch_size):
+        raise ConfigError(
+            f"image_spec has tile {spec.tile_size}/patch {spec.patch_size} but the vision encoder takes "
+            f"{encoder.image_size}px images with patch {encoder.patch_size}: make them equal"
+        )
+    if spec.select_feature != encoder.select_feature:
+        raise ConfigError("image_spec.select_feature differs from the vision encoder's select_feature")
+
+
+def _flatten_tiles(pixel_values: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """``[N_tiles, 3, S, S]`` from either the flat or transformers' padded ``[N_images, max_tiles, 3, S, S]`` form."""
+    if pixel_values.dim() == 5:
+        if pixel_values.shape[0] != len(counts):
+            raise DataError(f"pixel_values holds {pixel_values.shape[0]} images but image_sizes {len(counts)}")
+        too_few = [i for i, n in enumerate(counts) if n > pixel_values.shape[1]]
+        if too_few:
+            raise DataError(f"images {too_few} need more tiles than pixel_values holds ({pixel_values.shape[1]})")
+        return torch.cat([pixel_values[i, :n] for i, n in enumerate(counts)])
+    if pixel_values.dim() != 4 or pixel_values.shape[0] != sum(counts):
+        raise DataError(
+            f"pixel_values has shape {tuple(pixel_values.shape)} but the images' sizes imply {sum(counts)} tiles "
+            "([N_tiles, 3, S, S], tiles of all images in placeholder order)"
+        )
+    return pixel_values
+
+
+def _set_pad_token(tokenizer: PreTrainedTokenizerBase, policy: str) -> None:
+    if tokenizer.pad_token is not None:
+        return
+    source = tokenizer.unk_token if policy == "unk" and tokenizer.unk_token is not None else tokenizer.eos_token
+    if source is None:
+        raise ConfigError("the tokenizer has no pad, unk or eos token to pad batches with; set tokenizer.pad_token")
+    tokenizer.pad_token = source
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    data = config.to_dict()
+    data.pop("transformers_version", None)
+    return json.loads(json.dumps(data, default=str))
+
+
+def _strip_meta(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if k not in ("model_type", "transformers_version", "architectures")}
