@@ -1,0 +1,406 @@
+"""Typed training configuration: one dataclass per component, loaded from YAML with dotted CLI overrides.
+
+Why: upstream LLaVA spreads a run over ~60 flat `HfArgumentParser` flags with align/finetune field pairs. Here a
+run is a `TrainConfig` tree that mirrors the object tree (model, stages, strategy, lora, logging); a multi-stage
+recipe is a *list* of `StageConfig`s, each naming the parts it trains and their learning rates. Every field is
+validated in ``__post_init__`` so a bad value fails before any weight is loaded, and the resolved config is written
+to ``run_dir/config.yaml`` so a run can always be reproduced.
+
+Overrides use dotted paths into the tree: ``stages.0.optim.lr=1e-4``, ``strategy.name=fsdp2``; ``stages.*.x=v`` sets
+the field in every stage. Values are parsed as YAML scalars (``true``, ``1e-4``, ``[a, b]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from llavakit.errors import ConfigError
+
+TRAINABLE_PARTS = ("vision_tower", "projector", "language_model")
+STAGE_KINDS = ("align", "mid", "finetune")
+SCHEDULES = ("cosine", "linear", "constant")
+STRATEGIES = ("single", "ddp", "fsdp2")
+MIXED_PRECISION = ("no", "bf16")
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
+REPORTERS = ("tensorboard", "wandb", "none")
+
+
+@dataclass
+class ModelConfig:
+    """Where the model of the first stage comes from.
+
+    Exactly one source: ``preset`` (a `llavakit.model.presets` debug preset, built into ``run_dir``), ``path`` (a
+    llavakit/llava-hf checkpoint from an earlier stage), or ``vision`` + ``llm`` (hub ids or folders composed with
+    a fresh projector through ``LlavaNextModel.from_parts``).
+
+    Attributes:
+        pretrained_projector: upstream ``mm_projector.bin`` (or our ``projector.safetensors``) loaded into a fresh
+            model before training (upstream ``--pretrain_mm_mlp_adapter``).
+        projector, template, select_layer: override the preset's/encoder's defaults when set (fresh models only).
+        image_spec: `llavakit.anyres.ImageSpec` fields overriding the preset/encoder defaults.
+    """
+
+    preset: str | None = None
+    path: str | None = None
+    vision: str | None = None
+    llm: str | None = None
+    projector: str | None = None
+    template: str | None = None
+    select_layer: int | None = None
+    image_spec: dict[str, Any] = field(default_factory=dict)
+    pretrained_projector: str | None = None
+    attn_implementation: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        sources = [name for name in ("preset", "path", "vision") if getattr(self, name)]
+        if len(sources) != 1:
+            raise ConfigError(
+                f"model: set exactly one of model.preset, model.path or model.vision+model.llm (got {sources or 'none'})"
+            )
+        if bool(self.vision) != bool(self.llm):
+            raise ConfigError("model.vision and model.llm go together: set both (hub ids or local folders)")
+        if self.attn_implementation not in ATTENTION:
+            raise ConfigError(f"model.attn_implementation {self.attn_implementation!r} is not one of {ATTENTION}")
+
+
+@dataclass
+class DataSection:
+    """The training data of one stage (passed to `llavakit.data`).
+
+    Attributes:
+        path: LLaVA JSON/JSONL file or YAML mixture.
+        image_folder: root for relative ``image`` paths; required when the data has images.
+        max_length: token cap per sample after image expansion (upstream ``model_max_length``).
+        packing: pack several samples into one row (padding-free, per-sample ``position_ids``).
+        group_by_modality_length: upstream's modality-grouped length sampler.
+        num_workers: DataLoader worker processes.
+    """
+
+    path: str = ""
+    image_folder: str | None = None
+    max_length: int = 2048
+    packing: bool = False
+    group_by_modality_length: bool = False
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_length <= 0:
+            raise ConfigError(f"data.max_length must be positive, got {self.max_length}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its schedule. ``None`` part learning rates mean "use ``lr``" (upstream's behaviour).
+
+    Attributes:
+        lr: base learning rate (the LLM's, and every part without its own).
+        vision_tower_lr: upstream ``mm_vision_tower_lr``.
+        projector_lr: upstream ``mm_projector_lr`` (also applies to ``image_newline``).
+        weight_decay: applied to >= 2-D weights only; biases, norms and other 1-D parameters get none.
+        schedule: ``cosine`` | ``linear`` | ``constant``, after a linear warmup of ``warmup_ratio`` of the steps.
+        max_grad_norm: gradient clipping (0 disables).
+    """
+
+    lr: float = 2e-5
+    vision_tower_lr: float | None = None
+    projector_lr: float | None = None
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_ratio: float = 0.03
+    schedule: str = "cosine"
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule {self.schedule!r} is not one of {SCHEDULES}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        for name in ("lr", "vision_tower_lr", "projector_lr"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"optim.{name} must be >= 0, got {value}")
+
+
+@dataclass
+class StageConfig:
+    """One training stage: what it trains, on which data, with which batch and optimizer.
+
+    Attributes:
+        name: ``align`` (upstream "pretrain": projector only) | ``mid`` | ``finetune``.
+        trainable: subset of ``vision_tower``, ``projector``, ``language_model``; everything else is frozen.
+        global_batch_size: samples per optimizer step over all ranks (= micro × accumulation × world size).
+        micro_batch_size: samples per forward pass per rank (upstream ``per_device_train_batch_size``).
+        epochs: passes over the data (fractions allowed); ``max_steps`` caps the step count when set.
+        save_projector_only: also write upstream's ``mm_projector.bin`` at export (default for ``align``).
+    """
+
+    name: str = "finetune"
+    trainable: tuple[str, ...] = ("projector", "language_model")
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    global_batch_size: int = 128
+    micro_batch_size: int = 1
+    epochs: float = 1.0
+    max_steps: int | None = None
+    gradient_checkpointing: bool = False
+    save_projector_only: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in STAGE_KINDS:
+            raise ConfigError(f"stage name {self.name!r} is not one of {STAGE_KINDS}")
+        unknown = sorted(set(self.trainable) - set(TRAINABLE_PARTS))
+        if unknown:
+            raise ConfigError(
+                f"stage {self.name!r}: unknown trainable part(s) {unknown}; valid parts: {', '.join(TRAINABLE_PARTS)}"
+            )
+        if not self.trainable:
+            raise ConfigError(f"stage {self.name!r} trains nothing: list at least one of {TRAINABLE_PARTS}")
+        if self.global_batch_size <= 0 or self.micro_batch_size <= 0:
+            raise ConfigError(f"stage {self.name!r}: global_batch_size and micro_batch_size must be positive")
+        if self.epochs <= 0 and not self.max_steps:
+            raise ConfigError(f"stage {self.name!r}: epochs must be positive (or set max_steps)")
+
+    @property
+    def writes_projector(self) -> bool:
+        """True when this stage exports upstream's ``mm_projector.bin`` (projector-only stages by default)."""
+        if self.save_projector_only is not None:
+            return self.save_projector_only
+        return set(self.trainable) == {"projector"}
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step per rank; raises `ConfigError` when the batch does not divide."""
+        per_step = world_size * self.micro_batch_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"stage {self.name!r}: global_batch_size {self.global_batch_size} is not divisible by "
+                f"world size {world_size} x micro_batch_size {self.micro_batch_size}; change one of them"
+            )
+        return self.global_batch_size // per_step
+
+
+@dataclass
+class StrategyConfig:
+    """How the model is distributed and run (applied from outside the model).
+
+    Attributes:
+        name: ``single`` | ``ddp`` | ``fsdp2``.
+        mixed_precision: ``bf16`` autocast (single/DDP) or FSDP2 bf16 params with fp32 reduction; ``no`` = fp32.
+        reshard_after_forward: FSDP2 ZeRO-3 behaviour (False = ZeRO-2: params stay gathered between fwd and bwd).
+        cpu_offload: FSDP2 `CPUOffloadPolicy` (DeepSpeed ``offload_param``/``offload_optimizer``).
+        compile: ``torch.compile`` each shard unit.
+        tf32: allow TF32 matmuls on CUDA.
+    """
+
+    name: str = "single"
+    mixed_precision: str = "no"
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
+    compile: bool = False
+    tf32: bool = False
+
+    def __post_init__(self) -> None:
+        if self.name not in STRATEGIES:
+            raise ConfigError(f"strategy.name {self.name!r} is not one of {STRATEGIES}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(f"strategy.mixed_precision {self.mixed_precision!r} is not one of {MIXED_PRECISION}")
+        if self.cpu_offload and self.name != "fsdp2":
+            raise ConfigError("strategy.cpu_offload needs strategy.name=fsdp2")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA on the LLM's linear layers through peft (QLoRA with ``bits`` 4/8 needs bitsandbytes)."""
+
+    enabled: bool = False
+    r: int = 64
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    bits: int = 16
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8, 16):
+            raise ConfigError(f"lora.bits must be 4, 8 or 16, got {self.bits}")
+        if self.enabled and self.r <= 0:
+            raise ConfigError(f"lora.r must be positive, got {self.r}")
+
+
+@dataclass
+class LoggingConfig:
+    """Progress, metrics and checkpoint cadence.
+
+    Attributes:
+        log_every: optimizer steps per metrics interval (JSONL/TensorBoard row).
+        save_every: optimizer steps between resumable checkpoints (0 = only at the end).
+        save_total_limit: resumable checkpoints kept (oldest deleted first).
+        report_to: ``tensorboard`` | ``wandb`` | ``none`` (JSONL is always written).
+        peak_tflops: accelerator peak TFLOP/s per rank for the MFU estimate (None: looked up for known GPUs).
+    """
+
+    log_every: int = 1
+    save_every: int = 0
+    save_total_limit: int = 2
+    report_to: str = "tensorboard"
+    run_name: str | None = None
+    progress_bar: bool = True
+    peak_tflops: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.report_to not in REPORTERS:
+            raise ConfigError(f"logging.report_to {self.report_to!r} is not one of {REPORTERS}")
+        if self.log_every <= 0 or self.save_every < 0 or self.save_total_limit <= 0:
+            raise ConfigError("logging: log_every and save_total_limit must be positive, save_every >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """A whole run: a model, then stages trained one after another, each from the previous stage's output."""
+
+    run_dir: str = "runs/llavakit"
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(preset="debug-clip-llama"))
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ConfigError("stages is empty: a run needs at least one stage")
+        names = [stage.name for stage in self.stages]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"stage names must be unique (they name the run sub-folders), got {names}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-ready dict (tuples become lists)."""
+        return _plain(dataclasses.asdict(self))
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config as YAML (``run_dir/config.yaml``)."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> TrainConfig:
+    """Build a validated `TrainConfig` from a plain dict; unknown keys are an error naming their dotted path."""
+    return _build(TrainConfig, data, source)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config file and apply ``key.sub=value`` overrides.
+
+    Raises:
+        ConfigError: the file is missing or not a mapping, a key is unknown, or a value has the wrong type.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config sections")
+    return config_from_dict(apply_overrides(data, overrides or []), source=str(path))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``dotted.key=value`` override set (``*`` indexes every list item)."""
+    data = _plain(data)
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r} is not of the form key.sub=value")
+        _set_path(data, key.split("."), yaml.safe_load(raw) if raw else "", override)
+    return data
+
+
+def _set_path(node: Any, keys: list[str], value: Any, override: str) -> None:
+    head, rest = keys[0], keys[1:]
+    if isinstance(node, list):
+        targets = range(len(node)) if head == "*" else [_list_index(head, node, override)]
+        for index in targets:
+            if rest:
+                _set_path(node[index], rest, value, override)
+            else:
+                node[index] = value
+        return
+    if not isinstance(node, dict):
+        raise ConfigError(f"override {override!r}: {head!r} is below a scalar value")
+    if not rest:
+        node[head] = value
+        return
+    if head == "stages" and head not in node:
+        node[head] = [{}]
+    _set_path(node.setdefault(head, {}), rest, value, override)
+
+
+def _list_index(head: str, node: list[Any], override: str) -> int:
+    if not head.isdigit() or int(head) >= len(node):
+        raise ConfigError(f"override {override!r}: list index {head!r} out of range (the list has {len(node)} items)")
+    return int(head)
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+    values = {name: _coerce(hints[name], value, f"{where}.{name}") for name, value in data.items()}
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return _coerce(inner, value, where)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        inner = args[0]
+        items = [_coerce(inner, item, f"{where}.{i}") for i, item in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict or hint is Any:
+        return value
+    return _scalar(hint, value, where)
+
+
+def _scalar(hint: type, value: Any, where: str) -> Any:
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
+        except ValueError:
+            pass
+    if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")

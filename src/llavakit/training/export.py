@@ -1,0 +1,64 @@
+"""Final export of a trained stage: the transformers-loadable model folder, plus upstream's ``mm_projector.bin``.
+
+Why: a stage's output must load in `LlavaNextModel.from_pretrained` (next stage, inference) and in transformers'
+``LlavaNextForConditionalGeneration``; an align stage must also produce upstream's projector-only artifact so
+upstream scripts (``--pretrain_mm_mlp_adapter``) can consume it. Under FSDP2 the weights are sharded DTensors: they
+are gathered to rank 0's CPU and written through a fresh skeleton of the same model. LoRA adapters are merged into
+the LLM first. The folder is written under a temporary name and renamed, like checkpoints.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
+
+from llavakit.model.llava_next import LlavaNextModel
+from llavakit.model.projector import upstream_projector_state
+from llavakit.training.distributed import DistContext, barrier
+from llavakit.training.lora import merge_lora
+
+UPSTREAM_PROJECTOR_FILE = "mm_projector.bin"
+
+
+def export_model(
+    model: nn.Module, unwrapped: LlavaNextModel, out_dir: Path, context: DistContext, write_projector: bool
+) -> Path:
+    """Write ``out_dir`` (collective: every rank calls it; rank 0 writes).
+
+    Args:
+        model: the trained module as wrapped by the strategy.
+        unwrapped: the `LlavaNextModel` inside it.
+        out_dir: the export folder (``<stage_dir>/final``).
+        write_projector: also write upstream's ``mm_projector.bin`` into ``out_dir``.
+
+    Returns:
+        ``out_dir``.
+    """
+    sharded = any(isinstance(param, DTensor) for param in model.parameters())
+    full_state = (
+        get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if sharded
+        else None
+    )
+    if context.is_main:
+        plain = _plain_copy(unwrapped, full_state) if sharded else merge_lora(unwrapped)
+        partial = out_dir.with_name(out_dir.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        plain.save_pretrained(partial)
+        if write_projector:
+            torch.save(upstream_projector_state(plain.projector), partial / UPSTREAM_PROJECTOR_FILE)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        partial.rename(out_dir)
+    barrier(context)
+    return out_dir
+
+
+def _plain_copy(unwrapped: LlavaNextModel, full_state: dict[str, torch.Tensor]) -> LlavaNextModel:
+    skeleton = LlavaNextModel.from_config(unwrapped.config, tokenizer=unwrapped.tokenizer)
+    skeleton.load_state_dict(full_state)
+    return skeleton

@@ -1,0 +1,169 @@
+"""Training metrics: progress bar, JSONL, TensorBoard (or W&B), throughput, padding, MFU, and a loss-curve PNG.
+
+Why: throughput numbers that count padding flatter padded batches; we report *useful* tokens/s (non-padding tokens,
+image tokens included, summed over ranks) and the padding fraction of every interval, so packing's gain is visible.
+MFU is estimated with the usual ``6 × parameters × tokens/s`` over the accelerator's peak (known GPUs or
+``logging.peak_tflops``; omitted when the peak is unknown, e.g. on CPU).
+
+Only rank 0 writes. Per step the cost is a few float additions; files are written once per ``log_every`` steps.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from llavakit.training.config import LoggingConfig
+from llavakit.training.distributed import DistContext
+
+# Dense bf16 peak TFLOP/s per GPU (vendor datasheets), matched by substring of the CUDA device name.
+_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "RTX 4090": 165.0}
+
+
+@dataclass
+class StepMetrics:
+    """What one optimizer step reports (token counts are summed over ranks)."""
+
+    step: int
+    loss: float
+    lr: dict[str, float]
+    grad_norm: float
+    num_tokens: int
+    num_padding: int
+    seconds: float
+
+
+def peak_flops(context: DistContext, configured_tflops: float | None) -> float | None:
+    """Peak FLOP/s of one rank's device: the configured value, a known GPU's datasheet value, or None."""
+    if configured_tflops is not None:
+        return configured_tflops * 1e12
+    if context.device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(context.device)
+    return next((tflops * 1e12 for key, tflops in _PEAK_TFLOPS.items() if key in name), None)
+
+
+class MetricsLogger:
+    """Accumulates `StepMetrics` and flushes one row per interval.
+
+    Args:
+        stage_dir: where ``metrics.jsonl``, ``tensorboard/`` and ``loss.png`` go.
+        config: the logging section.
+        context: rank and world (only rank 0 writes).
+        total_steps: optimizer steps of the stage (progress bar and ETA).
+        num_params: model parameters, for the MFU estimate.
+        start_step: first step (when resuming).
+    """
+
+    def __init__(
+        self,
+        stage_dir: Path,
+        config: LoggingConfig,
+        context: DistContext,
+        total_steps: int,
+        num_params: int,
+        start_step: int = 0,
+    ) -> None:
+        self.config = config
+        self.context = context
+        self.stage_dir = stage_dir
+        self.flops_per_token = 6.0 * num_params
+        self.peak = peak_flops(context, config.peak_tflops)
+        self.losses: list[tuple[int, float]] = []
+        self._interval: list[StepMetrics] = []
+        self._writer = self._open_writer() if context.is_main else None
+        self._jsonl = (stage_dir / "metrics.jsonl").open("a") if context.is_main else None
+        self._bar = tqdm(
+            total=total_steps, initial=start_step, desc=stage_dir.name, dynamic_ncols=True,
+            disable=not (context.is_main and config.progress_bar),
+        )
+
+    def _open_writer(self) -> Any:
+        if self.config.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            return SummaryWriter(log_dir=str(self.stage_dir / "tensorboard"))
+        if self.config.report_to == "wandb":
+            import wandb  # optional dependency: installed by users who ask for report_to=wandb
+
+            return wandb.init(name=self.config.run_name or self.stage_dir.name, dir=str(self.stage_dir))
+        return None
+
+    def update(self, metrics: StepMetrics) -> dict[str, float] | None:
+        """Record one step; returns the interval row when one was flushed."""
+        self.losses.append((metrics.step, metrics.loss))
+        self._interval.append(metrics)
+        self._bar.update(1)
+        if metrics.step % self.config.log_every:
+            return None
+        row = self._summarise(self._interval)
+        self._interval = []
+        self._emit(row)
+        return row
+
+    def _summarise(self, window: list[StepMetrics]) -> dict[str, float]:
+        seconds = sum(m.seconds for m in window)
+        useful = sum(m.num_tokens for m in window)
+        padding = sum(m.num_padding for m in window)
+        row = {
+            "step": window[-1].step,
+            "loss": sum(m.loss for m in window) / len(window),
+            "grad_norm": window[-1].grad_norm,
+            "tokens_per_s": useful / seconds if seconds else 0.0,
+            "padding_fraction": padding / (useful + padding) if useful + padding else 0.0,
+            "time": time.time(),
+        }
+        row.update({f"lr/{name}": lr for name, lr in window[-1].lr.items()})
+        if self.peak:
+            row["mfu"] = row["tokens_per_s"] * self.flops_per_token / (self.peak * self.context.world_size)
+        return row
+
+    def _emit(self, row: dict[str, float]) -> None:
+        if not self.context.is_main:
+            return
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        scalars = {key: value for key, value in row.items() if key not in ("step", "time")}
+        if self.config.report_to == "tensorboard":
+            for key, value in scalars.items():
+                self._writer.add_scalar(f"train/{key}", value, row["step"])
+        elif self.config.report_to == "wandb":
+            self._writer.log(scalars, step=int(row["step"]))
+        lr = next((value for key, value in row.items() if key.startswith("lr/")), 0.0)
+        self._bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+
+    def close(self) -> None:
+        """Flush files and write ``loss.png`` (rank 0)."""
+        self._bar.close()
+        if not self.context.is_main:
+            return
+        self._jsonl.close()
+        if self._writer is not None:
+            (self._writer.close if self.config.report_to == "tensorboard" else self._writer.finish)()
+        if self.losses:
+            plot_losses(self.losses, self.stage_dir / "loss.png")
+
+
+def plot_losses(losses: list[tuple[int, float]], path: Path) -> None:
+    """Save a loss-vs-step PNG with matplotlib's non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    steps, values = zip(*losses)
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot(steps, values)
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("training loss")
+    axis.set_title(path.parent.name)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -1,0 +1,132 @@
+"""Where a stage's model comes from, and the checks that run before any weight is loaded.
+
+Why: upstream discovers a wrong projector file, a missing image folder or an indivisible batch only after minutes
+of loading a 7B model on every GPU. `preflight` checks all of that from file metadata and ``config.json`` files;
+`build_model` then loads the model once per rank from one of:
+
+- a debug preset (``model.preset``): its parts are written to ``run_dir/parts`` by rank 0, then assembled;
+- ``model.vision`` + ``model.llm``: a fresh model from two checkpoints, optionally with upstream's projector file
+  (``model.pretrained_projector`` = ``--pretrain_mm_mlp_adapter``);
+- ``model.path`` or the previous stage's export: ``LlavaNextModel.from_pretrained``.
+
+Every rank seeds the same generator before building, so fresh weights are identical across ranks (FSDP2, unlike
+DDP, does not broadcast rank 0's weights).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig
+
+from llavakit.anyres.spec import ImageSpec
+from llavakit.errors import CheckpointError, ConfigError
+from llavakit.model.llava_next import LlavaNextModel
+from llavakit.model.projector import load_upstream_projector_state, read_upstream_projector_file
+from llavakit.training.config import ModelConfig, StageConfig, TrainConfig
+from llavakit.training.distributed import DistContext, barrier
+
+
+def preflight(config: TrainConfig, context: DistContext) -> None:
+    """Fail before loading weights: data files, image folders, batch divisibility, projector-file shapes.
+
+    Raises:
+        ConfigError: a data path is missing or a batch does not divide the world size.
+        CheckpointError: the projector file does not fit the vision encoder and LLM sizes.
+    """
+    for index, stage in enumerate(config.stages):
+        where = f"stages.{index} ({stage.name})"
+        data = stage.data
+        if not data.path or not Path(data.path).exists():
+            raise ConfigError(f"{where}: data.path {data.path!r} does not exist; point it at a LLaVA JSON/JSONL/YAML")
+        if data.image_folder is not None and not Path(data.image_folder).is_dir():
+            raise ConfigError(f"{where}: data.image_folder {data.image_folder!r} is not a directory")
+        stage.accumulation_steps(context.world_size)
+    projector_file = config.model.pretrained_projector
+    if projector_file and config.model.vision:
+        check_projector_file(projector_file, config.model.vision, config.model.llm)
+
+
+def check_projector_file(path: str, vision: str, llm: str) -> None:
+    """Compare an upstream ``mm_projector.bin``'s shapes with the two parts' hidden sizes (configs only)."""
+    state = read_upstream_projector_file(path)
+    vision_size = _hidden_size(AutoConfig.from_pretrained(vision))
+    llm_size = _hidden_size(AutoConfig.from_pretrained(llm))
+    first = state.get("linear_1.weight")
+    last = state[max((k for k in state if k.endswith(".weight")), key=lambda k: int(k.split("_")[1].split(".")[0]))]
+    if first is None or first.shape[1] != vision_size or last.shape[0] != llm_size:
+        raise CheckpointError(
+            f"projector file {path} maps {tuple(first.shape) if first is not None else '?'}... -> {last.shape[0]}, "
+            f"but vision {vision!r} has hidden size {vision_size} and LLM {llm!r} has {llm_size}: "
+            "use the projector trained for this encoder and LLM"
+        )
+
+
+def _hidden_size(config: Any) -> int:
+    # CLIP/SigLIP checkpoints saved as the full (text+vision) model nest the vision config.
+    vision_config = getattr(config, "vision_config", None)
+    return int(getattr(vision_config or config, "hidden_size"))
+
+
+def build_model(
+    config: TrainConfig, stage: StageConfig, previous: Path | None, context: DistContext
+) -> LlavaNextModel:
+    """Load the model a stage starts from (see module docstring) on CPU, identically on every rank.
+
+    Args:
+        config: the run config.
+        stage: the stage about to train (gradient checkpointing).
+        previous: the previous stage's exported model, or None for the first stage.
+        context: rank and world (rank 0 writes preset parts).
+    """
+    model_config = config.model
+    torch.manual_seed(config.seed)
+    if previous is not None:
+        model = LlavaNextModel.from_pretrained(previous, attn_implementation=model_config.attn_implementation)
+    elif model_config.path:
+        model = LlavaNextModel.from_pretrained(model_config.path, attn_implementation=model_config.attn_implementation)
+    else:
+        model = LlavaNextModel.from_parts(**_from_parts_kwargs(config, context))
+        if model_config.pretrained_projector:
+            load_upstream_projector_state(model.projector, model_config.pretrained_projector)
+    if stage.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def _from_parts_kwargs(config: TrainConfig, context: DistContext) -> dict[str, Any]:
+    model_config = config.model
+    kwargs = _preset_kwargs(model_config.preset, Path(config.run_dir), context) if model_config.preset else {
+        "vision": model_config.vision, "llm": model_config.llm,
+    }
+    for name in ("projector", "template", "select_layer"):
+        if getattr(model_config, name) is not None:
+            kwargs[name] = getattr(model_config, name)
+    if model_config.image_spec:
+        kwargs["image_spec"] = _spec_with(kwargs.get("image_spec"), model_config.image_spec, kwargs["vision"])
+    kwargs["attn_implementation"] = model_config.attn_implementation
+    return kwargs
+
+
+def _preset_kwargs(name: str, run_dir: Path, context: DistContext) -> dict[str, Any]:
+    from llavakit.model.presets import PRESETS, PresetParts, build_parts
+
+    parts_dir = run_dir / "parts" / name
+    if context.is_main:
+        build_parts(name, parts_dir)
+    barrier(context)
+    # Every rank reads the folders rank 0 wrote; `PresetParts` only records paths.
+    return PresetParts(PRESETS.get(name), parts_dir / "vision", parts_dir / "llm").from_parts_kwargs()
+
+
+def _spec_with(base: ImageSpec | None, overrides: dict[str, Any], vision: str) -> ImageSpec:
+    if base is not None:
+        return ImageSpec.from_dict({**base.to_dict(), **overrides})
+    if not {"tile_size", "patch_size"} <= set(overrides):
+        raise ConfigError(
+            f"model.image_spec for vision {vision!r} must give at least tile_size and patch_size "
+            "(plus aspect_ratio, pinpoints, merge_type, image_mean, image_std when they differ from the defaults)"
+        )
+    return ImageSpec.from_dict(overrides)

@@ -1,0 +1,57 @@
+"""FSDP2: parameters, gradients and optimizer state sharded over ranks with ``fully_shard``.
+
+Each unit from ``model.shard_units()`` (decoder layers, vision encoder layers) becomes one FSDP group, and the
+root holds the rest (embeddings, projector, head). ``reshard_after_forward=False`` keeps a unit's parameters
+gathered between forward and backward, which is DeepSpeed ZeRO-2's trade-off; True is ZeRO-3. Mixed precision is
+FSDP2's own (bf16 compute copies, fp32 gradient reduction, fp32 master weights), so no autocast is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+from llavakit.training.strategies.base import STRATEGIES, Strategy
+
+
+@STRATEGIES.register("fsdp2")
+class FSDP2Strategy(Strategy):
+    """``fully_shard`` per shard unit, then the root, over a 1-D mesh of all ranks."""
+
+    needs_process_group = True
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """Shard ``model`` in place (its class becomes an FSDP subclass; names are unchanged)."""
+        if not self.config.cpu_offload:
+            model = model.to(self.context.device)
+        mesh = init_device_mesh(self.context.device.type, (self.context.world_size,))
+        options = {
+            "mesh": mesh,
+            "reshard_after_forward": self.config.reshard_after_forward,
+            "mp_policy": self._mixed_precision(),
+        }
+        if self.config.cpu_offload:
+            options["offload_policy"] = CPUOffloadPolicy()
+        for unit in model.shard_units():
+            fully_shard(unit, **options)
+        fully_shard(model, **options)
+        return model
+
+    def _mixed_precision(self) -> MixedPrecisionPolicy:
+        if self.config.mixed_precision == "bf16":
+            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return MixedPrecisionPolicy()
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        """No autocast: FSDP2 already computes in ``param_dtype``."""
+        yield
+
+    def set_gradient_sync(self, model: nn.Module, enabled: bool) -> None:
+        """Skip the reduce-scatter on accumulation micro-batches (gradients accumulate unsharded)."""
+        model.set_requires_gradient_sync(enabled)

@@ -1,0 +1,358 @@
+"""The training loop: ``Trainer`` (one stage, in small named steps) and ``train`` (all stages of a run).
+
+Why our own loop and not HF Trainer: upstream LLaVA-NeXT copies and overrides HF Trainer's private methods (a
+552-line ``_inner_training_loop``), which breaks on every transformers release. Here the loop is explicit:
+
+    build()  preflight → model → trainable parts (→ LoRA) → strategy.wrap → AdamW groups → schedule → data plan
+    resume() newest complete checkpoint, if any (model, optimizer, scheduler, sampler position, RNG)
+    fit()    for each global step: train_step(micro-batches) → metrics → save() every save_every → export()
+
+Loss normalisation (why 1 and W processes give the same step): each micro-batch's summed token loss is divided by
+the number of supervised tokens in the *whole global batch* (all micro-batches, all ranks), counted before the first
+forward, and multiplied by the world size to undo the gradient averaging of DDP/FSDP. The step's gradient is then the
+gradient of the global token-mean loss, independent of how samples are split over ranks and micro-batches. The
+division is done by transformers' loss (``num_items_in_batch``), so logits are never materialised twice.
+
+`train` runs every stage of a `TrainConfig` in order, each starting from the previous stage's export, and skips
+stages already exported (so re-running a run folder resumes it).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from llavakit.errors import ConfigError
+from llavakit.model.llava_next import LlavaNextModel
+from llavakit.training.batches import BatchPlan, modality_grouped_order, random_order
+from llavakit.training.checkpoint import CheckpointManager, TrainerState
+from llavakit.training.config import StageConfig, TrainConfig
+from llavakit.training.distributed import DistContext, all_reduce_sum, init_distributed
+from llavakit.training.export import export_model
+from llavakit.training.lora import apply_lora, restrict_llm_to_lora
+from llavakit.training.metrics import MetricsLogger, StepMetrics
+from llavakit.training.model_setup import build_model, preflight
+from llavakit.training.optim import build_optimizer, build_scheduler
+from llavakit.training.stages import apply_trainable_parts, model_frozen_names
+from llavakit.training.strategies import STRATEGIES, build_strategy
+
+# Keys of a collated batch that the model's forward takes; the rest is bookkeeping (token counts, ids).
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_sizes", "image_tiled")
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TrainData:
+    """A stage's training data as the trainer consumes it.
+
+    Attributes:
+        dataset: map-style samples (``len`` and ``[index]``).
+        collate: list of samples → batch dict (`docs/architecture.md` "data/ → Batch").
+        modality_lengths: upstream-style signed lengths (> 0 has an image) for ``group_by_modality_length``.
+    """
+
+    dataset: Sequence[Any]
+    collate: Callable[[list[Any]], dict[str, Any]]
+    modality_lengths: Sequence[int] | None = None
+
+
+DataFactory = Callable[[StageConfig, LlavaNextModel], TrainData]
+
+
+@dataclass
+class StageResult:
+    """What one stage produced."""
+
+    name: str
+    export_dir: Path
+    losses: list[float] = field(default_factory=list)
+    tokens_per_s: float = 0.0
+    steps: int = 0
+
+    @property
+    def projector_file(self) -> Path | None:
+        """Upstream ``mm_projector.bin`` written by projector-only stages, else None."""
+        path = self.export_dir / "mm_projector.bin"
+        return path if path.is_file() else None
+
+
+@dataclass
+class TrainResult:
+    """What a whole run produced: one `StageResult` per stage, in order."""
+
+    run_dir: Path
+    stages: list[StageResult]
+
+    @property
+    def final_checkpoint(self) -> Path:
+        """The last stage's exported model folder."""
+        return self.stages[-1].export_dir
+
+    @property
+    def losses(self) -> list[float]:
+        """Step losses of all stages, concatenated."""
+        return [loss for stage in self.stages for loss in stage.losses]
+
+
+class Trainer:
+    """Trains one stage of a run.
+
+    Args:
+        config: the run config.
+        stage_index: which of ``config.stages`` to train.
+        context: this process's rank/world/device (`init_distributed`).
+        data_factory: builds the stage's `TrainData` from the stage config and the model (tokenizer, spec).
+        previous: the previous stage's export folder (None: the model comes from ``config.model``).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        stage_index: int,
+        context: DistContext,
+        data_factory: DataFactory,
+        previous: Path | None = None,
+    ) -> None:
+        self.config = config
+        self.stage = config.stages[stage_index]
+        self.context = context
+        self.data_factory = data_factory
+        self.previous = previous
+        self.stage_dir = Path(config.run_dir) / self.stage.name
+        self.strategy = build_strategy(config.strategy, context)
+        self.state = TrainerState()
+
+    # ------------------------------------------------------------------ build
+
+    def build(self) -> None:
+        """Load and prepare the model, optimizer, schedule, data plan and checkpoint manager."""
+        if self.config.lora.enabled and self.config.strategy.name == "fsdp2":
+            raise ConfigError("lora with strategy fsdp2 is not supported; use strategy.name=ddp or single")
+        self.unwrapped = build_model(self.config, self.stage, self.previous, self.context)
+        self.trainable = self._set_trainable(self.unwrapped)
+        self.model = self.strategy.prepare(self.unwrapped)
+        self.optimizer = build_optimizer(self.model, self.stage.optim)
+        self.data = self.data_factory(self.stage, self.unwrapped)
+        self.plan = BatchPlan(
+            num_samples=len(self.data.dataset),
+            global_batch_size=self.stage.global_batch_size,
+            micro_batch_size=self.stage.micro_batch_size,
+            world_size=self.context.world_size,
+            rank=self.context.rank,
+            seed=self.config.seed,
+        )
+        self.total_steps = self._total_steps()
+        self.scheduler = build_scheduler(self.optimizer, self.stage.optim, self.total_steps)
+        self.checkpoints = CheckpointManager(
+            self.stage_dir / "checkpoints", self.context, self.config.logging.save_total_limit
+        )
+
+    def _set_trainable(self, model: LlavaNextModel) -> list[str]:
+        frozen = model_frozen_names(model)
+        if self.config.lora.enabled:
+            apply_lora(model, self.config.lora)
+            frozen = frozen | {f"llm.{name}" for name in _peft_base_names(model, frozen)}
+        names = apply_trainable_parts(model, self.stage.trainable, frozen)
+        if self.config.lora.enabled:
+            restrict_llm_to_lora(model, "language_model" in self.stage.trainable)
+            names = [name for name, param in model.named_parameters() if param.requires_grad]
+        return names
+
+    def _total_steps(self) -> int:
+        if self.stage.max_steps:
+            return self.stage.max_steps
+        return max(1, math.ceil(self.stage.epochs * self.plan.steps_per_epoch))
+
+    # ------------------------------------------------------------------ resume / save
+
+    def resume(self) -> bool:
+        """Load the newest complete checkpoint of this stage, if any; returns whether one was loaded."""
+        self.checkpoints.remove_partial()
+        latest = self.checkpoints.latest()
+        if latest is None:
+            return False
+        self.state = self.checkpoints.load(latest, self.model, self.optimizer, self.scheduler)
+        return True
+
+    def save(self) -> Path:
+        """Write a resumable checkpoint of the current step (collective)."""
+        return self.checkpoints.save(self.model, self.optimizer, self.scheduler, self.state)
+
+    def export(self) -> Path:
+        """Write the stage's final model folder (and ``mm_projector.bin`` for projector-only stages)."""
+        return export_model(
+            self.model, self.strategy.unwrap(self.model), self.stage_dir / "final", self.context,
+            write_projector=self.stage.writes_projector,
+        )
+
+    # ------------------------------------------------------------------ steps
+
+    def micro_batches(self) -> Iterator[dict[str, Any]]:
+        """This rank's collated micro-batches from the saved position onwards, epoch after epoch."""
+        order_fn = self._order_fn()
+        while True:
+            batches = self.plan.epoch_batches(self.state.epoch, order_fn)[self.state.batches_in_epoch :]
+            loader = DataLoader(
+                self.data.dataset,
+                batch_sampler=batches,
+                collate_fn=self.data.collate,
+                num_workers=self.stage.data.num_workers,
+            )
+            for batch in loader:
+                self.state.batches_in_epoch += 1
+                yield batch
+            self.state.epoch += 1
+            self.state.batches_in_epoch = 0
+
+    def _order_fn(self) -> Callable[[int, torch.Generator], list[int]]:
+        if not self.stage.data.group_by_modality_length:
+            return random_order
+        if self.data.modality_lengths is None:
+            raise ConfigError("data.group_by_modality_length needs modality lengths from the dataset; none given")
+        return modality_grouped_order(self.data.modality_lengths, self.stage.global_batch_size)
+
+    def train_step(self, micro_batches: list[dict[str, Any]]) -> StepMetrics:
+        """One optimizer step over this rank's micro-batches of a global batch (see module docstring)."""
+        started = time.perf_counter()
+        self.model.train()
+        local_items = sum(_supervised_tokens(batch) for batch in micro_batches)
+        global_items = max(all_reduce_sum(local_items, self.context), 1.0)
+        items_per_rank = torch.tensor(global_items / self.context.world_size, device=self.context.device)
+        loss_sum = 0.0
+        for index, batch in enumerate(micro_batches):
+            self.strategy.set_gradient_sync(self.model, index == len(micro_batches) - 1)
+            with self.strategy.autocast():
+                output = self.model(**_model_inputs(batch, self.context.device), num_items_in_batch=items_per_rank)
+            output.loss.backward()
+            loss_sum += float(output.loss.detach())
+        grad_norm = self.strategy.clip_grad_norm(self.model, self.stage.optim.max_grad_norm)
+        self.optimizer.step()
+        lrs = {group["name"]: group["lr"] for group in self.optimizer.param_groups}
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens, padding = _token_counts(micro_batches)
+        self.state.step += 1
+        self.state.tokens_seen += int(global_items)
+        loss = all_reduce_sum(loss_sum, self.context) / self.context.world_size
+        self.state.losses.append(loss)
+        return StepMetrics(
+            step=self.state.step, loss=loss, lr=lrs, grad_norm=grad_norm,
+            num_tokens=int(all_reduce_sum(tokens, self.context)),
+            num_padding=int(all_reduce_sum(padding, self.context)),
+            seconds=time.perf_counter() - started,
+        )
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[dict[str, Any]]) -> float:
+        """Token-mean loss of the model over ``batches`` (this rank's), averaged over ranks."""
+        self.model.eval()
+        total, items = 0.0, 0.0
+        for batch in batches:
+            count = _supervised_tokens(batch)
+            with self.strategy.autocast():
+                output = self.model(**_model_inputs(batch, self.context.device))
+            total += float(output.loss) * count
+            items += count
+        self.model.train()
+        return all_reduce_sum(total, self.context) / max(all_reduce_sum(items, self.context), 1.0)
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self) -> StageResult:
+        """Build, resume, train to ``total_steps``, save and export; returns the stage result."""
+        self.build()
+        self.resume()
+        self.stage_dir.mkdir(parents=True, exist_ok=True)
+        logger = MetricsLogger(
+            self.stage_dir, self.config.logging, self.context, self.total_steps,
+            num_params=sum(p.numel() for p in self.unwrapped.parameters()), start_step=self.state.step,
+        )
+        stream = self.micro_batches()
+        accumulation = self.plan.accumulation_steps
+        tokens_per_s = []
+        while self.state.step < self.total_steps:
+            metrics = self.train_step([next(stream) for _ in range(accumulation)])
+            row = logger.update(metrics)
+            if row:
+                tokens_per_s.append(row["tokens_per_s"])
+            save_every = self.config.logging.save_every
+            if save_every and self.state.step % save_every == 0 and self.state.step < self.total_steps:
+                self.save()
+        logger.close()
+        export_dir = self.export()
+        return StageResult(
+            name=self.stage.name, export_dir=export_dir, losses=list(self.state.losses),
+            tokens_per_s=sum(tokens_per_s) / len(tokens_per_s) if tokens_per_s else 0.0, steps=self.state.step,
+        )
+
+
+def _peft_base_names(model: LlavaNextModel, frozen: frozenset[str]) -> set[str]:
+    # peft renames "llm.x" to "llm.base_model.model.x"; carry the model's own freezing over to the new names.
+    base = {name.removeprefix("llm.") for name in frozen if name.startswith("llm.")}
+    return {f"base_model.model.{name}" for name in base}
+
+
+def _supervised_tokens(batch: dict[str, Any]) -> int:
+    # The loss predicts token t+1 from t: the first label of each row is never a target.
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _token_counts(batches: list[dict[str, Any]]) -> tuple[int, int]:
+    """(useful, padding) tokens: the collator's counts when given (packing), else from the 2-D attention mask."""
+    tokens = padding = 0
+    for batch in batches:
+        if "num_tokens" in batch:
+            tokens += int(batch["num_tokens"])
+            padding += int(batch.get("num_padding", 0))
+        else:
+            mask = batch["attention_mask"]
+            tokens += int(mask.sum())
+            padding += int(mask.numel() - mask.sum())
+    return tokens, padding
+
+
+def _model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    inputs = {key: batch[key] for key in (*MODEL_INPUTS, "labels") if batch.get(key) is not None}
+    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in inputs.items()}
+
+
+def train(config: TrainConfig, data_factory: DataFactory | None = None) -> TrainResult:
+    """Run every stage of ``config`` in order; the library entry point behind ``llavakit train``.
+
+    Each stage starts from the previous stage's export; a stage whose export already exists is skipped (re-running
+    a run folder resumes it), and an interrupted stage resumes from its newest checkpoint.
+
+    Args:
+        config: the resolved run config (saved to ``run_dir/config.yaml``).
+        data_factory: builds each stage's data; default `llavakit.training.data.build_train_data`.
+
+    Returns:
+        A `TrainResult` with the final checkpoint path, per-stage losses and tokens/s.
+    """
+    context = init_distributed(STRATEGIES.get(config.strategy.name).needs_process_group)
+    preflight(config, context)
+    if data_factory is None:
+        from llavakit.training.data import build_train_data
+
+        data_factory = build_train_data
+    if config.strategy.tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if context.is_main:
+        config.save(Path(config.run_dir) / "config.yaml")
+    results: list[StageResult] = []
+    previous: Path | None = None
+    for index, stage in enumerate(config.stages):
+        export_dir = Path(config.run_dir) / stage.name / "final"
+        if (export_dir / "config.json").is_file():
+            results.append(StageResult(name=stage.name, export_dir=export_dir))
+        else:
+            results.append(Trainer(config, index, context, data_factory, previous).fit())
+        previous = results[-1].export_dir
+    return TrainResult(run_dir=Path(config.run_dir), stages=results)
