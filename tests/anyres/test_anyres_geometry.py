@@ -10,7 +10,6 @@ import dataclasses
 import random
 
 import pytest
-from anyres_helpers import CLIP_SPEC, IMAGE_TOKEN_ID, SIGLIP_SPEC, hf_next_processor, random_image, tile_pinpoints
 
 from llavakit.anyres.geometry import (
     count_visual_tokens,
@@ -99,13 +98,15 @@ def test_parse_rejects_unknown_order():
 # --- select_best_resolution ------------------------------------------------------------------------------------
 
 
-def test_select_best_resolution_matches_transformers_on_random_sizes():
+def test_select_best_resolution_matches_transformers_on_random_sizes(clip_spec):
     from transformers.image_processing_utils import select_best_resolution as hf_select
 
-    pinpoint_sets = [CLIP_SPEC.pinpoints, ImageSpec().pinpoints, parse_pinpoints("(1x1),...,(6x6)", 384)]
+    pinpoint_sets = [clip_spec.pinpoints, ImageSpec().pinpoints, parse_pinpoints("(1x1),...,(6x6)", 384)]
     for pinpoints in pinpoint_sets:
         for size in _random_sizes(150, seed=len(pinpoints)):
-            assert select_best_resolution(size, pinpoints) == tuple(hf_select(size, [list(p) for p in pinpoints]))
+            assert select_best_resolution(size, pinpoints) == tuple(
+                hf_select(size, [list(p) for p in pinpoints])
+            )
 
 
 def test_full_tie_keeps_the_first_listed_pinpoint():
@@ -134,18 +135,18 @@ def test_select_best_resolution_rejects_empty_and_bad_sizes():
 # --- grid_shape / letterbox_size ---------------------------------------------------------------------------------
 
 
-def test_grid_shape_matches_transformers():
+def test_grid_shape_matches_transformers(clip_spec):
     from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
-    pinpoints = [list(p) for p in CLIP_SPEC.pinpoints]
+    pinpoints = [list(p) for p in clip_spec.pinpoints]
     for size in _random_sizes(100, seed=3):
-        assert grid_shape(size, CLIP_SPEC) == get_anyres_image_grid_shape(list(size), pinpoints, 32)
+        assert grid_shape(size, clip_spec) == get_anyres_image_grid_shape(list(size), pinpoints, 32)
 
 
 @pytest.mark.parametrize("aspect_ratio", ["pad", "square"])
-def test_grid_shape_rejects_single_tile_specs(aspect_ratio):
+def test_grid_shape_rejects_single_tile_specs(aspect_ratio, clip_spec):
     with pytest.raises(ConfigError, match="needs an anyres spec"):
-        grid_shape((100, 100), dataclasses.replace(CLIP_SPEC, aspect_ratio=aspect_ratio))
+        grid_shape((100, 100), dataclasses.replace(clip_spec, aspect_ratio=aspect_ratio))
 
 
 def test_letterbox_size_matches_transformers():
@@ -163,9 +164,9 @@ def test_letterbox_size_matches_transformers():
 # --- count_visual_tokens -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec, with_cls", [(CLIP_SPEC, True), (SIGLIP_SPEC, False)])
-def test_count_matches_llava_next_processor_formula(spec, with_cls, tiny_tokenizer):
-    processor = hf_next_processor(spec, tiny_tokenizer, with_cls)
+def test_count_matches_llava_next_processor_formula(encoder_spec, hf_next_processor):
+    spec, with_cls = encoder_spec
+    processor = hf_next_processor(spec, with_cls)
     size = spec.tile_size
     for height, width in _random_sizes(300, seed=5):
         hf_count = processor._get_number_of_features(height, width, size, size)
@@ -174,13 +175,13 @@ def test_count_matches_llava_next_processor_formula(spec, with_cls, tiny_tokeniz
         assert count_visual_tokens((height, width), spec) == hf_count, (height, width)
 
 
-def test_count_matches_processor_image_token_expansion(tiny_tokenizer):
-    processor = hf_next_processor(CLIP_SPEC, tiny_tokenizer, with_cls=True)
-    sizes = [(50, 120), (90, 70), (7, 10), (33, 33), (200, 40)]
-    for height, width in sizes:
-        batch = processor(text=["hi <image>"], images=[random_image(height, width)], return_tensors="np")
-        expanded = int((batch["input_ids"][0] == IMAGE_TOKEN_ID).sum())
-        assert expanded == count_visual_tokens((height, width), CLIP_SPEC)
+def test_count_matches_processor_image_token_expansion(encoder_spec, hf_next_processor, make_image):
+    spec, with_cls = encoder_spec
+    processor = hf_next_processor(spec, with_cls)
+    for height, width in [(50, 120), (90, 70), (7, 10), (33, 33), (200, 40), (300, 90)]:
+        batch = processor(text=["hi <image>"], images=[make_image(height, width)], return_tensors="np")
+        expanded = int((batch["input_ids"][0] == processor.image_token_id).sum())
+        assert expanded == count_visual_tokens((height, width), spec)
 
 
 def test_count_reproduces_published_llava_16_budgets():
@@ -204,9 +205,9 @@ def _onevision_count(spec: ImageSpec, size: tuple[int, int]) -> int:
 
 
 @pytest.mark.parametrize("max_tiles", [1, 2, 4])
-def test_count_matches_onevision_for_anyres_max(max_tiles):
+def test_count_matches_onevision_for_anyres_max(max_tiles, siglip_spec, tile_pinpoints):
     spec = dataclasses.replace(
-        SIGLIP_SPEC,
+        siglip_spec,
         aspect_ratio=f"anyres_max_{max_tiles}",
         pinpoints=tile_pinpoints(64, [(r, c) for r in range(1, 5) for c in range(1, 5)]),
     )
@@ -243,14 +244,14 @@ def test_floor_rounding_follows_upstream_and_differs_from_round_somewhere():
 
 
 @pytest.mark.parametrize("merge_type", ["flat", "spatial"])
-def test_flat_and_spatial_count_every_tile_token(merge_type):
-    spec = dataclasses.replace(CLIP_SPEC, merge_type=merge_type)
+def test_flat_and_spatial_count_every_tile_token(merge_type, clip_spec):
+    spec = dataclasses.replace(clip_spec, merge_type=merge_type)
     rows, cols = grid_shape((40, 100), spec)
     assert count_visual_tokens((40, 100), spec) == (1 + rows * cols) * 16
 
 
-def test_cls_patch_counts_the_cls_token_of_every_tile():
-    spec = dataclasses.replace(CLIP_SPEC, merge_type="flat", select_feature="cls_patch")
+def test_cls_patch_counts_the_cls_token_of_every_tile(clip_spec):
+    spec = dataclasses.replace(clip_spec, merge_type="flat", select_feature="cls_patch")
     rows, cols = grid_shape((40, 100), spec)
     assert count_visual_tokens((40, 100), spec) == (1 + rows * cols) * 17
 
@@ -266,12 +267,12 @@ def test_cls_patch_counts_the_cls_token_of_every_tile():
         ("anyres", "flat", False, 16),
     ],
 )
-def test_single_tile_counts(aspect_ratio, merge_type, tiled, expected):
-    spec = dataclasses.replace(CLIP_SPEC, aspect_ratio=aspect_ratio, merge_type=merge_type)
+def test_single_tile_counts(aspect_ratio, merge_type, tiled, expected, clip_spec):
+    spec = dataclasses.replace(clip_spec, aspect_ratio=aspect_ratio, merge_type=merge_type)
     assert count_visual_tokens((123, 45), spec, tiled=tiled) == expected
 
 
-def test_count_rejects_bad_sizes():
+def test_count_rejects_bad_sizes(clip_spec):
     for bad in [(0, 10), (10, -1), (10,), (1.5, 10)]:
         with pytest.raises(ImageError, match="positive integers"):
-            count_visual_tokens(bad, CLIP_SPEC)
+            count_visual_tokens(bad, clip_spec)
