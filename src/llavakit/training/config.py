@@ -77,6 +77,7 @@ class DataSection:
     Attributes:
         path: LLaVA JSON/JSONL file or YAML mixture.
         image_folder: root for relative ``image`` paths; required when the data has images.
+        template: chat template id for this stage (``plain`` for align); None = the model's own template.
         max_length: token cap per sample after image expansion (upstream ``model_max_length``).
         packing: pack several samples into one row (padding-free, per-sample ``position_ids``).
         group_by_modality_length: upstream's modality-grouped length sampler.
@@ -85,6 +86,7 @@ class DataSection:
 
     path: str = ""
     image_folder: str | None = None
+    template: str | None = None
     max_length: int = 2048
     packing: bool = False
     group_by_modality_length: bool = False
@@ -139,6 +141,8 @@ class StageConfig:
         global_batch_size: samples per optimizer step over all ranks (= micro × accumulation × world size).
         micro_batch_size: samples per forward pass per rank (upstream ``per_device_train_batch_size``).
         epochs: passes over the data (fractions allowed); ``max_steps`` caps the step count when set.
+        image_spec: `ImageSpec` fields changed from this stage on (e.g. ``aspect_ratio: anyres_max_9`` in the last
+            stage of a scaled recipe); ``pinpoints`` may use upstream's ``"(1x1),...,(6x6)"`` notation.
         save_projector_only: also write upstream's ``mm_projector.bin`` at export (default for ``align``).
     """
 
@@ -151,6 +155,7 @@ class StageConfig:
     epochs: float = 1.0
     max_steps: int | None = None
     gradient_checkpointing: bool = False
+    image_spec: dict[str, Any] = field(default_factory=dict)
     save_projector_only: bool | None = None
 
     def __post_init__(self) -> None:

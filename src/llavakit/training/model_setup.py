@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig
 
+from llavakit.anyres.geometry import parse_pinpoints
 from llavakit.anyres.spec import ImageSpec
 from llavakit.errors import CheckpointError, ConfigError
 from llavakit.model.llava_next import LlavaNextModel
@@ -91,9 +92,33 @@ def build_model(
         model = LlavaNextModel.from_parts(**_from_parts_kwargs(config, context))
         if model_config.pretrained_projector:
             load_upstream_projector_state(model.projector, model_config.pretrained_projector)
+    apply_stage_settings(model, stage)
     if stage.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
+
+
+def apply_stage_settings(model: LlavaNextModel, stage: StageConfig) -> None:
+    """Apply a stage's image-spec changes and chat template to the model config (saved with its export).
+
+    The ``plain`` template of align stages is not recorded: inference uses the conversation template of the
+    stages that teach the model to chat.
+
+    Raises:
+        ConfigError: the stage changes ``merge_type`` to or from ``spatial_unpad`` (that adds or removes the
+            trained ``image_newline`` parameter; set it on the first stage instead).
+    """
+    if stage.image_spec:
+        old = model.config.image_spec
+        new = _spec_with(old, stage.image_spec, "the previous stage's encoder")
+        if (old.merge_type == "spatial_unpad") != (new.merge_type == "spatial_unpad"):
+            raise ConfigError(
+                f"stage {stage.name!r} changes merge_type {old.merge_type!r} -> {new.merge_type!r}: image_newline "
+                "exists only with spatial_unpad; choose the merge type in model.image_spec of the first stage"
+            )
+        model.config.image_spec = new
+    if stage.data.template and stage.data.template != "plain":
+        model.config.template = stage.data.template
 
 
 def _from_parts_kwargs(config: TrainConfig, context: DistContext) -> dict[str, Any]:
@@ -122,6 +147,13 @@ def _preset_kwargs(name: str, run_dir: Path, context: DistContext) -> dict[str, 
 
 
 def _spec_with(base: ImageSpec | None, overrides: dict[str, Any], vision: str) -> ImageSpec:
+    overrides = dict(overrides)
+    if isinstance(overrides.get("pinpoints"), str):
+        # Upstream notation ("(1x1),...,(6x6)" or "[(336, 672), ...]") is (width, height) ordered.
+        tile_size = overrides.get("tile_size") or (base.tile_size if base else None)
+        if tile_size is None:
+            raise ConfigError(f"image_spec.pinpoints {overrides['pinpoints']!r} needs image_spec.tile_size")
+        overrides["pinpoints"] = parse_pinpoints(overrides["pinpoints"], tile_size, order="wh")
     if base is not None:
         return ImageSpec.from_dict({**base.to_dict(), **overrides})
     if not {"tile_size", "patch_size"} <= set(overrides):

@@ -1,0 +1,47 @@
+"""Shipped training recipes: YAML files under ``llavakit/recipes/``, each a complete `TrainConfig`.
+
+Why: the published hyperparameters (global batch, learning rates per part, epochs, max length, warmup, schedule,
+pinpoints, merge type) live in shell scripts and READMEs upstream; here each is one reviewed, tested file whose
+header says where every number comes from. A recipe is used as is (``llavakit train --recipe NAME``) or as a base
+for overrides (``stages.1.data.path=...``). The demo and users can write their own recipe files in the same format
+and pass them with ``--config``.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llavakit.errors import ConfigError
+from llavakit.training.config import TrainConfig, apply_overrides, config_from_dict
+
+
+def recipes_dir() -> Path:
+    """The folder holding the shipped recipe files."""
+    return Path(str(resources.files("llavakit") / "recipes"))
+
+
+def recipe_names() -> list[str]:
+    """Names of the shipped recipes (file names without ``.yaml``), sorted."""
+    return sorted(path.stem for path in recipes_dir().glob("*.yaml"))
+
+
+def recipe_dict(name: str) -> dict[str, Any]:
+    """The raw mapping of recipe ``name``.
+
+    Raises:
+        ConfigError: no such recipe (the message lists the shipped ones).
+    """
+    path = recipes_dir() / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown recipe {name!r}; shipped recipes: {', '.join(recipe_names())}")
+    return yaml.safe_load(path.read_text())
+
+
+def load_recipe(name: str, overrides: list[str] | None = None) -> TrainConfig:
+    """Recipe ``name`` with ``key.sub=value`` overrides applied, validated."""
+    data = apply_overrides(recipe_dict(name), overrides or [])
+    return config_from_dict(data, source=f"recipe {name}")
