@@ -1,0 +1,44 @@
+"""The bridge from a stage's data section to `llavakit.data`: dataset, collator and modality lengths.
+
+Why: the trainer only needs ``len``/``[index]``, a collate function and (for the modality-grouped order) signed
+lengths; this module is the one place that knows how `llavakit.data` builds them from our typed config, with the
+model's tokenizer and image spec so tokens and visual-token counts match the model exactly.
+"""
+
+from __future__ import annotations
+
+from llavakit.data.collate import build_collator
+from llavakit.data.config import DataConfig
+from llavakit.data.dataset import build_dataset
+from llavakit.errors import ConfigError
+from llavakit.model.llava_next import LlavaNextModel
+from llavakit.training.config import StageConfig
+from llavakit.training.trainer import TrainData
+
+
+def data_config(stage: StageConfig, model: LlavaNextModel, seed: int = 0) -> DataConfig:
+    """The `DataConfig` of ``stage``: its data section, the stage template or else the model's."""
+    section = stage.data
+    return DataConfig(
+        data_path=section.path,
+        image_folder=section.image_folder or "",
+        template=section.template or model.config.template,
+        model_max_length=section.max_length,
+        packing=section.packing,
+        group_by_modality_length=section.group_by_modality_length,
+        seed=seed,
+    )
+
+
+def build_train_data(stage: StageConfig, model: LlavaNextModel) -> TrainData:
+    """Scan the stage's data with the model's tokenizer and image spec.
+
+    Raises:
+        ConfigError: packing was asked for (not available yet in `llavakit.data`) or the model has no tokenizer.
+    """
+    if stage.data.packing:
+        raise ConfigError("data.packing is not available in this build of llavakit.data; set data.packing=false")
+    if model.tokenizer is None:
+        raise ConfigError("the model has no tokenizer; export it with its tokenizer (save_pretrained) and retry")
+    dataset = build_dataset(data_config(stage, model), model.tokenizer, model.config.image_spec)
+    return TrainData(dataset, build_collator(model.tokenizer), dataset.modality_lengths)
