@@ -1,0 +1,187 @@
+"""Readers for LLaVA JSON (a list) and JSONL files, and the parser from a raw dict to a `Sample`.
+
+Both readers stream records with their ``file:line`` so every later error can say where a sample lives. The JSON
+list is decoded element by element (``json.JSONDecoder.raw_decode``) instead of ``json.load``, which would only
+report the first syntax error and no sample positions.
+
+Parsing follows LLaVA-NeXT:
+
+- turns use ``from``/``value`` (``human``/``gpt``/``system``) or ``role``/``content`` (``user``/``assistant``);
+- a leading ``system`` turn becomes the sample's system prompt; a leading ``gpt`` turn is dropped, as upstream does
+  (``source = source[1:]``), after which turns must alternate user/assistant;
+- ``image`` is a path or a list of paths; the number of ``<image>`` placeholders (user turns only) must equal the
+  number of images;
+- a turn holding the sample's only placeholder has it moved to the start as ``<image>\\n`` (upstream
+  ``preprocess_multimodal``); multi-image text is left as written.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llavakit.data.issues import IssueLog
+from llavakit.data.schema import ASSISTANT, SYSTEM, USER, Conversation, Sample, Turn
+from llavakit.errors import DataError
+
+IMAGE_PLACEHOLDER = "<image>"
+_ROLE_ALIASES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT, "system": SYSTEM}
+
+
+@dataclass(frozen=True)
+class Record:
+    """One raw sample dict and where it came from (``file:line``)."""
+
+    location: str
+    data: dict[str, Any]
+
+
+def read_records(path: str | Path, issues: IssueLog) -> Iterator[Record]:
+    """Stream the records of a ``.json`` (list) or ``.jsonl`` file.
+
+    Malformed JSON is reported to ``issues`` as kind ``json`` with ``file:line``; in a JSONL file reading goes on
+    with the next line, in a JSON list it stops (the rest of the list cannot be located reliably).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    if path.suffix == ".jsonl":
+        yield from _read_jsonl(path, issues)
+    elif path.suffix == ".json":
+        yield from _read_json_list(path, issues)
+    else:
+        raise DataError(f"data file {path}: unknown extension {path.suffix!r}; use .json, .jsonl or a .yaml mixture")
+
+
+def _read_jsonl(path: Path, issues: IssueLog) -> Iterator[Record]:
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as err:
+                issues.report("json", DataError(f"{path}:{line_number}: malformed JSON ({err.msg}, column {err.colno})"))
+                continue
+            if not isinstance(data, dict):
+                issues.report("json", DataError(f"{path}:{line_number}: expected a JSON object, got {type(data).__name__}"))
+                continue
+            yield Record(f"{path}:{line_number}", data)
+
+
+def _read_json_list(path: Path, issues: IssueLog) -> Iterator[Record]:
+    text = path.read_text(encoding="utf-8")
+    decoder = json.JSONDecoder()
+    index = _skip_space(text, 0)
+    if index >= len(text) or text[index] != "[":
+        issues.report("json", DataError(f"{path}:{_line_of(text, index)}: a .json data file must hold a JSON list"))
+        return
+    index = _skip_space(text, index + 1)
+    line, line_index = 1, 0
+    while index < len(text) and text[index] != "]":
+        # Line numbers are counted incrementally so a 665K-sample file stays linear time.
+        line += text.count("\n", line_index, index)
+        line_index = index
+        try:
+            data, index = decoder.raw_decode(text, index)
+        except json.JSONDecodeError as err:
+            issues.report("json", DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg}, column {err.colno})"))
+            return
+        if isinstance(data, dict):
+            yield Record(f"{path}:{line}", data)
+        else:
+            issues.report("json", DataError(f"{path}:{line}: expected a JSON object, got {type(data).__name__}"))
+        index = _skip_space(text, index)
+        if index < len(text) and text[index] == ",":
+            index = _skip_space(text, index + 1)
+        elif index < len(text) and text[index] != "]":
+            issues.report("json", DataError(f"{path}:{_line_of(text, index)}: expected ',' or ']' between samples"))
+            return
+
+
+def _skip_space(text: str, index: int) -> int:
+    while index < len(text) and text[index] in " \t\r\n":
+        index += 1
+    return index
+
+
+def _line_of(text: str, index: int) -> int:
+    return text.count("\n", 0, index) + 1
+
+
+def parse_sample(record: Record) -> Sample:
+    """Validate a raw record and build a `Sample`; `DataError` names the sample id, location and fix."""
+    data = record.data
+    sample_id = str(data.get("id", record.location))
+    where = f"sample {sample_id!r} ({record.location})"
+    images = _parse_images(data.get("image"), where)
+    turns = _parse_turns(data.get("conversations"), where)
+    system = None
+    if turns and turns[0].role == SYSTEM:
+        system, turns = turns[0].text, turns[1:]
+    if turns and turns[0].role == ASSISTANT:
+        turns = turns[1:]
+    _check_alternation(turns, where)
+    turns = _place_placeholders(turns, len(images), where)
+    return Sample(sample_id, Conversation(tuple(turns), system), images, record.location)
+
+
+def _parse_images(value: Any, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    paths = [value] if isinstance(value, str) else value
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+        raise DataError(f"{where}: field 'image' must be a path or a list of paths, got {value!r}")
+    return tuple(paths)
+
+
+def _parse_turns(value: Any, where: str) -> list[Turn]:
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: field 'conversations' must be a non-empty list of turns")
+    turns = []
+    for number, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise DataError(f"{where}: turn {number} must be an object with from/value or role/content")
+        role = item.get("from", item.get("role"))
+        text = item.get("value", item.get("content"))
+        if role not in _ROLE_ALIASES:
+            raise DataError(f"{where}: turn {number} has role {role!r}; use one of {', '.join(_ROLE_ALIASES)}")
+        if not isinstance(text, str):
+            raise DataError(f"{where}: turn {number} needs a string 'value' (or 'content'), got {text!r}")
+        turns.append(Turn(_ROLE_ALIASES[role], text))
+    return turns
+
+
+def _check_alternation(turns: list[Turn], where: str) -> None:
+    if not turns:
+        raise DataError(f"{where}: the conversation has no user turn")
+    for number, turn in enumerate(turns):
+        expected = USER if number % 2 == 0 else ASSISTANT
+        if turn.role != expected:
+            raise DataError(
+                f"{where}: turns out of order: turn {number} is {turn.role!r} but {expected!r} was expected "
+                "(turns must alternate user/assistant after an optional system turn)"
+            )
+
+
+def _place_placeholders(turns: list[Turn], num_images: int, where: str) -> list[Turn]:
+    counts = [turn.text.count(IMAGE_PLACEHOLDER) for turn in turns]
+    if any(count and turn.role != USER for count, turn in zip(counts, turns)):
+        raise DataError(f"{where}: an assistant turn holds {IMAGE_PLACEHOLDER}; images go in user turns only")
+    if sum(counts) != num_images:
+        raise DataError(
+            f"{where}: {sum(counts)} {IMAGE_PLACEHOLDER} placeholders but {num_images} images; "
+            f"write one {IMAGE_PLACEHOLDER} per entry of 'image'"
+        )
+    if num_images != 1:
+        return turns
+    placed = []
+    for turn, count in zip(turns, counts):
+        if count == 1 and not turn.text.startswith(IMAGE_PLACEHOLDER):
+            text = turn.text.replace(IMAGE_PLACEHOLDER, "").strip()
+            turn = Turn(turn.role, f"{IMAGE_PLACEHOLDER}\n{text}".strip())
+        placed.append(turn)
+    return placed

@@ -1,0 +1,46 @@
+"""Chat templates as registered values: ``TEMPLATES.get(id)`` or `get_template` (with the quirk switch).
+
+Ids: ``plain``, ``v0``, ``vicuna_v1``, ``llava_v1``, ``llama_2``, ``mistral_instruct``, ``chatml_direct``,
+``qwen_1_5``, ``qwen_2``, ``qwen_2_5``, ``llava_llama_3``, ``gemma_instruct`` and ``tokenizer`` (the tokenizer's own
+``chat_template``). See `llavakit.data.templates.base` for the segment contract.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from llavakit.data.templates.base import ChatTemplate, Segment
+from llavakit.data.templates.chatml import CHATML_DIRECT, QWEN_1_5, QWEN_2, QWEN_2_5
+from llavakit.data.templates.gemma import GEMMA_INSTRUCT
+from llavakit.data.templates.hf_chat import TOKENIZER
+from llavakit.data.templates.llama2 import LLAMA_2, MISTRAL_INSTRUCT
+from llavakit.data.templates.llama3 import LLAVA_LLAMA_3
+from llavakit.data.templates.plain import PLAIN
+from llavakit.data.templates.vicuna import LLAVA_V1, VICUNA_V0, VICUNA_V1
+from llavakit.registry import Registry
+
+TEMPLATES: Registry[ChatTemplate] = Registry("chat template")
+for _template in (
+    PLAIN,
+    VICUNA_V0,
+    VICUNA_V1,
+    LLAVA_V1,
+    LLAMA_2,
+    MISTRAL_INSTRUCT,
+    CHATML_DIRECT,
+    QWEN_1_5,
+    QWEN_2,
+    QWEN_2_5,
+    LLAVA_LLAMA_3,
+    GEMMA_INSTRUCT,
+    TOKENIZER,
+):
+    TEMPLATES.register(_template.id, _template)
+
+
+def get_template(template_id: str, upstream_quirks: bool = True) -> ChatTemplate:
+    """The registered template ``template_id``; ``upstream_quirks=False`` selects the fixed training behaviour."""
+    return replace(TEMPLATES.get(template_id), upstream_quirks=upstream_quirks)
+
+
+__all__ = ["TEMPLATES", "ChatTemplate", "Segment", "get_template"]

@@ -1,0 +1,55 @@
+"""``[INST]`` templates: ``llama_2`` and ``mistral_instruct`` (upstream SeparatorStyle LLAMA_2).
+
+Rendering equals upstream ``get_prompt``: ``[INST] <<SYS>>\\nSYSTEM\\n<</SYS>>\\n\\nQ [/INST] A </s><s>[INST] Q2
+[/INST] A2 </s>`` (no ``<<SYS>>`` block when the system prompt is empty, as for Mistral; Mistral's ``sep`` is empty
+so later rounds start directly with ``[INST]``). The leading ``<s>`` is the tokenizer's BOS (``add_bos``).
+Supervised per assistant turn: ``" " + reply + " </s>"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from llavakit.data.schema import USER, Conversation
+from llavakit.data.templates.base import ChatTemplate, Segment, check_generation_turns
+
+LLAMA_2_SYSTEM = (
+    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being safe.  "
+    "Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or illegal content. "
+    "Please ensure that your responses are socially unbiased and positive in nature.\n\n"
+    "If a question does not make any sense, or is not factually coherent, explain why instead of answering "
+    "something not correct. If you don't know the answer to a question, please don't share false information."
+)
+
+
+@dataclass(frozen=True)
+class InstTemplate(ChatTemplate):
+    """``[INST] ... [/INST]`` rounds.
+
+    Attributes:
+        sep: text before every round but the first (``<s>`` for Llama-2, empty for Mistral).
+        sep2: end-of-turn marker after each reply (``</s>``).
+    """
+
+    sep: str = "<s>"
+    sep2: str = "</s>"
+
+    def render(self, conversation: Conversation, *, for_generation: bool = False, tokenizer: Any = None) -> list[Segment]:
+        check_generation_turns(conversation, self.id, for_generation)
+        system = self.system_prompt(conversation)
+        segments = []
+        for number, turn in enumerate(conversation.turns):
+            if turn.role == USER:
+                text = turn.text
+                if number == 0 and system:
+                    text = f"<<SYS>>\n{system}\n<</SYS>>\n\n{text}"
+                opener = self.sep if number else ""
+                segments.append(Segment(f"{opener}[INST] {text} [/INST]", False))
+            else:
+                segments.append(Segment(f" {turn.text} {self.sep2}", True))
+        return segments
+
+
+LLAMA_2 = InstTemplate(id="llama_2", system=LLAMA_2_SYSTEM, stop_strings=("</s>",))
+MISTRAL_INSTRUCT = InstTemplate(id="mistral_instruct", system="", sep="", stop_strings=("</s>",))
