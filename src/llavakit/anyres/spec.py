@@ -39,7 +39,7 @@ class ImageSpec:
 
     Attributes:
         tile_size: side of one tile in pixels (the vision encoder's ``image_size``, e.g. 336 or 384).
-        patch_size: ViT patch size; ``tile_size // patch_size`` tokens per side.
+        patch_size: ViT patch size; ``tile_size // patch_size`` tokens per side (need not divide the tile size).
         aspect_ratio: ``square`` | ``pad`` | ``anyres`` | ``anyres_max_N``.
         pinpoints: candidate (height, width) resolutions for AnyRes, each a multiple of ``tile_size``.
         merge_type: ``flat`` | ``spatial`` | ``spatial_unpad`` (upstream ``mm_patch_merge_type``).
@@ -74,9 +74,11 @@ class ImageSpec:
         self._validate()
 
     def _validate(self) -> None:
-        if self.tile_size <= 0 or self.patch_size <= 0 or self.tile_size % self.patch_size:
+        # no divisibility check: SigLIP-so400m uses 384 px tiles with 14 px patches (27 tokens per side; the
+        # patch convolution drops the 6-pixel remainder), exactly as transformers' `tile_size // patch_size`
+        if self.patch_size <= 0 or self.tile_size < self.patch_size:
             raise ConfigError(
-                f"image_spec: tile_size {self.tile_size} must be a positive multiple of patch_size {self.patch_size}"
+                f"image_spec: tile_size {self.tile_size} must be at least patch_size {self.patch_size} (both positive)"
             )
         if self.aspect_ratio not in ASPECT_RATIOS and not _ANYRES_MAX.match(self.aspect_ratio):
             raise ConfigError(
@@ -122,7 +124,7 @@ class ImageSpec:
 
     @property
     def grid_side(self) -> int:
-        """Tokens per side of one tile's feature map."""
+        """Tokens per side of one tile's feature map (``tile_size // patch_size``, e.g. 384 // 14 = 27)."""
         return self.tile_size // self.patch_size
 
     @property
