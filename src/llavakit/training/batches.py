@@ -91,7 +91,9 @@ def modality_grouped_order(lengths: Sequence[int], global_batch_size: int) -> Or
         full, leftovers = [], []
         for group in groups:
             shuffled = [group[i] for i in torch.randperm(len(group), generator=generator).tolist()]
-            batches = [shuffled[i : i + global_batch_size] for i in range(0, len(shuffled), global_batch_size)]
+            batches = [
+                shuffled[i : i + global_batch_size] for i in range(0, len(shuffled), global_batch_size)
+            ]
             for batch in batches:
                 batch.sort(key=lambda index: abs(lengths[index]), reverse=True)
             if batches and len(batches[-1]) < global_batch_size:

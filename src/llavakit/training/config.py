@@ -67,7 +67,9 @@ class ModelConfig:
         if bool(self.vision) != bool(self.llm):
             raise ConfigError("model.vision and model.llm go together: set both (hub ids or local folders)")
         if self.attn_implementation not in ATTENTION:
-            raise ConfigError(f"model.attn_implementation {self.attn_implementation!r} is not one of {ATTENTION}")
+            raise ConfigError(
+                f"model.attn_implementation {self.attn_implementation!r} is not one of {ATTENTION}"
+            )
 
 
 @dataclass
@@ -215,7 +217,9 @@ class StrategyConfig:
         if self.name not in STRATEGIES:
             raise ConfigError(f"strategy.name {self.name!r} is not one of {STRATEGIES}")
         if self.mixed_precision not in MIXED_PRECISION:
-            raise ConfigError(f"strategy.mixed_precision {self.mixed_precision!r} is not one of {MIXED_PRECISION}")
+            raise ConfigError(
+                f"strategy.mixed_precision {self.mixed_precision!r} is not one of {MIXED_PRECISION}"
+            )
         if self.cpu_offload and self.name != "fsdp2":
             raise ConfigError("strategy.cpu_offload needs strategy.name=fsdp2")
 
@@ -228,7 +232,15 @@ class LoraConfig:
     r: int = 64
     alpha: int = 16
     dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    target_modules: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
     bits: int = 16
 
     def __post_init__(self) -> None:
@@ -313,6 +325,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
     Raises:
         ConfigError: the file is missing or not a mapping, a key is unknown, or a value has the wrong type.
     """
+    return config_from_dict(apply_overrides(read_config_file(path), overrides or []), source=str(path))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The raw mapping of a YAML config file; `ConfigError` when missing, invalid or not a mapping."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -322,7 +339,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
         raise ConfigError(f"{path}: invalid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of config sections")
-    return config_from_dict(apply_overrides(data, overrides or []), source=str(path))
+    return data
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -358,7 +375,9 @@ def _set_path(node: Any, keys: list[str], value: Any, override: str) -> None:
 
 def _list_index(head: str, node: list[Any], override: str) -> int:
     if not head.isdigit() or int(head) >= len(node):
-        raise ConfigError(f"override {override!r}: list index {head!r} out of range (the list has {len(node)} items)")
+        raise ConfigError(
+            f"override {override!r}: list index {head!r} out of range (the list has {len(node)} items)"
+        )
     return int(head)
 
 

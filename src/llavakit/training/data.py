@@ -37,8 +37,12 @@ def build_train_data(stage: StageConfig, model: LlavaNextModel) -> TrainData:
         ConfigError: packing was asked for (not available yet in `llavakit.data`) or the model has no tokenizer.
     """
     if stage.data.packing:
-        raise ConfigError("data.packing is not available in this build of llavakit.data; set data.packing=false")
+        raise ConfigError(
+            "data.packing is not available in this build of llavakit.data; set data.packing=false"
+        )
     if model.tokenizer is None:
-        raise ConfigError("the model has no tokenizer; export it with its tokenizer (save_pretrained) and retry")
+        raise ConfigError(
+            "the model has no tokenizer; export it with its tokenizer (save_pretrained) and retry"
+        )
     dataset = build_dataset(data_config(stage, model), model.tokenizer, model.config.image_spec)
     return TrainData(dataset, build_collator(model.tokenizer), dataset.modality_lengths)

@@ -80,7 +80,10 @@ class MetricsLogger:
         self._writer = self._open_writer() if context.is_main else None
         self._jsonl = (stage_dir / "metrics.jsonl").open("a") if context.is_main else None
         self._bar = tqdm(
-            total=total_steps, initial=start_step, desc=stage_dir.name, dynamic_ncols=True,
+            total=total_steps,
+            initial=start_step,
+            desc=stage_dir.name,
+            dynamic_ncols=True,
             disable=not (context.is_main and config.progress_bar),
         )
 

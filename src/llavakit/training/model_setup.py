@@ -15,18 +15,21 @@ DDP, does not broadcast rank 0's weights).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig
+from transformers.utils import is_flash_attn_2_available
 
 from llavakit.anyres.geometry import parse_pinpoints
 from llavakit.anyres.spec import ImageSpec
 from llavakit.errors import CheckpointError, ConfigError
-from llavakit.model.llava_next import LlavaNextModel
+from llavakit.model.llava_next import LlavaNextModel, default_image_spec
 from llavakit.model.projector import load_upstream_projector_state, read_upstream_projector_file
-from llavakit.training.config import ModelConfig, StageConfig, TrainConfig
+from llavakit.model.vision import backbone_for_model_type
+from llavakit.training.config import StageConfig, TrainConfig
 from llavakit.training.distributed import DistContext, barrier
 
 
@@ -41,7 +44,9 @@ def preflight(config: TrainConfig, context: DistContext) -> None:
         where = f"stages.{index} ({stage.name})"
         data = stage.data
         if not data.path or not Path(data.path).exists():
-            raise ConfigError(f"{where}: data.path {data.path!r} does not exist; point it at a LLaVA JSON/JSONL/YAML")
+            raise ConfigError(
+                f"{where}: data.path {data.path!r} does not exist; point it at a LLaVA JSON/JSONL/YAML"
+            )
         if data.image_folder is not None and not Path(data.image_folder).is_dir():
             raise ConfigError(f"{where}: data.image_folder {data.image_folder!r} is not a directory")
         stage.accumulation_steps(context.world_size)
@@ -56,7 +61,9 @@ def check_projector_file(path: str, vision: str, llm: str) -> None:
     vision_size = _hidden_size(AutoConfig.from_pretrained(vision))
     llm_size = _hidden_size(AutoConfig.from_pretrained(llm))
     first = state.get("linear_1.weight")
-    last = state[max((k for k in state if k.endswith(".weight")), key=lambda k: int(k.split("_")[1].split(".")[0]))]
+    last = state[
+        max((k for k in state if k.endswith(".weight")), key=lambda k: int(k.split("_")[1].split(".")[0]))
+    ]
     if first is None or first.shape[1] != vision_size or last.shape[0] != llm_size:
         raise CheckpointError(
             f"projector file {path} maps {tuple(first.shape) if first is not None else '?'}... -> {last.shape[0]}, "
@@ -68,7 +75,7 @@ def check_projector_file(path: str, vision: str, llm: str) -> None:
 def _hidden_size(config: Any) -> int:
     # CLIP/SigLIP checkpoints saved as the full (text+vision) model nest the vision config.
     vision_config = getattr(config, "vision_config", None)
-    return int(getattr(vision_config or config, "hidden_size"))
+    return int((vision_config or config).hidden_size)
 
 
 def build_model(
@@ -83,11 +90,10 @@ def build_model(
         context: rank and world (rank 0 writes preset parts).
     """
     model_config = config.model
+    attention = resolve_attention(model_config.attn_implementation)
     torch.manual_seed(config.seed)
-    if previous is not None:
-        model = LlavaNextModel.from_pretrained(previous, attn_implementation=model_config.attn_implementation)
-    elif model_config.path:
-        model = LlavaNextModel.from_pretrained(model_config.path, attn_implementation=model_config.attn_implementation)
+    if previous is not None or model_config.path:
+        model = LlavaNextModel.from_pretrained(previous or model_config.path, attn_implementation=attention)
     else:
         model = LlavaNextModel.from_parts(**_from_parts_kwargs(config, context))
         if model_config.pretrained_projector:
@@ -123,16 +129,33 @@ def apply_stage_settings(model: LlavaNextModel, stage: StageConfig) -> None:
 
 def _from_parts_kwargs(config: TrainConfig, context: DistContext) -> dict[str, Any]:
     model_config = config.model
-    kwargs = _preset_kwargs(model_config.preset, Path(config.run_dir), context) if model_config.preset else {
-        "vision": model_config.vision, "llm": model_config.llm,
-    }
+    kwargs = (
+        _preset_kwargs(model_config.preset, Path(config.run_dir), context)
+        if model_config.preset
+        else {
+            "vision": model_config.vision,
+            "llm": model_config.llm,
+        }
+    )
     for name in ("projector", "template", "select_layer"):
         if getattr(model_config, name) is not None:
             kwargs[name] = getattr(model_config, name)
     if model_config.image_spec:
         kwargs["image_spec"] = _spec_with(kwargs.get("image_spec"), model_config.image_spec, kwargs["vision"])
-    kwargs["attn_implementation"] = model_config.attn_implementation
+    kwargs["attn_implementation"] = resolve_attention(model_config.attn_implementation)
     return kwargs
+
+
+def resolve_attention(requested: str) -> str:
+    """``flash_attention_2`` when asked for and installed; otherwise (asked but missing) ``sdpa``, with a warning.
+
+    Upstream's scripts default to flash-attention; the seed scripts must run on machines without it (CPU CI), and
+    the two kernels compute the same attention, so this is the documented selection, not a silent change of results.
+    """
+    if requested != "flash_attention_2" or is_flash_attn_2_available():
+        return requested
+    warnings.warn("flash_attention_2 requested but flash-attn is not installed: using sdpa", stacklevel=2)
+    return "sdpa"
 
 
 def _preset_kwargs(name: str, run_dir: Path, context: DistContext) -> dict[str, Any]:
@@ -147,18 +170,21 @@ def _preset_kwargs(name: str, run_dir: Path, context: DistContext) -> dict[str, 
 
 
 def _spec_with(base: ImageSpec | None, overrides: dict[str, Any], vision: str) -> ImageSpec:
+    """``base`` (or, without one, the vision checkpoint's default spec) with ``overrides`` applied."""
+    if base is None:
+        base = _encoder_default_spec(vision)
     overrides = dict(overrides)
     if isinstance(overrides.get("pinpoints"), str):
         # Upstream notation ("(1x1),...,(6x6)" or "[(336, 672), ...]") is (width, height) ordered.
-        tile_size = overrides.get("tile_size") or (base.tile_size if base else None)
-        if tile_size is None:
-            raise ConfigError(f"image_spec.pinpoints {overrides['pinpoints']!r} needs image_spec.tile_size")
+        tile_size = overrides.get("tile_size", base.tile_size)
         overrides["pinpoints"] = parse_pinpoints(overrides["pinpoints"], tile_size, order="wh")
-    if base is not None:
-        return ImageSpec.from_dict({**base.to_dict(), **overrides})
-    if not {"tile_size", "patch_size"} <= set(overrides):
-        raise ConfigError(
-            f"model.image_spec for vision {vision!r} must give at least tile_size and patch_size "
-            "(plus aspect_ratio, pinpoints, merge_type, image_mean, image_std when they differ from the defaults)"
-        )
-    return ImageSpec.from_dict(overrides)
+    return ImageSpec.from_dict({**base.to_dict(), **overrides})
+
+
+def _encoder_default_spec(vision: str) -> ImageSpec:
+    # Reads only config.json: tile and patch size from the checkpoint, mean/std from the registered backbone.
+    config = AutoConfig.from_pretrained(vision)
+    backbone = backbone_for_model_type(config.model_type)
+    return default_image_spec(
+        getattr(config, "vision_config", None) or config, backbone.image_mean, backbone.image_std
+    )

@@ -53,8 +53,12 @@ def build_param_groups(named_params: Iterable[tuple[str, nn.Parameter]], config:
         key = f"{part}/{'decay' if decay else 'no_decay'}"
         group = groups.setdefault(
             key,
-            {"name": key, "params": [], "lr": part_learning_rate(part, config),
-             "weight_decay": config.weight_decay if decay else 0.0},
+            {
+                "name": key,
+                "params": [],
+                "lr": part_learning_rate(part, config),
+                "weight_decay": config.weight_decay if decay else 0.0,
+            },
         )
         group["params"].append(param)
     return list(groups.values())
@@ -64,7 +68,7 @@ def _strip_wrapper_prefixes(name: str) -> str:
     # DDP adds "module.", torch.compile "_orig_mod."; FSDP2 and peft keep the module names.
     for prefix in ("module.", "_orig_mod."):
         while name.startswith(prefix):
-            name = name[len(prefix):]
+            name = name[len(prefix) :]
     return name
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from llavakit.errors import ConfigError
-from llavakit.training.config import TrainConfig, apply_overrides, config_from_dict
+from llavakit.training.config import TrainConfig, apply_overrides, config_from_dict, read_config_file
 
 
 def recipes_dir() -> Path:
@@ -45,3 +45,35 @@ def load_recipe(name: str, overrides: list[str] | None = None) -> TrainConfig:
     """Recipe ``name`` with ``key.sub=value`` overrides applied, validated."""
     data = apply_overrides(recipe_dict(name), overrides or [])
     return config_from_dict(data, source=f"recipe {name}")
+
+
+def resolve_config(
+    config_file: str | None = None, recipe: str | None = None, overrides: list[str] | None = None
+) -> TrainConfig:
+    """The run config of ``llavakit train``: a recipe and/or a YAML file (merged over the recipe), then overrides.
+
+    Raises:
+        ConfigError: neither a recipe nor a config file was given, or either is invalid.
+    """
+    if config_file is None and recipe is None:
+        raise ConfigError("give --config FILE.yaml and/or --recipe NAME (or upstream train_mem.py flags)")
+    data: dict[str, Any] = recipe_dict(recipe) if recipe else {}
+    source = f"recipe {recipe}" if recipe else ""
+    if config_file:
+        data = merge_config_dicts(data, read_config_file(config_file))
+        source = f"{source} + {config_file}" if source else config_file
+    return config_from_dict(apply_overrides(data, overrides or []), source=source)
+
+
+def merge_config_dicts(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` merged into ``base``: mappings recursively, lists of mappings item by item, the rest replaced."""
+    merged = dict(base)
+    for key, value in update.items():
+        old = merged.get(key)
+        if isinstance(old, dict) and isinstance(value, dict):
+            merged[key] = merge_config_dicts(old, value)
+        elif isinstance(old, list) and isinstance(value, list) and all(isinstance(v, dict) for v in old + value):
+            merged[key] = [merge_config_dicts(a, b) for a, b in zip(old, value)] + old[len(value):] + value[len(old):]
+        else:
+            merged[key] = value
+    return merged

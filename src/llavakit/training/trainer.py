@@ -188,7 +188,10 @@ class Trainer:
     def export(self) -> Path:
         """Write the stage's final model folder (and ``mm_projector.bin`` for projector-only stages)."""
         return export_model(
-            self.model, self.strategy.unwrap(self.model), self.stage_dir / "final", self.context,
+            self.model,
+            self.strategy.unwrap(self.model),
+            self.stage_dir / "final",
+            self.context,
             write_projector=self.stage.writes_projector,
         )
 
@@ -215,7 +218,9 @@ class Trainer:
         if not self.stage.data.group_by_modality_length:
             return random_order
         if self.data.modality_lengths is None:
-            raise ConfigError("data.group_by_modality_length needs modality lengths from the dataset; none given")
+            raise ConfigError(
+                "data.group_by_modality_length needs modality lengths from the dataset; none given"
+            )
         return modality_grouped_order(self.data.modality_lengths, self.stage.global_batch_size)
 
     def train_step(self, micro_batches: list[dict[str, Any]]) -> StepMetrics:
@@ -229,7 +234,9 @@ class Trainer:
         for index, batch in enumerate(micro_batches):
             self.strategy.set_gradient_sync(self.model, index == len(micro_batches) - 1)
             with self.strategy.autocast():
-                output = self.model(**_model_inputs(batch, self.context.device), num_items_in_batch=items_per_rank)
+                output = self.model(
+                    **_model_inputs(batch, self.context.device), num_items_in_batch=items_per_rank
+                )
             output.loss.backward()
             loss_sum += float(output.loss.detach())
         grad_norm = self.strategy.clip_grad_norm(self.model, self.stage.optim.max_grad_norm)
@@ -243,7 +250,10 @@ class Trainer:
         loss = all_reduce_sum(loss_sum, self.context) / self.context.world_size
         self.state.losses.append(loss)
         return StepMetrics(
-            step=self.state.step, loss=loss, lr=lrs, grad_norm=grad_norm,
+            step=self.state.step,
+            loss=loss,
+            lr=lrs,
+            grad_norm=grad_norm,
             num_tokens=int(all_reduce_sum(tokens, self.context)),
             num_padding=int(all_reduce_sum(padding, self.context)),
             seconds=time.perf_counter() - started,
@@ -271,8 +281,12 @@ class Trainer:
         self.resume()
         self.stage_dir.mkdir(parents=True, exist_ok=True)
         logger = MetricsLogger(
-            self.stage_dir, self.config.logging, self.context, self.total_steps,
-            num_params=sum(p.numel() for p in self.unwrapped.parameters()), start_step=self.state.step,
+            self.stage_dir,
+            self.config.logging,
+            self.context,
+            self.total_steps,
+            num_params=sum(p.numel() for p in self.unwrapped.parameters()),
+            start_step=self.state.step,
         )
         stream = self.micro_batches()
         accumulation = self.plan.accumulation_steps
@@ -288,8 +302,11 @@ class Trainer:
         logger.close()
         export_dir = self.export()
         return StageResult(
-            name=self.stage.name, export_dir=export_dir, losses=list(self.state.losses),
-            tokens_per_s=sum(tokens_per_s) / len(tokens_per_s) if tokens_per_s else 0.0, steps=self.state.step,
+            name=self.stage.name,
+            export_dir=export_dir,
+            losses=list(self.state.losses),
+            tokens_per_s=sum(tokens_per_s) / len(tokens_per_s) if tokens_per_s else 0.0,
+            steps=self.state.step,
         )
 
 

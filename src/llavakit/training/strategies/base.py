@@ -55,7 +55,11 @@ class Strategy(ABC):
             yield
 
     def set_gradient_sync(self, model: nn.Module, enabled: bool) -> None:
-        """Turn gradient all-reduce off for all but the last micro-batch of an accumulation window."""
+        """Turn gradient all-reduce off for all but the last micro-batch of an accumulation window.
+
+        A single process has nothing to synchronise; DDP and FSDP2 override this.
+        """
+        return None
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
         """Clip the gradients of ``model`` to ``max_norm`` (0 = only measure) and return the total norm."""
