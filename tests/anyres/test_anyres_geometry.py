@@ -219,6 +219,21 @@ def test_count_matches_onevision_for_anyres_max(max_tiles, siglip_spec, tile_pin
     assert downsampled > 20  # the test exercises the downsampling branch, not only the pass-through
 
 
+def test_count_matches_onevision_with_the_real_siglip_384_14_config():
+    # 384 px tiles, 14 px patches (27x27 = 729 tokens), 6x6 range of pinpoints, anyres_max_9: LLaVA-OneVision
+    spec = ImageSpec(
+        tile_size=384,
+        patch_size=14,
+        aspect_ratio="anyres_max_9",
+        pinpoints=parse_pinpoints("(1x1),...,(6x6)", 384),
+        image_mean=(0.5, 0.5, 0.5),
+        image_std=(0.5, 0.5, 0.5),
+    )
+    assert spec.tokens_per_tile == 729
+    for size in _random_sizes(300, seed=11, max_side=5000):
+        assert count_visual_tokens(size, spec) == _onevision_count(spec, size), size
+
+
 def _upstream_floor_unpad(image_hw, rows, cols, g):
     """Upstream LLaVA ``unpad_image`` (llava/model/llava_arch.py) shape arithmetic, with its ``int()``."""
     original_height, original_width = image_hw

@@ -40,6 +40,13 @@ def test_anyres_tiles_match_transformers(size, encoder_spec, hf_image_processor,
     _assert_close(process_image(image, spec), _hf_tiles(hf_image_processor(spec), image))
 
 
+def test_anyres_tiles_are_bit_identical_to_transformers(encoder_spec, hf_image_processor, make_image):
+    # stronger than the 1e-5 acceptance: same PIL resizes and the same float64-then-float32 arithmetic
+    spec, _ = encoder_spec
+    image = make_image(123, 77, seed=5)
+    assert np.array_equal(process_image(image, spec).numpy(), _hf_tiles(hf_image_processor(spec), image))
+
+
 def test_one_image_per_pinpoint_matches_transformers(encoder_spec, hf_image_processor, make_image):
     spec, _ = encoder_spec
     processor = hf_image_processor(spec)
