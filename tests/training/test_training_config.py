@@ -1,0 +1,74 @@
+"""Typed config: YAML + dotted overrides, validation before any model is loaded, resolved config round trip."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from llavakit.errors import ConfigError
+from llavakit.training.config import (
+    StageConfig,
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+)
+
+
+def _write(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_yaml_with_overrides_types_and_star(tmp_path):
+    file = _write(tmp_path / "run.yaml", {"model": {"preset": "debug-clip-llama"}, "stages": [{"name": "align"}, {}]})
+    config = load_config(
+        file, ["stages.*.max_steps=3", "stages.1.optim.lr=1e-4", "strategy.name=ddp", "stages.0.trainable=[projector]"]
+    )
+    assert [stage.max_steps for stage in config.stages] == [3, 3]
+    assert config.stages[1].optim.lr == pytest.approx(1e-4) and isinstance(config.stages[1].optim.lr, float)
+    assert config.stages[0].trainable == ("projector",)
+    assert config.strategy.name == "ddp"
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = config_from_dict({"model": {"preset": "debug-siglip-qwen2"}, "stages": [{"name": "mid", "epochs": 2}]})
+    config.save(tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"stages": [{"trainable": ["projector", "lm_head"]}]}, "unknown trainable part"),
+        ({"stages": [{"optimm": {}}]}, "unknown key"),
+        ({"stages": [{"optim": {"lr": "fast"}}]}, "expected float"),
+        ({"stages": [{"name": "pretrain"}]}, "stage name"),
+        ({"model": {"preset": "debug-clip-llama", "path": "x"}}, "exactly one"),
+        ({"strategy": {"name": "deepspeed"}}, "strategy.name"),
+        ({"stages": [{"name": "align"}, {"name": "align"}]}, "unique"),
+    ],
+)
+def test_bad_values_name_the_field(data, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(data)
+
+
+def test_global_batch_must_divide_world_times_micro():
+    stage = StageConfig(global_batch_size=6, micro_batch_size=2)
+    assert stage.accumulation_steps(world_size=3) == 1
+    with pytest.raises(ConfigError, match="not divisible by world size 2 x micro_batch_size 2"):
+        stage.accumulation_steps(world_size=2)
+
+
+def test_override_errors():
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        apply_overrides({}, ["novalue"])
+    with pytest.raises(ConfigError, match="out of range"):
+        apply_overrides({"stages": [{}]}, ["stages.3.epochs=1"])
+
+
+def test_projector_only_stage_writes_upstream_file_by_default():
+    assert StageConfig(name="align", trainable=("projector",)).writes_projector
+    assert not StageConfig(trainable=("projector", "language_model")).writes_projector
+    assert TrainConfig().stages[0].name == "finetune"

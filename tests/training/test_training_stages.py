@@ -1,0 +1,94 @@
+"""Each stage trains exactly its configured parameters; the optimizer carries the separate learning rates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import debug_config, debug_stage
+
+from llavakit.training.config import config_from_dict
+from llavakit.training.data import build_train_data
+from llavakit.training.distributed import init_distributed
+from llavakit.training.stages import part_of
+from llavakit.training.trainer import Trainer
+
+# CLIP's key-projection bias cannot receive a gradient (softmax is invariant to it), so it stays equal though trained.
+_GRADIENT_FREE = ("k_proj.bias",)
+
+
+def _built_trainer(tmp_path, synth, stage_fields):
+    config = config_from_dict(debug_config(tmp_path / "run", [debug_stage(synth, **stage_fields)]))
+    trainer = Trainer(config, 0, init_distributed(needs_process_group=False), build_train_data)
+    trainer.build()
+    return trainer
+
+
+def _train(trainer, steps):
+    stream = trainer.micro_batches()
+    for _ in range(steps):
+        trainer.train_step([next(stream) for _ in range(trainer.plan.accumulation_steps)])
+
+
+@pytest.mark.parametrize(
+    ("name", "parts"),
+    [
+        ("align", ["projector"]),
+        ("finetune", ["projector", "language_model"]),
+        ("finetune", ["vision_tower", "projector", "language_model"]),
+    ],
+)
+def test_stage_trains_exactly_its_parts(tmp_path, synth, name, parts):
+    trainer = _built_trainer(tmp_path, synth, {"name": name, "trainable": parts})
+    model = trainer.unwrapped
+    model_frozen = {"vision_encoder.model.vision_model.post_layernorm", "post_layernorm"}
+    before = {key: value.detach().clone() for key, value in model.named_parameters()}
+    _train(trainer, steps=2)
+    for key, param in model.named_parameters():
+        expected_trainable = part_of(key) in parts and key in trainer.trainable
+        assert param.requires_grad == expected_trainable, key
+        changed = not torch.equal(before[key], param.detach())
+        if not expected_trainable:
+            assert not changed, f"frozen parameter {key} changed"
+        elif not key.endswith(_GRADIENT_FREE):
+            assert changed, f"trainable parameter {key} did not change"
+    vision_frozen = [k for k, p in model.named_parameters() if k.startswith("vision_encoder.") and not p.requires_grad]
+    assert any(marker in key for key in vision_frozen for marker in model_frozen), "the model's own freezing was lost"
+
+
+def test_trainable_set_follows_the_stage(tmp_path, synth):
+    trainer = _built_trainer(tmp_path, synth, {"name": "align", "trainable": ["projector"]})
+    assert set(trainer.trainable) == {k for k, _ in trainer.unwrapped.named_parameters() if part_of(k) == "projector"}
+    assert "image_newline" in trainer.trainable
+
+
+def test_optimizer_groups_carry_part_learning_rates(tmp_path, synth):
+    optim = {"lr": 2e-5, "vision_tower_lr": 2e-6, "projector_lr": 1e-4, "weight_decay": 0.1}
+    trainer = _built_trainer(
+        tmp_path, synth, {"trainable": ["vision_tower", "projector", "language_model"], "optim": optim}
+    )
+    groups = {group["name"]: group for group in trainer.optimizer.param_groups}
+    assert set(groups) == {f"{part}/{kind}" for part in ("vision_tower", "projector", "language_model") for kind in ("decay", "no_decay")}
+    expected_lr = {"vision_tower": 2e-6, "projector": 1e-4, "language_model": 2e-5}
+    names = {id(param): key for key, param in trainer.model.named_parameters()}
+    for name, group in groups.items():
+        part, kind = name.split("/")
+        assert group["initial_lr"] == pytest.approx(expected_lr[part])
+        assert group["weight_decay"] == (0.1 if kind == "decay" else 0.0)
+        for param in group["params"]:
+            assert part_of(names[id(param)]) == part
+            assert (param.ndim >= 2 and not names[id(param)].endswith(".bias")) == (kind == "decay")
+    grouped = {id(p) for group in groups.values() for p in group["params"]}
+    assert grouped == {id(p) for p in trainer.model.parameters() if p.requires_grad}
+
+
+def test_schedule_warms_up_then_decays_to_zero(tmp_path, synth):
+    trainer = _built_trainer(tmp_path, synth, {"max_steps": 10, "optim": {"lr": 1e-3, "warmup_ratio": 0.25}})
+    lrs = []
+    for _ in range(10):
+        lrs.append(trainer.scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+    # ceil(10 * 0.25) = 3 warmup steps (HF TrainingArguments.get_warmup_steps), then cosine to 0.
+    assert lrs[:4] == pytest.approx([0.0, 1e-3 / 3, 2e-3 / 3, 1e-3])
+    assert all(a > b for a, b in zip(lrs[3:], lrs[4:]))
+    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
