@@ -16,6 +16,7 @@ from llavakit.errors import LlavakitError
 # (subcommand, module under llavakit.cli, one-line help). Order is the order shown in --help.
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("model", "model", "Build a model from parts, write debug presets, describe checkpoints, count visual tokens."),
+    ("convert", "convert", "Convert between original LLaVA and llava-hf checkpoints."),
     ("data", "data", "Inspect and prepare training data (LLaVA JSON/JSONL/YAML mixtures)."),
     ("train", "train", "Train a model stage by stage (recipes, YAML configs or upstream train_mem.py flags)."),
 ]

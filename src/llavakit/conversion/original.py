@@ -1,0 +1,264 @@
+"""Original LLaVA / LLaVA-NeXT checkpoints (``LlavaLlamaForCausalLM``, ``LlavaQwenForCausalLM``, ...) ⇄ llavakit.
+
+Original checkpoints (``liuhaotian/llava-v1.6-*``, ``lmms-lab/*``) are what SGLang serves; llava-hf ones are what
+transformers and vLLM serve. This module is a declarative key map plus config mapping in both directions, so a
+model trained anywhere can be served everywhere. Original key layout::
+
+    model.embed_tokens.weight, model.layers.N.*, model.norm.weight, lm_head.weight      (the LLM)
+    model.mm_projector.{0,2}.{weight,bias}                                                (mlp2x_gelu projector)
+    model.image_newline
+    model.vision_tower.vision_tower.vision_model.*                                        (when saved; else hub)
+
+Upstream marks images with the sentinel id -200 rather than a vocabulary token, so import adds ``<image>`` to the
+tokenizer and grows the embeddings by one row (mean-initialised, as transformers' converter does in spirit).
+Upstream stores pinpoints as (width, height); they are converted here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llavakit.anyres.geometry import parse_pinpoints
+from llavakit.anyres.spec import ImageSpec
+from llavakit.errors import CheckpointError
+from llavakit.model.config import LlavaKitConfig
+from llavakit.model.llava_next import LlavaNextModel
+from llavakit.model.tokenizer import ensure_image_token
+from llavakit.model.vision import VISION_BACKBONES, backbone_for_model_type
+
+# Original model_type → transformers LLM model_type (upstream registers one subclass per family).
+ORIGINAL_MODEL_TYPES = {
+    "llava_llama": "llama",
+    "llava": "llama",
+    "llava_mistral": "mistral",
+    "llava_mixtral": "mixtral",
+    "llava_qwen": "qwen2",
+    "llava_qwen_moe": "qwen2_moe",
+    "llava_gemma": "gemma",
+}
+ARCHITECTURES = {"llama": "LlavaLlamaForCausalLM", "mistral": "LlavaMistralForCausalLM", "mixtral": "LlavaMixtralForCausalLM",
+                 "qwen2": "LlavaQwenForCausalLM", "qwen2_moe": "LlavaQwenMoeForCausalLM", "gemma": "LlavaGemmaForCausalLM"}
+_MM_KEYS = re.compile(r"^(mm_|image_|tokenizer_|tune_mm|use_mm|unfreeze_mm|freeze_mm|vision_tower|add_faster|faster_|"
+                      r"pos_skipping|use_pos|force_sample|frames_upbound|delay_load)")
+_VISION_PREFIX = re.compile(r"^model\.vision_tower\.vision_tower\.(vision_model\.)?")
+_PROJECTOR = re.compile(r"^model\.mm_projector\.(\d+)\.(weight|bias)$")
+
+
+def original_to_ours(key: str) -> str | None:
+    """Original weight key → llavakit parameter name (None for keys that carry no weight, e.g. rotary buffers)."""
+    if key.endswith(".inv_freq"):
+        return None
+    if _VISION_PREFIX.match(key):
+        return _VISION_PREFIX.sub("vision_encoder.model.", key)
+    projector = _PROJECTOR.match(key)
+    if projector:
+        return f"projector.linear_{int(projector.group(1)) // 2 + 1}.{projector.group(2)}"
+    if key == "model.image_newline":
+        return "image_newline"
+    if key.startswith(("model.", "lm_head.")):
+        return f"llm.{key}"
+    return None
+
+
+def ours_to_original(name: str) -> str:
+    """llavakit parameter name → original weight key."""
+    if name.startswith("vision_encoder.model."):
+        rest = name.removeprefix("vision_encoder.model.").removeprefix("vision_model.")
+        return f"model.vision_tower.vision_tower.vision_model.{rest}"
+    match = re.match(r"^projector\.linear_(\d+)\.(weight|bias)$", name)
+    if match:
+        return f"model.mm_projector.{2 * (int(match.group(1)) - 1)}.{match.group(2)}"
+    if name == "image_newline":
+        return "model.image_newline"
+    if name.startswith("llm."):
+        return name.removeprefix("llm.")
+    raise CheckpointError(f"parameter {name!r} has no place in the original LLaVA layout")
+
+
+def import_original(
+    path: str | Path, vision: str | None = None, template: str | None = None, dtype: torch.dtype | None = None
+) -> LlavaNextModel:
+    """Load an original LLaVA/LLaVA-NeXT checkpoint folder as a `LlavaNextModel`.
+
+    Args:
+        path: folder with ``config.json``, weights (``*.safetensors`` or ``pytorch_model*.bin``) and the tokenizer.
+        vision: vision tower checkpoint to take the architecture (and weights, when the folder has none) from;
+            default: the folder's ``mm_vision_tower`` hub id.
+        template: chat template id; default: the LLM family's (upstream never stores its ``--version``).
+        dtype: parameter dtype (default float32).
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = Path(path)
+    original = _read_json(path / "config.json")
+    model_type = _llm_model_type(original, path)
+    weights = _read_weights(path)
+    tower_source = vision or original.get("mm_vision_tower")
+    if not tower_source:
+        raise CheckpointError(f"{path}/config.json has no mm_vision_tower; pass vision=<hub id or folder>")
+    tower_config = AutoConfig.from_pretrained(tower_source)
+    backbone = backbone_for_model_type(tower_config.model_type)
+    tower_config = getattr(tower_config, "vision_config", tower_config)
+    vision_config = _present_vision_layers(tower_config.to_dict(), weights)
+    config = _config_from_original(original, model_type, backbone.id, vision_config, template)
+    if backbone.id == "siglip" and vision_config["num_hidden_layers"] < tower_config.num_hidden_layers:
+        # LLaVA-NeXT's SigLIP tower deletes its last layer and reads the output of the (new) last one,
+        # ignoring mm_vision_select_layer: reproduce that exactly.
+        config.select_layer = -1
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = LlavaNextModel.from_config(config, tokenizer=tokenizer)
+    state = {name: tensor for key, tensor in weights.items() if (name := original_to_ours(key)) is not None}
+    if not any(name.startswith("vision_encoder.") for name in state):
+        vision_model = VISION_BACKBONES.get(backbone.id).model_class.from_pretrained(tower_source)
+        state.update({f"vision_encoder.model.{k}": v for k, v in vision_model.state_dict().items()})
+    _load_strict(model, state, path)
+    _add_image_token(model, tokenizer)
+    return model.to(dtype or torch.float32).eval()
+
+
+def _llm_model_type(original: dict[str, Any], path: Path) -> str:
+    model_type = ORIGINAL_MODEL_TYPES.get(original.get("model_type", ""))
+    if model_type is None:
+        raise CheckpointError(
+            f"{path}/config.json: model_type {original.get('model_type')!r} is not an original LLaVA type "
+            f"({', '.join(ORIGINAL_MODEL_TYPES)}); llava-hf checkpoints load with LlavaNextModel.from_pretrained"
+        )
+    return model_type
+
+
+def _config_from_original(
+    original: dict[str, Any], model_type: str, backbone_id: str, vision_config: dict[str, Any], template: str | None
+) -> LlavaKitConfig:
+    from llavakit.model.family import family_for
+
+    text_config = {k: v for k, v in original.items() if not _MM_KEYS.match(k) and k not in ("architectures", "auto_map")}
+    text_config["model_type"] = model_type
+    backbone = VISION_BACKBONES.get(backbone_id)
+    tile = int(vision_config["image_size"])
+    aspect = original.get("image_aspect_ratio", "square")
+    pinpoints = original.get("image_grid_pinpoints") or [[tile, 2 * tile]]
+    spec = ImageSpec(
+        tile_size=tile,
+        patch_size=int(vision_config["patch_size"]),
+        aspect_ratio=aspect,
+        pinpoints=parse_pinpoints(pinpoints, tile, order="wh"),
+        merge_type=original.get("mm_patch_merge_type", "flat"),
+        image_mean=backbone.image_mean,
+        image_std=backbone.image_std,
+        select_feature=original.get("mm_vision_select_feature", "patch"),
+    )
+    return LlavaKitConfig(
+        vision_encoder=backbone_id,
+        vision_config=vision_config,
+        text_config=text_config,
+        projector=original.get("mm_projector_type", "linear"),
+        select_layer=int(original.get("mm_vision_select_layer", -1)),
+        image_spec=spec,
+        template=template or family_for(model_type).default_template,
+        image_token_id=-1,  # upstream has no <image> token; `_add_image_token` assigns one
+        pad_token_id=original.get("pad_token_id"),
+        padding_side=original.get("tokenizer_padding_side", "right"),
+    )
+
+
+def _present_vision_layers(vision_config: dict[str, Any], weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The vision config, with ``num_hidden_layers`` cut to the layers the checkpoint holds (if it holds any)."""
+    indices = {int(m.group(1)) for key in weights if (m := re.search(r"vision_tower\.vision_tower\..*encoder\.layers\.(\d+)\.", key))}
+    if indices:
+        vision_config = {**vision_config, "num_hidden_layers": max(indices) + 1}
+    return vision_config
+
+
+def _add_image_token(model: LlavaNextModel, tokenizer: Any) -> None:
+    """Give ``<image>`` a vocabulary row (upstream uses the out-of-vocabulary sentinel -200)."""
+    old_size = model.llm.get_input_embeddings().weight.shape[0]
+    model.config.image_token_id = ensure_image_token(tokenizer)
+    if len(tokenizer) > old_size:
+        model.llm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        model.config.text_config["vocab_size"] = len(tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def export_original(model: LlavaNextModel, path: str | Path) -> Path:
+    """Write ``model`` in the original LLaVA layout (config with ``mm_*`` fields, original keys, tokenizer)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        pointer = tensor.data_ptr()
+        state[ours_to_original(name)] = tensor.detach().cpu().clone() if pointer in seen else tensor.detach().cpu()
+        seen.add(pointer)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(_original_config(model.config), indent=2))
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(path)
+    return path
+
+
+def _original_config(config: LlavaKitConfig) -> dict[str, Any]:
+    spec = config.image_spec
+    family = config.family
+    return {
+        **config.text_config,
+        "architectures": [ARCHITECTURES.get(family, "LlavaLlamaForCausalLM")],
+        "model_type": next((k for k, v in ORIGINAL_MODEL_TYPES.items() if v == family and k != "llava"), "llava_llama"),
+        "mm_vision_tower": config.vision_config.get("_name_or_path") or config.vision_encoder,
+        "mm_projector_type": config.projector,
+        "mm_hidden_size": int(config.vision_config["hidden_size"]),
+        "mm_vision_select_layer": config.select_layer,
+        "mm_vision_select_feature": spec.select_feature,
+        "mm_patch_merge_type": spec.merge_type,
+        "image_aspect_ratio": spec.aspect_ratio,
+        "image_grid_pinpoints": [[w, h] for h, w in spec.pinpoints],
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+        "tokenizer_padding_side": config.padding_side,
+        "use_mm_proj": True,
+    }
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing: not a checkpoint folder")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{file}: invalid JSON at line {err.lineno}: {err.msg}") from None
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    if not files:
+        raise CheckpointError(f"{path} has no *.safetensors or pytorch_model*.bin weight files")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        part = load_file(str(file)) if file.suffix == ".safetensors" else torch.load(file, map_location="cpu", weights_only=True)
+        state.update(part)
+    return state
+
+
+def _load_strict(model: LlavaNextModel, state: dict[str, torch.Tensor], path: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    if model.config.tie_word_embeddings:
+        missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: missing {missing[:8]}, unexpected {unexpected[:8]} after key conversion")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, the config builds {tuple(expected[name].shape)}")
+    model.load_state_dict(state, strict=False)
+    if model.config.tie_word_embeddings:
+        model.llm.tie_weights()
