@@ -77,7 +77,7 @@ def stitch_tiles(grid_features: torch.Tensor, rows: int, cols: int) -> torch.Ten
     _, tokens, dim = grid_features.shape
     side = math.isqrt(tokens)
     return (
-        grid_features.view(rows, cols, side, side, dim)
+        grid_features.reshape(rows, cols, side, side, dim)
         .permute(4, 0, 2, 1, 3)
         .reshape(dim, rows * side, cols * side)
     )

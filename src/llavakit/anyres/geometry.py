@@ -125,15 +125,14 @@ def select_best_resolution(image_hw: Size, pinpoints: Sequence[Size]) -> Size:
     height, width = _check_size(image_hw)
     if not pinpoints:
         raise ConfigError("select_best_resolution needs at least one pinpoint")
-    best: Size | None = None
-    best_effective, best_wasted = -1, math.inf
+    best: Size = (int(pinpoints[0][0]), int(pinpoints[0][1]))
+    best_effective, best_wasted = -1, math.inf  # any candidate beats this, so the loop always sets `best`
     for cand_h, cand_w in pinpoints:
         scale = min(cand_w / width, cand_h / height)
         effective = min(int(width * scale) * int(height * scale), width * height)
         wasted = cand_h * cand_w - effective
         if effective > best_effective or (effective == best_effective and wasted < best_wasted):
             best, best_effective, best_wasted = (int(cand_h), int(cand_w)), effective, wasted
-    assert best is not None
     return best
 
 
