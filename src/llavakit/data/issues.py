@@ -25,11 +25,13 @@ class IssueLog:
         policy: ``error`` (raise the first issue) | ``skip`` (count it and continue).
         max_fraction: with ``skip``, the largest tolerated fraction of skipped samples (see `check_fraction`).
         counts: number of issues per kind (e.g. ``missing_image``, ``json``, ``too_long``).
-        examples: up to `EXAMPLES_PER_KIND` messages per kind, for the report.
+        max_examples: messages kept per kind, for the report.
+        examples: up to ``max_examples`` messages per kind.
     """
 
     policy: str = "error"
     max_fraction: float = 0.01
+    max_examples: int = EXAMPLES_PER_KIND
     counts: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
 
@@ -45,7 +47,7 @@ class IssueLog:
             raise error
         self.counts[kind] += 1
         kept = self.examples.setdefault(kind, [])
-        if len(kept) < EXAMPLES_PER_KIND:
+        if len(kept) < self.max_examples:
             kept.append(str(error))
 
     @property

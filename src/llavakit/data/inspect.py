@@ -1,0 +1,193 @@
+"""``llavakit data inspect``: validate a dataset and describe it before spending GPU hours on it.
+
+`inspect_data` streams the records (no pixel decoding: sizes come from image headers) through the same parsing,
+token counting, template rendering and truncation code as training (`llavakit.data.prepare`), and collects:
+sample count, modality split, bad samples by kind with ids and ``file:line`` (JSON errors, missing/unreadable
+images, invalid conversations, nothing to supervise), token lengths after image expansion, truncated and dropped
+counts, and tiles per image. `InspectReport.render` prints it; ``passed`` is False when the fraction of bad
+samples exceeds the threshold.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from llavakit.anyres.spec import ImageSpec
+from llavakit.data.formats import Record, parse_sample
+from llavakit.data.issues import IssueLog
+from llavakit.data.mixture import read_data_records
+from llavakit.data.prepare import NoSupervisedTokens, SampleTooLong, count_tiles, prepare_sample
+from llavakit.data.templates import get_template
+from llavakit.data.tokenize import SampleEncoder
+from llavakit.errors import ConfigError, DataError, ImageError
+
+LENGTH_BINS = (0, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+BAR_WIDTH = 40
+REPORTED_EXAMPLES = 20
+
+
+@dataclass(frozen=True)
+class InspectOptions:
+    """What to inspect and how strictly.
+
+    Attributes:
+        data_path: ``.json`` / ``.jsonl`` / ``.yaml`` mixture.
+        image_folder: root of relative image paths.
+        template: chat template id.
+        model_max_length: token cap after image expansion.
+        show: number of rendered samples to include, supervised spans marked ⟦ ⟧.
+        max_error_fraction: the report fails above this fraction of bad samples.
+        seed: seed of ``random:K`` mixture sampling.
+        truncation_policy: ``drop`` | ``downscale`` (as in training).
+    """
+
+    data_path: str
+    image_folder: str
+    template: str = "vicuna_v1"
+    model_max_length: int = 4096
+    show: int = 0
+    max_error_fraction: float = 0.0
+    seed: int = 0
+    truncation_policy: str = "drop"
+
+
+@dataclass
+class InspectReport:
+    """Everything `inspect_data` found (see the module docstring)."""
+
+    options: InspectOptions
+    issues: IssueLog
+    num_samples: int = 0
+    num_with_images: int = 0
+    num_multi_image: int = 0
+    num_truncated: int = 0
+    num_downscaled: int = 0
+    num_dropped: int = 0
+    lengths: list[int] = field(default_factory=list)
+    tiles_per_image: Counter = field(default_factory=Counter)
+    shown: list[str] = field(default_factory=list)
+
+    @property
+    def num_bad(self) -> int:
+        """Samples that cannot be trained on (issues of every kind)."""
+        return self.issues.total
+
+    @property
+    def passed(self) -> bool:
+        """True when the fraction of bad samples is within ``max_error_fraction``."""
+        seen = self.num_samples + self.issues.counts["json"]
+        return not seen or self.num_bad / seen <= self.options.max_error_fraction
+
+    def render(self) -> str:
+        """The report as text."""
+        text_only = self.num_samples - self.num_with_images
+        lines = [
+            f"data: {self.options.data_path}  (template {self.options.template}, "
+            f"model_max_length {self.options.model_max_length})",
+            f"samples: {self.num_samples}  with images: {self.num_with_images} (multi-image: {self.num_multi_image})"
+            f"  text-only: {text_only}",
+            f"usable: {len(self.lengths)}  truncated: {self.num_truncated}  downscaled: {self.num_downscaled}  "
+            f"dropped (too long): {self.num_dropped}  bad: {self.num_bad}",
+            "bad samples by kind:",
+            self.issues.summary(),
+            "tokens per sample after image expansion:",
+            *_histogram(_bin_lengths(self.lengths)),
+            "tiles per image:",
+            *_histogram([(str(k), v) for k, v in sorted(self.tiles_per_image.items())]),
+        ]
+        for number, sample in enumerate(self.shown):
+            lines += [f"--- sample {number} (supervised spans in ⟦ ⟧) ---", sample]
+        verdict = "PASS" if self.passed else f"FAIL: more than {self.options.max_error_fraction:.2%} bad samples"
+        return "\n".join([*lines, verdict])
+
+
+def inspect_data(options: InspectOptions, tokenizer: Any, image_spec: ImageSpec) -> InspectReport:
+    """Stream ``options.data_path`` and build an `InspectReport` (never raises on bad samples: it counts them)."""
+    encoder = SampleEncoder(tokenizer, get_template(options.template))
+    report = InspectReport(options, IssueLog("skip", max_fraction=1.0, max_examples=REPORTED_EXAMPLES))
+    records = read_data_records(options.data_path, report.issues, options.seed)
+    for record in tqdm(records, desc="inspecting", unit=" samples"):
+        report.num_samples += 1
+        _inspect_record(record, options, encoder, image_spec, report)
+    return report
+
+
+def _inspect_record(record: Record, options: InspectOptions, encoder: SampleEncoder, spec: ImageSpec,
+                    report: InspectReport) -> None:
+    images = record.data.get("image")
+    if images:
+        report.num_with_images += 1
+        report.num_multi_image += isinstance(images, list) and len(images) > 1
+    try:
+        sample = parse_sample(record)
+        prepared = prepare_sample(
+            sample,
+            image_folder=options.image_folder,
+            encoder=encoder,
+            spec=spec,
+            max_length=options.model_max_length,
+            truncation_policy=options.truncation_policy,
+        )
+    except SampleTooLong:
+        report.num_dropped += 1
+        return
+    except ImageError as err:
+        report.issues.report("image", ImageError(f"{record.location} (sample {record.data.get('id')!r}): {err}"))
+        return
+    except NoSupervisedTokens as err:
+        report.issues.report("no_supervised_tokens", err)
+        return
+    except DataError as err:
+        report.issues.report("invalid_sample", err)
+        return
+    report.lengths.append(prepared.length)
+    report.num_truncated += prepared.truncated
+    report.num_downscaled += prepared.downscaled
+    for size, tiled in zip(prepared.image_sizes, prepared.image_tiled):
+        report.tiles_per_image[count_tiles(size, spec, tiled)] += 1
+    if len(report.shown) < options.show:
+        report.shown.append(encoder.render_for_display(prepared.encoded))
+
+
+def _bin_lengths(lengths: list[int]) -> list[tuple[str, int]]:
+    counts = Counter()
+    for length in lengths:
+        upper = next((b for b in LENGTH_BINS[1:] if length < b), None)
+        lower = LENGTH_BINS[LENGTH_BINS.index(upper) - 1] if upper else LENGTH_BINS[-1]
+        counts[(lower, upper)] += 1
+    return [(f"[{lo}, {hi})" if hi else f">= {lo}", n) for (lo, hi), n in sorted(counts.items(), key=lambda kv: kv[0][0])]
+
+
+def _histogram(rows: list[tuple[str, int]]) -> list[str]:
+    if not rows:
+        return ["  (none)"]
+    peak = max(count for _, count in rows)
+    width = max(len(label) for label, _ in rows)
+    return [f"  {label:>{width}}: {count:>8} {'█' * max(1, round(BAR_WIDTH * count / peak))}" for label, count in rows]
+
+
+def load_tokenizer_and_spec(tokenizer_path: str, image_spec_path: str | None) -> tuple[Any, ImageSpec]:
+    """A tokenizer folder loaded offline, and an `ImageSpec` from a JSON file (an ImageSpec dict, or a checkpoint
+    ``config.json`` with ``llavakit.image_spec``); the default spec when no file is given."""
+    from transformers import AutoTokenizer
+
+    if not Path(tokenizer_path).is_dir():
+        raise ConfigError(f"tokenizer folder {tokenizer_path} does not exist (pass a checkpoint or tokenizer folder)")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    if image_spec_path is None:
+        return tokenizer, ImageSpec()
+    try:
+        data = json.loads(Path(image_spec_path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"cannot read image spec {image_spec_path}: {err}") from None
+    if isinstance(data.get("llavakit"), dict):
+        data = data["llavakit"].get("image_spec")
+        if data is None:
+            raise ConfigError(f"{image_spec_path} has a 'llavakit' section without 'image_spec'")
+    return tokenizer, ImageSpec.from_dict(data)
