@@ -16,7 +16,7 @@ def test_preset_info_tokens_and_build(tmp_path, capsys):
     assert main(["model", "info", str(checkpoint)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["vision_encoder"] == "clip" and info["template"] == "vicuna_v1"
-    assert info["loads_in_transformers"].startswith("yes")
+    assert info["loads_in_transformers"] == "LlavaNextForConditionalGeneration"
 
     assert main(["model", "tokens", str(checkpoint), "640x480", "30x100"]) == 0
     lines = capsys.readouterr().out.splitlines()

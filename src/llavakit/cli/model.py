@@ -99,7 +99,7 @@ def run_info(args: argparse.Namespace) -> int:
         "template": config.template,
         "image_token_id": config.image_token_id,
         "image_spec": config.image_spec.to_dict(),
-        "loads_in_transformers": config.transformers_incompatibility() or "yes (LlavaNextForConditionalGeneration)",
+        "loads_in_transformers": config.transformers_class() or f"no: {config.transformers_incompatibility()}",
     }
     print(json.dumps(summary, indent=2))
     return 0

@@ -119,7 +119,7 @@ def _save_tokenizer_and_processor(model: LlavaNextModel, path: Path) -> None:
     """Save the tokenizer, and a transformers ``LlavaNextProcessor`` when transformers can reproduce the model."""
     tokenizer = model.tokenizer
     tokenizer.padding_side = model.config.padding_side
-    if model.config.transformers_incompatibility() is not None:
+    if model.config.transformers_class() != "LlavaNextForConditionalGeneration":
         tokenizer.save_pretrained(path)
         return
     from transformers.models.llava_next import LlavaNextImageProcessorPil, LlavaNextProcessor

@@ -5,8 +5,9 @@ section, ``"llavakit"``, holding what transformers has no field for: the vision-
 template id and the full image preprocessing spec. Training, evaluation and serving all read these back, so a
 checkpoint is preprocessed and prompted the same way everywhere.
 
-A checkpoint whose settings transformers cannot reproduce (``flat`` merge, a ``linear`` projector, ``pad``
-images, ``anyres_max_N``) is written with ``model_type: llavakit`` instead, so that transformers refuses it
+``anyres_max_N`` checkpoints are written as ``model_type: llava_onevision`` (transformers' class with the same
+feature downsampling). A checkpoint whose settings transformers cannot reproduce (``flat`` merge, a ``linear``
+projector, ``pad`` images) is written with ``model_type: llavakit`` instead, so that transformers refuses it
 loudly rather than loading it and computing something else.
 """
 
@@ -64,17 +65,26 @@ class LlavaKitConfig:
         return bool(self.text_config.get("tie_word_embeddings", False))
 
     def transformers_incompatibility(self) -> str | None:
-        """Why transformers' ``LlavaNextForConditionalGeneration`` cannot reproduce this model, or None if it can."""
+        """Why no transformers class can reproduce this model, or None if one can (see `transformers_class`)."""
         spec = self.image_spec
         if self.projector != "mlp2x_gelu":
             return f"projector {self.projector!r} (transformers implements mlp2x_gelu only)"
-        if spec.aspect_ratio != "anyres":
-            return f"aspect_ratio {spec.aspect_ratio!r} (transformers LlavaNext always tiles with anyres)"
+        if spec.aspect_ratio != "anyres" and spec.max_tiles is None:
+            return f"aspect_ratio {spec.aspect_ratio!r} (transformers always tiles with anyres)"
         if spec.merge_type != "spatial_unpad":
             return f"merge_type {spec.merge_type!r} (transformers implements spatial_unpad only)"
         if spec.base_view != "squash" or spec.unpad_rounding != "round":
             return "base_view/unpad_rounding differ from transformers' (squash/round)"
         return None
+
+    def transformers_class(self) -> str | None:
+        """The transformers class that reproduces this model: LlavaNext for ``anyres``, LlavaOnevision for
+        ``anyres_max_N`` (its feature downsampling), or None."""
+        if self.transformers_incompatibility() is not None:
+            return None
+        if self.image_spec.max_tiles is None:
+            return "LlavaNextForConditionalGeneration"
+        return "LlavaOnevisionForConditionalGeneration"
 
     def vision_feature_select_strategy(self, has_cls_token: bool) -> str:
         """transformers' name for our feature selection: ``default`` drops CLS, ``full`` keeps every token."""
@@ -95,13 +105,16 @@ class LlavaKitConfig:
     def to_config_json(self, has_cls_token: bool) -> dict[str, Any]:
         """The full ``config.json`` content (transformers ``LlavaNextConfig`` fields + our section)."""
         spec = self.image_spec
-        compatible = self.transformers_incompatibility() is None
-        vision = dict(self.vision_config)
+        architecture = self.transformers_class()
+        model_types = {
+            "LlavaNextForConditionalGeneration": "llava_next",
+            "LlavaOnevisionForConditionalGeneration": "llava_onevision",
+        }
         text = dict(self.text_config)
-        return {
-            "architectures": ["LlavaNextForConditionalGeneration"] if compatible else ["LlavakitModel"],
-            "model_type": "llava_next" if compatible else "llavakit",
-            "vision_config": vision,
+        data = {
+            "architectures": [architecture or "LlavakitModel"],
+            "model_type": model_types.get(architecture, "llavakit"),
+            "vision_config": dict(self.vision_config),
             "text_config": text,
             "image_token_index": self.image_token_id,
             "projector_hidden_act": "gelu",
@@ -116,11 +129,15 @@ class LlavaKitConfig:
             "dtype": text.get("dtype") or text.get("torch_dtype") or "float32",
             LLAVAKIT_KEY: self.llavakit_section(),
         }
+        if architecture == "LlavaOnevisionForConditionalGeneration":
+            # No video token in a LLaVA-NeXT model: -1 never matches an input id.
+            data.update(vision_aspect_ratio=spec.aspect_ratio, video_token_index=-1)
+        return data
 
     @classmethod
     def from_config_json(cls, data: dict[str, Any], source: str = "config.json") -> LlavaKitConfig:
         """Read our own ``config.json`` or a plain llava-hf one (then our fields are derived from its fields)."""
-        if data.get("model_type") not in ("llava_next", "llavakit"):
+        if data.get("model_type") not in ("llava_next", "llava_onevision", "llavakit"):
             raise CheckpointError(
                 f"{source}: model_type {data.get('model_type')!r} is not a LLaVA-NeXT checkpoint "
                 "(expected 'llava_next'); original LLaVA checkpoints need `llavakit convert` first"
@@ -165,6 +182,7 @@ class LlavaKitConfig:
         if not isinstance(layer, int):
             raise CheckpointError(f"{source}: list-valued vision_feature_layer {layer} is not supported yet")
         spec = ImageSpec(
+            aspect_ratio=data.get("vision_aspect_ratio", "anyres") if data["model_type"] == "llava_onevision" else "anyres",
             tile_size=int(vision.get("image_size", 336)),
             patch_size=int(vision.get("patch_size", 14)),
             pinpoints=tuple(tuple(p) for p in data.get("image_grid_pinpoints", ImageSpec().pinpoints)),
