@@ -1,0 +1,71 @@
+"""The data layer against the real model: batches run, text-only batches keep every vision parameter in the graph,
+and a packed batch gives each sample the same logits and loss as running it alone (debug presets)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import chat, write_image, write_json
+
+from llavakit.data.collate import BOOKKEEPING_KEYS, build_collator
+from llavakit.data.config import DataConfig
+from llavakit.data.dataset import build_dataset
+from llavakit.data.packing import PackingCollator
+from llavakit.data.tokenize import IGNORE_INDEX
+
+PRESET = "debug-clip-llama"
+
+
+def model_inputs(batch):
+    return {k: v for k, v in batch.items() if k not in BOOKKEEPING_KEYS and k != "num_samples"}
+
+
+@pytest.fixture
+def model_and_data(tmp_path, preset_model):
+    model = preset_model(PRESET)
+    write_image(tmp_path / "img" / "wide.png", 50, 120, (10, 200, 30))
+    write_image(tmp_path / "img" / "square.png", 90, 70, (200, 10, 90))
+    samples = [
+        chat("<image>\nWhat is it?", "A green bar.", image="wide.png", sample_id="wide"),
+        chat("Hello there", "Hi.", "And now?", "Bye.", sample_id="text"),
+        chat("Compare <image> with <image>", "They differ.", image=["wide.png", "square.png"], sample_id="multi"),
+        chat("<image>\nColour?", "Magenta.", image="square.png", sample_id="square"),
+    ]
+    path = write_json(tmp_path / "d.json", samples)
+    data = DataConfig(data_path=str(path), image_folder=str(tmp_path / "img"), template=model.config.template)
+    return model, build_dataset(data, model.tokenizer, model.config.image_spec)
+
+
+def grads_after(model, batch):
+    model.zero_grad(set_to_none=True)
+    model(**model_inputs(batch)).loss.backward()
+    return {name for name, p in model.named_parameters() if p.grad is not None and not name.startswith("llm.")}
+
+
+def test_text_only_batch_reaches_every_vision_parameter(model_and_data):
+    model, dataset = model_and_data
+    model.train()
+    collate = build_collator(model.tokenizer)
+    with_images = grads_after(model, collate([dataset[0], dataset[3]]))
+    text_only = grads_after(model, collate([dataset[1]]))
+    assert with_images and with_images <= text_only
+
+
+def test_packed_batch_equals_samples_one_by_one(model_and_data):
+    model, dataset = model_and_data
+    examples = [dataset[i] for i in range(len(dataset))]
+    collate = build_collator(model.tokenizer)
+    packed = PackingCollator(model.tokenizer.pad_token_id, attn_implementation="sdpa")([examples[:2], examples[2:]])
+    with torch.no_grad():
+        out = model(**model_inputs(packed), use_cache=False)
+        total, count = 0.0, 0
+        for row, pack in enumerate((examples[:2], examples[2:])):
+            start = 0
+            for example in pack:
+                alone = model(**model_inputs(collate([example])))
+                length = len(example["input_ids"])
+                torch.testing.assert_close(out.logits[row, start : start + length], alone.logits[0], atol=2e-5, rtol=1e-4)
+                n = int((example["labels"][1:] != IGNORE_INDEX).sum())
+                total, count = total + alone.loss * n, count + n
+                start += length
+    torch.testing.assert_close(out.loss, total / count, atol=2e-5, rtol=1e-4)
