@@ -18,7 +18,10 @@ LLAMA3_CHAT_TEMPLATE = (
     "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
-CORPUS = [DEFAULT_CORPUS, "[INST] [/INST] <<SYS>> <</SYS>> model Answer the questions. You are Qwen, created by Alibaba"]
+CORPUS = [
+    DEFAULT_CORPUS,
+    "[INST] [/INST] <<SYS>> <</SYS>> model Answer the questions. You are Qwen, created by Alibaba",
+]
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +37,9 @@ def tokenizers():
     llama3.bos_token = "<|begin_of_text|>"
     llama3.eos_token = "<|eot_id|>"
     llama3.chat_template = LLAMA3_CHAT_TEMPLATE
-    gemma = build_bpe_tokenizer("llama", corpus=CORPUS, extra_special_tokens=["<start_of_turn>", "<end_of_turn>"])
+    gemma = build_bpe_tokenizer(
+        "llama", corpus=CORPUS, extra_special_tokens=["<start_of_turn>", "<end_of_turn>"]
+    )
     return {"llama": llama, "qwen2": qwen, "llama3": llama3, "gemma": gemma}
 
 

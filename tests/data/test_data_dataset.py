@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import chat, write_image, write_json
 
+from conftest import chat, write_image, write_json
 from llavakit.anyres.geometry import count_visual_tokens, grid_shape
 from llavakit.data.collate import build_collator
 from llavakit.data.config import DataConfig
@@ -70,7 +70,9 @@ def test_collator_mixes_text_and_images(folder, tokenizers, tiny_spec):
 
 
 def test_text_only_batch_has_no_image_keys(folder, tokenizers, tiny_spec):
-    path = write_json(folder / "d.json", [chat("Hello", "Hi.", sample_id="a"), chat("Bye", "Ciao.", sample_id="b")])
+    path = write_json(
+        folder / "d.json", [chat("Hello", "Hi.", sample_id="a"), chat("Bye", "Ciao.", sample_id="b")]
+    )
     dataset = build_dataset(config(path, folder), tokenizers["llama"], tiny_spec)
     batch = build_collator(tokenizers["llama"])([dataset[0], dataset[1]])
     assert "pixel_values" not in batch and batch["input_ids"].shape[0] == 2
@@ -92,8 +94,14 @@ def test_malformed_json_names_file_and_line(folder):
     ("sample", "message"),
     [
         (chat("a", "b", "c", sample_id="x") | {"conversations": []}, "non-empty list"),
-        ({"id": "x", "conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]}, "out of order"),
-        (chat("<image> <image>", "b", image="wide.png", sample_id="x"), "2 <image> placeholders but 1 images"),
+        (
+            {"id": "x", "conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]},
+            "out of order",
+        ),
+        (
+            chat("<image> <image>", "b", image="wide.png", sample_id="x"),
+            "2 <image> placeholders but 1 images",
+        ),
         (chat("hi", "b", image="wide.png", sample_id="x"), "0 <image> placeholders but 1 images"),
         ({"id": "x", "conversations": [{"from": "robot", "value": "a"}]}, "role 'robot'"),
     ],
@@ -105,12 +113,21 @@ def test_bad_samples_name_sample_and_problem(sample, message):
 
 
 def test_role_content_system_and_leading_gpt_turns():
-    sample = parse_sample(Record("f:1", {"id": "r", "conversations": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "assistant", "content": "dropped"},
-        {"role": "user", "content": "Look <image>"},
-        {"role": "assistant", "content": "ok"},
-    ], "image": "a.png"}))
+    sample = parse_sample(
+        Record(
+            "f:1",
+            {
+                "id": "r",
+                "conversations": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "assistant", "content": "dropped"},
+                    {"role": "user", "content": "Look <image>"},
+                    {"role": "assistant", "content": "ok"},
+                ],
+                "image": "a.png",
+            },
+        )
+    )
     assert sample.conversation.system == "Be brief."
     assert [t.role for t in sample.conversation.turns] == ["user", "assistant"]
     assert sample.conversation.turns[0].text == "<image>\nLook"
@@ -129,11 +146,15 @@ def test_missing_and_corrupt_images_error_or_skip(folder, tokenizers, tiny_spec)
     path = write_json(folder / "d.json", samples)
     with pytest.raises(ImageError, match="absent.png"):
         build_dataset(config(path, folder), tokenizers["llama"], tiny_spec)
-    dataset = build_dataset(config(path, folder, skip_policy="skip", max_skip_fraction=0.5), tokenizers["llama"], tiny_spec)
+    dataset = build_dataset(
+        config(path, folder, skip_policy="skip", max_skip_fraction=0.5), tokenizers["llama"], tiny_spec
+    )
     assert len(dataset) == 3 and dataset.stats.issues.counts["image"] == 2
     assert "'gone'" in dataset.stats.summary() and "corrupt.png" in dataset.stats.summary()
     with pytest.raises(DataError, match="more than max_skip_fraction"):
-        build_dataset(config(path, folder, skip_policy="skip", max_skip_fraction=0.2), tokenizers["llama"], tiny_spec)
+        build_dataset(
+            config(path, folder, skip_policy="skip", max_skip_fraction=0.2), tokenizers["llama"], tiny_spec
+        )
 
 
 def test_sample_without_supervised_tokens_is_reported(folder, tokenizers, tiny_spec):
@@ -158,7 +179,9 @@ def test_truncation_never_cuts_an_image(folder, tokenizers, tiny_spec):
     assert dropped.stats.num_dropped_too_long == 1 and dropped.stats.num_truncated == 1
     assert [e.sample.id for e in dropped.entries] == ["cut-text"] and dropped.lengths == [cap]
     downscaled = build_dataset(
-        config(path, folder, model_max_length=cap, truncation_policy="downscale"), tokenizers["llama"], tiny_spec
+        config(path, folder, model_max_length=cap, truncation_policy="downscale"),
+        tokenizers["llama"],
+        tiny_spec,
     )
     assert downscaled.stats.num_downscaled == 1 and downscaled.entries[1].image_tiled == (False,)
     item = downscaled[1]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import chat, write_image, write_json
 
+from conftest import chat, write_image, write_json
 from llavakit.anyres.geometry import grid_shape
 from llavakit.cli.main import main
 from llavakit.model.tokenizer import build_bpe_tokenizer
@@ -31,8 +31,20 @@ def setup(tmp_path, tiny_spec):
 
 def run(setup, *extra):
     folder, data, tokenizer_dir, spec_path = setup
-    return main(["data", "inspect", str(data), "--image-folder", str(folder / "img"), "--tokenizer", str(tokenizer_dir),
-                 "--image-spec", str(spec_path), *extra])
+    return main(
+        [
+            "data",
+            "inspect",
+            str(data),
+            "--image-folder",
+            str(folder / "img"),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--image-spec",
+            str(spec_path),
+            *extra,
+        ]
+    )
 
 
 def test_inspect_reports_counts_errors_and_fails(setup, capsys, tiny_spec):
@@ -55,7 +67,9 @@ def test_inspect_reports_json_line(tmp_path, setup, capsys):
     folder, _, tokenizer_dir, spec_path = setup
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(chat("Hi", "Yo.")) + "\n{oops\n")
-    code = main(["data", "inspect", str(bad), "--image-folder", str(folder), "--tokenizer", str(tokenizer_dir)])
+    code = main(
+        ["data", "inspect", str(bad), "--image-folder", str(folder), "--tokenizer", str(tokenizer_dir)]
+    )
     assert code == 1 and f"{bad}:2: malformed JSON" in capsys.readouterr().out
 
 

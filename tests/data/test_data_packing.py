@@ -16,8 +16,15 @@ VOCAB = 97
 
 def tiny_llm(family: str, attn: str):
     torch.manual_seed(0)
-    dims = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=128)
+    dims = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     if family == "llama":
         model = LlamaForCausalLM(LlamaConfig(**dims, attn_implementation=attn))
     else:
@@ -32,8 +39,16 @@ def fake_examples(lengths):
         ids = torch.randint(3, VOCAB, (length,), generator=generator)
         labels = ids.clone()
         labels[: length // 3] = IGNORE_INDEX  # a masked prompt, as templates produce
-        examples.append({"id": f"s{number}", "input_ids": ids, "labels": labels, "pixel_values": None,
-                         "image_sizes": [], "image_tiled": []})
+        examples.append(
+            {
+                "id": f"s{number}",
+                "input_ids": ids,
+                "labels": labels,
+                "pixel_values": None,
+                "image_sizes": [],
+                "image_tiled": [],
+            }
+        )
     return examples
 
 
@@ -49,18 +64,27 @@ def test_packed_logits_and_loss_equal_unpacked(family, attn):
     model = tiny_llm(family, "sdpa" if attn == "position_ids" else attn)
     examples = fake_examples([9, 7, 5, 3, 11])
     packs = [[examples[0], examples[1]], [examples[2], examples[3]], [examples[4]]]
-    collator = PackingCollator(pad_token_id=0, attn_implementation="flash_attention_2" if attn == "position_ids" else attn)
+    collator = PackingCollator(
+        pad_token_id=0, attn_implementation="flash_attention_2" if attn == "position_ids" else attn
+    )
     batch = collator(packs)
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                       position_ids=batch["position_ids"], labels=batch["labels"], use_cache=False)
+        packed = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch["position_ids"],
+            labels=batch["labels"],
+            use_cache=False,
+        )
     total_loss, total_tokens = 0.0, 0
     for row, pack in enumerate(packs):
         start = 0
         for example in pack:
             logits, loss, count = alone(model, example)
             length = len(example["input_ids"])
-            torch.testing.assert_close(packed.logits[row, start : start + length], logits, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(
+                packed.logits[row, start : start + length], logits, atol=1e-5, rtol=1e-4
+            )
             total_loss, total_tokens = total_loss + loss * count, total_tokens + count
             start += length
     torch.testing.assert_close(packed.loss, total_loss / total_tokens, atol=1e-5, rtol=1e-4)

@@ -38,9 +38,14 @@ def test_ranks_get_balanced_token_sums():
 
 def test_length_grouping_reduces_padding():
     lengths = [abs(n) for n in signed_lengths(800)]
+
     def padding(batches):
-        return sum(len(chunk) * max(lengths[i] for i in chunk) - sum(lengths[i] for i in chunk)
-                   for batch in batches for chunk in batch)
+        return sum(
+            len(chunk) * max(lengths[i] for i in chunk) - sum(lengths[i] for i in chunk)
+            for batch in batches
+            for chunk in batch
+        )
+
     grouped = grouped_global_batches(lengths, 4, 1, seed=0, epoch=0, by_modality=False)
     rng = np.random.default_rng(0).permutation(len(lengths)).tolist()
     plain = [[rng[i : i + 4]] for i in range(0, 800, 4)]

@@ -64,7 +64,9 @@ def upstream_prompt(template_id: str, messages: list, tokenizer) -> str:
     return conv.get_prompt()
 
 
-def rendered(template_id: str, conv: Conversation, tokenizer, for_generation: bool, quirks: bool = True) -> str:
+def rendered(
+    template_id: str, conv: Conversation, tokenizer, for_generation: bool, quirks: bool = True
+) -> str:
     template = get_template(template_id, upstream_quirks=quirks)
     return "".join(s.text for s in template.render(conv, for_generation=for_generation, tokenizer=tokenizer))
 
@@ -120,7 +122,10 @@ def test_supervised_tokens_are_replies_plus_end_of_turn(template_id, tokenizers)
     encoder = SampleEncoder(tokenizer, get_template(template_id, upstream_quirks=False))
     encoded = encoder.encode(conversation(final_user=False), [3])
     before, after = REPLY_FRAME[template_id]
-    expected = [tokenizer(before + reply + after, add_special_tokens=False)["input_ids"] for reply in (ANSWER_1, ANSWER_2)]
+    expected = [
+        tokenizer(before + reply + after, add_special_tokens=False)["input_ids"]
+        for reply in (ANSWER_1, ANSWER_2)
+    ]
     assert supervised_runs(encoded.labels) == expected
     assert [encoded.labels[i] for i in range(len(encoded.labels)) if encoded.labels[i] != IGNORE_INDEX] == [
         encoded.input_ids[i] for i in range(len(encoded.labels)) if encoded.labels[i] != IGNORE_INDEX
@@ -149,7 +154,9 @@ def test_qwen_quirk_masks_equal_preprocess_qwen(template_id, tokenizers):
 def test_llama3_quirk_masks_equal_preprocess_llama3(tokenizers):
     tokenizer = tokenizers["llama3"]
     ids, labels = upstream.preprocess_llama3(upstream_source(), tokenizer)
-    encoded = SampleEncoder(tokenizer, get_template("llava_llama_3")).encode(conversation(final_user=False), [1])
+    encoded = SampleEncoder(tokenizer, get_template("llava_llama_3")).encode(
+        conversation(final_user=False), [1]
+    )
     assert encoded.input_ids == ids
     assert encoded.labels == labels
 
@@ -179,7 +186,10 @@ def test_tokenizer_template_supervises_assistant_messages(tokenizers):
     )
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     assert encoded.input_ids == tokenizer(full.replace("<image>", "<image><image>"))["input_ids"]
-    expected = [tokenizer(reply + "<|im_end|>\n", add_special_tokens=False)["input_ids"] for reply in (ANSWER_1, ANSWER_2)]
+    expected = [
+        tokenizer(reply + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
+        for reply in (ANSWER_1, ANSWER_2)
+    ]
     assert supervised_runs(encoded.labels) == expected
     assert encoded.input_ids.count(image_id) == 2
 
@@ -188,7 +198,7 @@ def test_image_placeholder_expands_to_token_count(tokenizers):
     tokenizer = tokenizers["llama"]
     encoded = SampleEncoder(tokenizer, get_template("vicuna_v1")).encode(conversation(final_user=False), [7])
     image_id = tokenizer.convert_tokens_to_ids("<image>")
-    (start, length), = encoded.image_spans
+    ((start, length),) = encoded.image_spans
     assert length == 7 and encoded.input_ids[start : start + 7] == [image_id] * 7
     assert encoded.labels[start : start + 7] == [IGNORE_INDEX] * 7
     assert encoded.input_ids.count(image_id) == 7

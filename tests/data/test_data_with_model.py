@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import chat, write_image, write_json
 
+from conftest import chat, write_image, write_json
 from llavakit.data.collate import BOOKKEEPING_KEYS, build_collator
 from llavakit.data.config import DataConfig
 from llavakit.data.dataset import build_dataset
@@ -28,7 +28,12 @@ def model_and_data(tmp_path, preset_model):
     samples = [
         chat("<image>\nWhat is it?", "A green bar.", image="wide.png", sample_id="wide"),
         chat("Hello there", "Hi.", "And now?", "Bye.", sample_id="text"),
-        chat("Compare <image> with <image>", "They differ.", image=["wide.png", "square.png"], sample_id="multi"),
+        chat(
+            "Compare <image> with <image>",
+            "They differ.",
+            image=["wide.png", "square.png"],
+            sample_id="multi",
+        ),
         chat("<image>\nColour?", "Magenta.", image="square.png", sample_id="square"),
     ]
     path = write_json(tmp_path / "d.json", samples)
@@ -39,7 +44,9 @@ def model_and_data(tmp_path, preset_model):
 def grads_after(model, batch):
     model.zero_grad(set_to_none=True)
     model(**model_inputs(batch)).loss.backward()
-    return {name for name, p in model.named_parameters() if p.grad is not None and not name.startswith("llm.")}
+    return {
+        name for name, p in model.named_parameters() if p.grad is not None and not name.startswith("llm.")
+    }
 
 
 def test_text_only_batch_reaches_every_vision_parameter(model_and_data):
@@ -55,7 +62,9 @@ def test_packed_batch_equals_samples_one_by_one(model_and_data):
     model, dataset = model_and_data
     examples = [dataset[i] for i in range(len(dataset))]
     collate = build_collator(model.tokenizer)
-    packed = PackingCollator(model.tokenizer.pad_token_id, attn_implementation="sdpa")([examples[:2], examples[2:]])
+    packed = PackingCollator(model.tokenizer.pad_token_id, attn_implementation="sdpa")(
+        [examples[:2], examples[2:]]
+    )
     with torch.no_grad():
         out = model(**model_inputs(packed), use_cache=False)
         total, count = 0.0, 0
@@ -64,7 +73,9 @@ def test_packed_batch_equals_samples_one_by_one(model_and_data):
             for example in pack:
                 alone = model(**model_inputs(collate([example])))
                 length = len(example["input_ids"])
-                torch.testing.assert_close(out.logits[row, start : start + length], alone.logits[0], atol=2e-5, rtol=1e-4)
+                torch.testing.assert_close(
+                    out.logits[row, start : start + length], alone.logits[0], atol=2e-5, rtol=1e-4
+                )
                 n = int((example["labels"][1:] != IGNORE_INDEX).sum())
                 total, count = total + alone.loss * n, count + n
                 start += length

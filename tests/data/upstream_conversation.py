@@ -41,7 +41,7 @@ class Conversation:
     version: str = "Unknown"
     tokenizer: Any = None
 
-    def get_prompt(self):
+    def get_prompt(self):  # noqa: C901 (vendored upstream)
         messages = self.messages
         if self.sep_style == SeparatorStyle.SINGLE:
             ret = self.system + self.sep
@@ -71,7 +71,9 @@ class Conversation:
             for role, message in messages:
                 if message:
                     chat_template_messages.append({"role": role, "content": message})
-            return self.tokenizer.apply_chat_template(chat_template_messages, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(
+                chat_template_messages, tokenize=False, add_generation_prompt=True
+            )
         elif self.sep_style == SeparatorStyle.MPT:
             ret = self.system + self.sep
             for role, message in messages:
@@ -82,12 +84,15 @@ class Conversation:
         elif self.sep_style == SeparatorStyle.GEMMA:
             ret = ""
             for i, (role, message) in enumerate(messages):
-                assert role == self.roles[i % 2], "Conversation should alternate user/assistant/user/assistant/..."
+                assert role == self.roles[i % 2], (
+                    "Conversation should alternate user/assistant/user/assistant/..."
+                )
                 if message:
                     ret += role + message + self.sep
                 else:
                     ret += role
         elif self.sep_style == SeparatorStyle.LLAMA_2:
+
             def wrap_sys(msg):
                 return f"<<SYS>>\n{msg}\n<</SYS>>\n\n" if len(msg) > 0 else msg
 
@@ -113,7 +118,7 @@ class Conversation:
         elif self.sep_style == SeparatorStyle.PLAIN:
             seps = [self.sep, self.sep2]
             ret = self.system
-            for i, (role, message) in enumerate(messages):
+            for i, (_role, message) in enumerate(messages):
                 if message:
                     ret += message + seps[i % 2]
                 else:
@@ -241,7 +246,9 @@ conv_gemma_instruct = Conversation(
     sep="<end_of_turn>\n",
 )
 
-conv_llava_plain = Conversation(system="", roles=("", ""), messages=[], offset=0, sep_style=SeparatorStyle.PLAIN, sep="\n")
+conv_llava_plain = Conversation(
+    system="", roles=("", ""), messages=[], offset=0, sep_style=SeparatorStyle.PLAIN, sep="\n"
+)
 
 conv_llava_v1 = Conversation(
     system="A chat between a curious human and an artificial intelligence assistant. "
@@ -298,11 +305,15 @@ def preprocess_qwen(source, tokenizer, newline_id, system_message="You are a hel
     if roles[source[0]["from"]] != roles["human"]:
         source = source[1:]
     input_id, target = [], []
-    input_id += tokenizer.apply_chat_template([{"role": "system", "content": system_message}], tokenize=True, return_dict=False)
+    input_id += tokenizer.apply_chat_template(
+        [{"role": "system", "content": system_message}], tokenize=True, return_dict=False
+    )
     target += [IGNORE_INDEX] * len(input_id)
     for conv in source:
         role = roles.get(conv["from"], conv["from"])
-        encode_id = tokenizer.apply_chat_template([{"role": role, "content": conv["value"]}], tokenize=True, return_dict=False)
+        encode_id = tokenizer.apply_chat_template(
+            [{"role": role, "content": conv["value"]}], tokenize=True, return_dict=False
+        )
         input_id += encode_id
         if role in ["user", "system"]:
             target += [IGNORE_INDEX] * len(encode_id)
@@ -323,11 +334,15 @@ def preprocess_llama3(source, tokenizer, system_message=conv_llava_llama_3.syste
     if roles[source[0]["from"]] != roles["human"]:
         source = source[1:]
     input_id, target = [], []
-    input_id += tokenizer.apply_chat_template([{"role": "system", "content": system_message}], tokenize=True, return_dict=False)
+    input_id += tokenizer.apply_chat_template(
+        [{"role": "system", "content": system_message}], tokenize=True, return_dict=False
+    )
     target += [IGNORE_INDEX] * len(input_id)
     for conv in source:
         role = roles.get(conv["from"], conv["from"])
-        encode_id = tokenizer.apply_chat_template([{"role": role, "content": conv["value"]}], tokenize=True, return_dict=False)[1:]
+        encode_id = tokenizer.apply_chat_template(
+            [{"role": role, "content": conv["value"]}], tokenize=True, return_dict=False
+        )[1:]
         input_id += encode_id
         if role in ["user", "system"]:
             target += [IGNORE_INDEX] * len(encode_id)

@@ -36,7 +36,9 @@ def _register_inspect(actions: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("data", help="LLaVA .json / .jsonl file or a .yaml mixture")
-    parser.add_argument("--image-folder", required=True, help="folder that sample 'image' paths are relative to")
+    parser.add_argument(
+        "--image-folder", required=True, help="folder that sample 'image' paths are relative to"
+    )
     parser.add_argument(
         "--tokenizer",
         required=True,

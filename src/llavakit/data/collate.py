@@ -40,7 +40,9 @@ class Collator:
     def __call__(self, examples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
         kept = [example for example in examples if example is not None]
         if not kept:
-            raise DataError(f"all {len(examples)} examples of a batch were skipped; see the dataset's skip report")
+            raise DataError(
+                f"all {len(examples)} examples of a batch were skipped; see the dataset's skip report"
+            )
         width = max(len(example["input_ids"]) for example in kept)
         input_ids = torch.full((len(kept), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(kept), width), IGNORE_INDEX, dtype=torch.long)

@@ -54,7 +54,9 @@ class DataConfig:
         if self.model_max_length <= 0:
             raise ConfigError(f"data.model_max_length must be positive, got {self.model_max_length}")
         if self.truncation_policy not in TRUNCATION_POLICIES:
-            raise ConfigError(f"data.truncation_policy {self.truncation_policy!r} must be one of {TRUNCATION_POLICIES}")
+            raise ConfigError(
+                f"data.truncation_policy {self.truncation_policy!r} must be one of {TRUNCATION_POLICIES}"
+            )
         if self.skip_policy not in POLICIES:
             raise ConfigError(f"data.skip_policy {self.skip_policy!r} must be one of {POLICIES}")
         if self.max_tokens_per_pack < 0:

@@ -127,7 +127,12 @@ class LlavaDataset(Dataset):
         ``image_sizes`` [(h, w)], ``image_tiled`` [bool], ``id``; None when skipped (see module docstring)."""
         entry = self.entries[index]
         encoded, _ = encode_fitted(
-            self.encoder, entry.sample, entry.image_sizes, entry.image_tiled, self.image_spec, self.model_max_length
+            self.encoder,
+            entry.sample,
+            entry.image_sizes,
+            entry.image_tiled,
+            self.image_spec,
+            self.model_max_length,
         )
         try:
             tiles = [load_pixels(p, self.image_spec, t) for p, t in zip(entry.image_paths, entry.image_tiled)]
@@ -176,7 +181,9 @@ def build_dataset(
     return LlavaDataset(entries, encoder, image_spec, config.model_max_length, config.skip_policy, stats)
 
 
-def _scan_record(record: Any, config: DataConfig, encoder: SampleEncoder, spec: ImageSpec, stats: DatasetStats) -> Entry | None:
+def _scan_record(
+    record: Any, config: DataConfig, encoder: SampleEncoder, spec: ImageSpec, stats: DatasetStats
+) -> Entry | None:
     try:
         sample = parse_sample(record)
         prepared = prepare_sample(
@@ -193,7 +200,9 @@ def _scan_record(record: Any, config: DataConfig, encoder: SampleEncoder, spec: 
             stats.dropped_examples.append(str(err))
         return None
     except ImageError as err:
-        stats.issues.report("image", ImageError(f"{record.location} (sample {record.data.get('id')!r}): {err}"))
+        stats.issues.report(
+            "image", ImageError(f"{record.location} (sample {record.data.get('id')!r}): {err}")
+        )
         return None
     except NoSupervisedTokens as err:
         stats.issues.report("no_supervised_tokens", err)

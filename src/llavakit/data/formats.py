@@ -53,7 +53,9 @@ def read_records(path: str | Path, issues: IssueLog) -> Iterator[Record]:
     elif path.suffix == ".json":
         yield from _read_json_list(path, issues)
     else:
-        raise DataError(f"data file {path}: unknown extension {path.suffix!r}; use .json, .jsonl or a .yaml mixture")
+        raise DataError(
+            f"data file {path}: unknown extension {path.suffix!r}; use .json, .jsonl or a .yaml mixture"
+        )
 
 
 def _read_jsonl(path: Path, issues: IssueLog) -> Iterator[Record]:
@@ -64,10 +66,15 @@ def _read_jsonl(path: Path, issues: IssueLog) -> Iterator[Record]:
             try:
                 data = json.loads(line)
             except json.JSONDecodeError as err:
-                issues.report("json", DataError(f"{path}:{line_number}: malformed JSON ({err.msg}, column {err.colno})"))
+                issues.report(
+                    "json", DataError(f"{path}:{line_number}: malformed JSON ({err.msg}, column {err.colno})")
+                )
                 continue
             if not isinstance(data, dict):
-                issues.report("json", DataError(f"{path}:{line_number}: expected a JSON object, got {type(data).__name__}"))
+                issues.report(
+                    "json",
+                    DataError(f"{path}:{line_number}: expected a JSON object, got {type(data).__name__}"),
+                )
                 continue
             yield Record(f"{path}:{line_number}", data)
 
@@ -77,7 +84,9 @@ def _read_json_list(path: Path, issues: IssueLog) -> Iterator[Record]:
     decoder = json.JSONDecoder()
     index = _skip_space(text, 0)
     if index >= len(text) or text[index] != "[":
-        issues.report("json", DataError(f"{path}:{_line_of(text, index)}: a .json data file must hold a JSON list"))
+        issues.report(
+            "json", DataError(f"{path}:{_line_of(text, index)}: a .json data file must hold a JSON list")
+        )
         return
     index = _skip_space(text, index + 1)
     line, line_index = 1, 0
@@ -88,17 +97,23 @@ def _read_json_list(path: Path, issues: IssueLog) -> Iterator[Record]:
         try:
             data, index = decoder.raw_decode(text, index)
         except json.JSONDecodeError as err:
-            issues.report("json", DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg}, column {err.colno})"))
+            issues.report(
+                "json", DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg}, column {err.colno})")
+            )
             return
         if isinstance(data, dict):
             yield Record(f"{path}:{line}", data)
         else:
-            issues.report("json", DataError(f"{path}:{line}: expected a JSON object, got {type(data).__name__}"))
+            issues.report(
+                "json", DataError(f"{path}:{line}: expected a JSON object, got {type(data).__name__}")
+            )
         index = _skip_space(text, index)
         if index < len(text) and text[index] == ",":
             index = _skip_space(text, index + 1)
         elif index < len(text) and text[index] != "]":
-            issues.report("json", DataError(f"{path}:{_line_of(text, index)}: expected ',' or ']' between samples"))
+            issues.report(
+                "json", DataError(f"{path}:{_line_of(text, index)}: expected ',' or ']' between samples")
+            )
             return
 
 
@@ -148,7 +163,9 @@ def _parse_turns(value: Any, where: str) -> list[Turn]:
         role = item.get("from", item.get("role"))
         text = item.get("value", item.get("content"))
         if role not in _ROLE_ALIASES:
-            raise DataError(f"{where}: turn {number} has role {role!r}; use one of {', '.join(_ROLE_ALIASES)}")
+            raise DataError(
+                f"{where}: turn {number} has role {role!r}; use one of {', '.join(_ROLE_ALIASES)}"
+            )
         if not isinstance(text, str):
             raise DataError(f"{where}: turn {number} needs a string 'value' (or 'content'), got {text!r}")
         turns.append(Turn(_ROLE_ALIASES[role], text))

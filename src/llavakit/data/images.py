@@ -30,7 +30,9 @@ def read_image_size(path: str | Path) -> tuple[int, int]:
         with Image.open(path) as image:
             width, height = image.size
     except FileNotFoundError:
-        raise ImageError(f"image {path} does not exist: check the image folder and the sample's 'image' path") from None
+        raise ImageError(
+            f"image {path} does not exist: check the image folder and the sample's 'image' path"
+        ) from None
     except (UnidentifiedImageError, OSError) as err:
         raise ImageError(f"image {path} is not a readable image ({err}); re-encode or remove it") from None
     if width <= 0 or height <= 0:

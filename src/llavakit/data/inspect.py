@@ -103,7 +103,9 @@ class InspectReport:
         ]
         for number, sample in enumerate(self.shown):
             lines += [f"--- sample {number} (supervised spans in ⟦ ⟧) ---", sample]
-        verdict = "PASS" if self.passed else f"FAIL: more than {self.options.max_error_fraction:.2%} bad samples"
+        verdict = (
+            "PASS" if self.passed else f"FAIL: more than {self.options.max_error_fraction:.2%} bad samples"
+        )
         return "\n".join([*lines, verdict])
 
 
@@ -118,8 +120,9 @@ def inspect_data(options: InspectOptions, tokenizer: Any, image_spec: ImageSpec)
     return report
 
 
-def _inspect_record(record: Record, options: InspectOptions, encoder: SampleEncoder, spec: ImageSpec,
-                    report: InspectReport) -> None:
+def _inspect_record(
+    record: Record, options: InspectOptions, encoder: SampleEncoder, spec: ImageSpec, report: InspectReport
+) -> None:
     images = record.data.get("image")
     if images:
         report.num_with_images += 1
@@ -138,7 +141,9 @@ def _inspect_record(record: Record, options: InspectOptions, encoder: SampleEnco
         report.num_dropped += 1
         return
     except ImageError as err:
-        report.issues.report("image", ImageError(f"{record.location} (sample {record.data.get('id')!r}): {err}"))
+        report.issues.report(
+            "image", ImageError(f"{record.location} (sample {record.data.get('id')!r}): {err}")
+        )
         return
     except NoSupervisedTokens as err:
         report.issues.report("no_supervised_tokens", err)
@@ -161,7 +166,10 @@ def _bin_lengths(lengths: list[int]) -> list[tuple[str, int]]:
         upper = next((b for b in LENGTH_BINS[1:] if length < b), None)
         lower = LENGTH_BINS[LENGTH_BINS.index(upper) - 1] if upper else LENGTH_BINS[-1]
         counts[(lower, upper)] += 1
-    return [(f"[{lo}, {hi})" if hi else f">= {lo}", n) for (lo, hi), n in sorted(counts.items(), key=lambda kv: kv[0][0])]
+    return [
+        (f"[{lo}, {hi})" if hi else f">= {lo}", n)
+        for (lo, hi), n in sorted(counts.items(), key=lambda kv: kv[0][0])
+    ]
 
 
 def _histogram(rows: list[tuple[str, int]]) -> list[str]:
@@ -169,7 +177,10 @@ def _histogram(rows: list[tuple[str, int]]) -> list[str]:
         return ["  (none)"]
     peak = max(count for _, count in rows)
     width = max(len(label) for label, _ in rows)
-    return [f"  {label:>{width}}: {count:>8} {'█' * max(1, round(BAR_WIDTH * count / peak))}" for label, count in rows]
+    return [
+        f"  {label:>{width}}: {count:>8} {'█' * max(1, round(BAR_WIDTH * count / peak))}"
+        for label, count in rows
+    ]
 
 
 def load_tokenizer_and_spec(tokenizer_path: str, image_spec_path: str | None) -> tuple[Any, ImageSpec]:
@@ -178,7 +189,9 @@ def load_tokenizer_and_spec(tokenizer_path: str, image_spec_path: str | None) ->
     from transformers import AutoTokenizer
 
     if not Path(tokenizer_path).is_dir():
-        raise ConfigError(f"tokenizer folder {tokenizer_path} does not exist (pass a checkpoint or tokenizer folder)")
+        raise ConfigError(
+            f"tokenizer folder {tokenizer_path} does not exist (pass a checkpoint or tokenizer folder)"
+        )
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     if image_spec_path is None:
         return tokenizer, ImageSpec()

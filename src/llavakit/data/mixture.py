@@ -47,8 +47,14 @@ def load_mixture(path: str | Path) -> list[MixtureEntry]:
         content = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"cannot read data mixture {path}: {err}") from None
-    if not isinstance(content, dict) or not isinstance(content.get("datasets"), list) or not content["datasets"]:
-        raise ConfigError(f"{path}: a data mixture needs a non-empty 'datasets:' list of {{json_path, sampling_strategy}}")
+    if (
+        not isinstance(content, dict)
+        or not isinstance(content.get("datasets"), list)
+        or not content["datasets"]
+    ):
+        raise ConfigError(
+            f"{path}: a data mixture needs a non-empty 'datasets:' list of {{json_path, sampling_strategy}}"
+        )
     entries = []
     for number, item in enumerate(content["datasets"]):
         if not isinstance(item, dict) or not isinstance(item.get("json_path"), str):
@@ -60,7 +66,9 @@ def load_mixture(path: str | Path) -> list[MixtureEntry]:
                 "(K a count or N%)"
             )
         json_path = Path(item["json_path"])
-        entries.append(MixtureEntry(json_path if json_path.is_absolute() else path.parent / json_path, strategy))
+        entries.append(
+            MixtureEntry(json_path if json_path.is_absolute() else path.parent / json_path, strategy)
+        )
     return entries
 
 
@@ -74,7 +82,9 @@ def select_indices(num_records: int, strategy: str, generator: np.random.Generat
     kind, amount, percent = match.group(2), int(match.group(3)), match.group(4)
     count = math.ceil(amount * num_records / 100) if percent else amount
     if count > num_records:
-        raise ConfigError(f"sampling_strategy {strategy!r} asks for {count} records but the file has {num_records}")
+        raise ConfigError(
+            f"sampling_strategy {strategy!r} asks for {count} records but the file has {num_records}"
+        )
     if kind == "first":
         return list(range(count))
     if kind == "end":

@@ -36,7 +36,9 @@ ATTENTION_MASKS = ("sdpa", "eager", "flash_attention_2")
 DEFAULT_WINDOW = 2048
 
 
-def plan_packs(lengths: Sequence[int], budget: int, seed: int, epoch: int, window: int = DEFAULT_WINDOW) -> list[list[int]]:
+def plan_packs(
+    lengths: Sequence[int], budget: int, seed: int, epoch: int, window: int = DEFAULT_WINDOW
+) -> list[list[int]]:
     """Group sample indices into packs of total length <= ``budget``, deterministically from (seed, epoch).
 
     Args:
@@ -122,7 +124,9 @@ class PackingCollator:
 
     def __post_init__(self) -> None:
         if self.attn_implementation not in ATTENTION_MASKS:
-            raise ConfigError(f"packing attn_implementation {self.attn_implementation!r} is not one of {ATTENTION_MASKS}")
+            raise ConfigError(
+                f"packing attn_implementation {self.attn_implementation!r} is not one of {ATTENTION_MASKS}"
+            )
 
     def __call__(self, packs: Sequence[Sequence[dict[str, Any] | None]]) -> dict[str, Any]:
         rows = [[example for example in pack if example is not None] for pack in packs]
@@ -151,8 +155,13 @@ class PackingCollator:
         return batch
 
     @staticmethod
-    def _fill_row(row: list[dict[str, Any]], ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor,
-                  segments: torch.Tensor) -> None:
+    def _fill_row(
+        row: list[dict[str, Any]],
+        ids: torch.Tensor,
+        labels: torch.Tensor,
+        positions: torch.Tensor,
+        segments: torch.Tensor,
+    ) -> None:
         start = 0
         for number, example in enumerate(row):
             length = len(example["input_ids"])

@@ -110,7 +110,9 @@ class GroupedBatchSampler(Sampler[list[int]]):
         if batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size:
             raise ConfigError(f"sampler: bad batch_size={batch_size}, world_size={world_size}, rank={rank}")
         if len(lengths) < batch_size * world_size:
-            raise ConfigError(f"{len(lengths)} samples are fewer than one global batch ({batch_size * world_size})")
+            raise ConfigError(
+                f"{len(lengths)} samples are fewer than one global batch ({batch_size * world_size})"
+            )
         self.lengths = list(lengths)
         self.batch_size = batch_size
         self.world_size = world_size
@@ -128,7 +130,13 @@ class GroupedBatchSampler(Sampler[list[int]]):
 
     def _batches(self) -> list[list[int]]:
         batches = grouped_global_batches(
-            self.lengths, self.batch_size, self.world_size, self.seed, self.epoch, self.by_modality, self.megabatch_mult
+            self.lengths,
+            self.batch_size,
+            self.world_size,
+            self.seed,
+            self.epoch,
+            self.by_modality,
+            self.megabatch_mult,
         )
         return [batch[self.rank] for batch in batches]
 

@@ -59,7 +59,9 @@ class SampleEncoder:
     def __init__(self, tokenizer: Any, template: ChatTemplate) -> None:
         self.tokenizer = tokenizer
         self.template = template
-        self.image_token_id = _single_token_id(tokenizer, IMAGE_PLACEHOLDER, "call llavakit.model.tokenizer.ensure_image_token")
+        self.image_token_id = _single_token_id(
+            tokenizer, IMAGE_PLACEHOLDER, "call llavakit.model.tokenizer.ensure_image_token"
+        )
         self.always_trained_ids = frozenset(
             _single_token_id(tokenizer, token, f"the template {template.id!r} needs it as one token")
             for token in template.always_trained_tokens()
@@ -78,7 +80,9 @@ class SampleEncoder:
         for segment in segments:
             parts = segment.text.split(IMAGE_PLACEHOLDER)
             if segment.trainable and len(parts) > 1:
-                raise DataError(f"template {self.template.id}: an image placeholder landed in a supervised span")
+                raise DataError(
+                    f"template {self.template.id}: an image placeholder landed in a supervised span"
+                )
             for number, part in enumerate(parts):
                 if number:
                     pieces.append((IMAGE_PLACEHOLDER, False))
@@ -100,7 +104,9 @@ class SampleEncoder:
         token_lists = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
         return self._assemble(pieces, token_lists, list(image_token_counts))
 
-    def _assemble(self, pieces: list[tuple[str, bool]], token_lists: Any, image_counts: list[int]) -> EncodedSample:
+    def _assemble(
+        self, pieces: list[tuple[str, bool]], token_lists: Any, image_counts: list[int]
+    ) -> EncodedSample:
         input_ids = list(self.bos_ids)
         labels = [IGNORE_INDEX] * len(input_ids)
         spans = []

@@ -50,7 +50,9 @@ class ChatTemplate(ABC):
     upstream_quirks: bool = True
 
     @abstractmethod
-    def render(self, conversation: Conversation, *, for_generation: bool = False, tokenizer: Any = None) -> list[Segment]:
+    def render(
+        self, conversation: Conversation, *, for_generation: bool = False, tokenizer: Any = None
+    ) -> list[Segment]:
         """Render ``conversation``; with ``for_generation`` the assistant prompt is appended after a final user turn."""
 
     def always_trained_tokens(self) -> tuple[str, ...]:

@@ -34,7 +34,9 @@ QWEN_2_5_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful ass
 class MptTemplate(ChatTemplate):
     """ChatML without newlines between messages (upstream SeparatorStyle MPT)."""
 
-    def render(self, conversation: Conversation, *, for_generation: bool = False, tokenizer: Any = None) -> list[Segment]:
+    def render(
+        self, conversation: Conversation, *, for_generation: bool = False, tokenizer: Any = None
+    ) -> list[Segment]:
         check_generation_turns(conversation, self.id, for_generation)
         segments = [Segment(f"{IM_START}system\n{self.system_prompt(conversation)}{IM_END}", False)]
         for turn in conversation.turns:
@@ -54,7 +56,9 @@ class QwenTemplate(ChatTemplate):
 
     add_bos: bool = False
 
-    def render(self, conversation: Conversation, *, for_generation: bool = False, tokenizer: Any = None) -> list[Segment]:
+    def render(
+        self, conversation: Conversation, *, for_generation: bool = False, tokenizer: Any = None
+    ) -> list[Segment]:
         check_generation_turns(conversation, self.id, for_generation)
         quirks = self.upstream_quirks and not for_generation
         system = QWEN_TRAINING_SYSTEM if quirks else self.system_prompt(conversation)

@@ -22,7 +22,9 @@ END_OF_TURN = "<end_of_turn>"
 class GemmaTemplate(ChatTemplate):
     """``<start_of_turn>ROLE\\n ... <end_of_turn>\\n`` turns; the assistant role is ``model``."""
 
-    def render(self, conversation: Conversation, *, for_generation: bool = False, tokenizer: Any = None) -> list[Segment]:
+    def render(
+        self, conversation: Conversation, *, for_generation: bool = False, tokenizer: Any = None
+    ) -> list[Segment]:
         check_generation_turns(conversation, self.id, for_generation)
         if conversation.system is not None:
             raise DataError(f"template {self.id} has no system role; remove the sample's system turn")

@@ -23,10 +23,14 @@ class TokenizerChatTemplate(ChatTemplate):
 
     add_bos: bool = False
 
-    def render(self, conversation: Conversation, *, for_generation: bool = False, tokenizer: Any = None) -> list[Segment]:
+    def render(
+        self, conversation: Conversation, *, for_generation: bool = False, tokenizer: Any = None
+    ) -> list[Segment]:
         check_generation_turns(conversation, self.id, for_generation)
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ConfigError("template 'tokenizer' needs a tokenizer with a chat_template; pick a named template")
+            raise ConfigError(
+                "template 'tokenizer' needs a tokenizer with a chat_template; pick a named template"
+            )
         messages = [] if conversation.system is None else [{"role": "system", "content": conversation.system}]
         segments, rendered = [], ""
         for turn in conversation.turns:

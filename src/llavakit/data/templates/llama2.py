@@ -35,7 +35,9 @@ class InstTemplate(ChatTemplate):
     sep: str = "<s>"
     sep2: str = "</s>"
 
-    def render(self, conversation: Conversation, *, for_generation: bool = False, tokenizer: Any = None) -> list[Segment]:
+    def render(
+        self, conversation: Conversation, *, for_generation: bool = False, tokenizer: Any = None
+    ) -> list[Segment]:
         check_generation_turns(conversation, self.id, for_generation)
         system = self.system_prompt(conversation)
         segments = []

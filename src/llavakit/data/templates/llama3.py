@@ -40,7 +40,9 @@ class Llama3Template(ChatTemplate):
 
     add_bos: bool = False
 
-    def render(self, conversation: Conversation, *, for_generation: bool = False, tokenizer: Any = None) -> list[Segment]:
+    def render(
+        self, conversation: Conversation, *, for_generation: bool = False, tokenizer: Any = None
+    ) -> list[Segment]:
         check_generation_turns(conversation, self.id, for_generation)
         system = self.system_prompt(conversation).strip()
         segments = [Segment(f"{BEGIN_OF_TEXT}{_header('system')}{system}{EOT}", False)]

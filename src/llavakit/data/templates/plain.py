@@ -22,7 +22,9 @@ class PlainTemplate(ChatTemplate):
 
     sep: str = "\n"
 
-    def render(self, conversation: Conversation, *, for_generation: bool = False, tokenizer: Any = None) -> list[Segment]:
+    def render(
+        self, conversation: Conversation, *, for_generation: bool = False, tokenizer: Any = None
+    ) -> list[Segment]:
         check_generation_turns(conversation, self.id, for_generation)
         turns = conversation.turns
         expected = 1 if for_generation else 2

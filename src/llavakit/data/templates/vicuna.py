@@ -68,7 +68,9 @@ class SeparatorTemplate(ChatTemplate):
     sep2: str = ""
     few_shot: tuple[tuple[str, str], ...] = ()
 
-    def render(self, conversation: Conversation, *, for_generation: bool = False, tokenizer: Any = None) -> list[Segment]:
+    def render(
+        self, conversation: Conversation, *, for_generation: bool = False, tokenizer: Any = None
+    ) -> list[Segment]:
         check_generation_turns(conversation, self.id, for_generation)
         prefix = self.system_prompt(conversation) + self.sep
         # Upstream picks separators by message position, few-shot messages included.
@@ -98,5 +100,9 @@ VICUNA_V0 = SeparatorTemplate(
     few_shot=V0_FEW_SHOT,
     stop_strings=("###",),
 )
-VICUNA_V1 = SeparatorTemplate(id="vicuna_v1", system=VICUNA_V1_SYSTEM, sep=" ", sep2="</s>", stop_strings=("</s>",))
-LLAVA_V1 = SeparatorTemplate(id="llava_v1", system=LLAVA_V1_SYSTEM, sep=" ", sep2="</s>", stop_strings=("</s>",))
+VICUNA_V1 = SeparatorTemplate(
+    id="vicuna_v1", system=VICUNA_V1_SYSTEM, sep=" ", sep2="</s>", stop_strings=("</s>",)
+)
+LLAVA_V1 = SeparatorTemplate(
+    id="llava_v1", system=LLAVA_V1_SYSTEM, sep=" ", sep2="</s>", stop_strings=("</s>",)
+)
