@@ -44,7 +44,7 @@ class EncodedSample:
     @property
     def num_supervised(self) -> int:
         """Number of supervised tokens."""
-        return sum(label != IGNORE_INDEX for label in self.labels)
+        return len(self.labels) - self.labels.count(IGNORE_INDEX)
 
 
 class SampleEncoder:
