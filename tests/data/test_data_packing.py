@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from llavakit.data.packing import PackingCollator, padding_fraction, plan_packs
+from conftest import chat, write_image, write_json
+from llavakit.anyres.geometry import count_visual_tokens
+from llavakit.data.config import DataConfig
+from llavakit.data.dataset import build_dataset
+from llavakit.data.packing import PackedDataset, PackingCollator, padding_fraction, plan_packs
 from llavakit.data.tokenize import IGNORE_INDEX
 from llavakit.errors import ConfigError
 
@@ -114,3 +119,21 @@ def test_plan_packs_fits_budget_and_is_deterministic():
 def test_sample_longer_than_budget_is_an_error():
     with pytest.raises(ConfigError, match="longer than the pack budget"):
         plan_packs([10, 2000], budget=1024, seed=0, epoch=0)
+
+
+def test_packed_dataset_through_a_dataloader(tmp_path, tokenizers, tiny_spec):
+    write_image(tmp_path / "a.png", 40, 70)
+    samples = [chat("<image>\nWhat?", f"Answer {i}.", image="a.png", sample_id=f"i{i}") for i in range(4)]
+    samples += [chat(f"Question {i}", "Yes.", sample_id=f"t{i}") for i in range(4)]
+    config = DataConfig(data_path=str(write_json(tmp_path / "d.json", samples)), image_folder=str(tmp_path))
+    dataset = build_dataset(config, tokenizers["llama"], tiny_spec)
+    packed = PackedDataset(dataset, budget=3 * max(dataset.lengths), seed=0)
+    loader = DataLoader(packed, batch_size=2, collate_fn=PackingCollator(tokenizers["llama"].pad_token_id))
+    batches = list(loader)
+    assert sorted(i for b in batches for i in b["sample_ids"]) == sorted(s["id"] for s in samples)
+    assert sum(b["num_tokens"] for b in batches) == sum(dataset.lengths)
+    image_id = tokenizers["llama"].convert_tokens_to_ids("<image>")
+    for batch in batches:
+        sizes = batch["image_sizes"].tolist() if "image_sizes" in batch else []
+        expected = sum(count_visual_tokens(tuple(size), tiny_spec) for size in sizes)
+        assert int((batch["input_ids"] == image_id).sum()) == expected
