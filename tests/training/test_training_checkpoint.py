@@ -1,0 +1,80 @@
+"""Resume equals an uninterrupted run; partial saves are ignored; rotation; export and upstream projector file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import debug_config, debug_stage
+
+from llavakit.model.llava_next import LlavaNextModel
+from llavakit.model.projector import read_upstream_projector_file
+from llavakit.training.config import config_from_dict
+from llavakit.training.data import build_train_data
+from llavakit.training.distributed import init_distributed
+from llavakit.training.trainer import Trainer, train
+
+
+def _config(run_dir, synth, **logging):
+    stage = debug_stage(synth, max_steps=4, optim={"lr": 1e-3, "warmup_ratio": 0.25})
+    return config_from_dict(debug_config(run_dir, [stage], logging={"save_every": 2, **logging}))
+
+
+def _trainer(config):
+    return Trainer(config, 0, init_distributed(needs_process_group=False), build_train_data)
+
+
+def test_resume_after_kill_gives_the_same_losses(tmp_path, synth):
+    reference = train(_config(tmp_path / "straight", synth)).stages[0].losses
+
+    config = _config(tmp_path / "killed", synth)
+    first = _trainer(config)
+    first.build()
+    stream = first.micro_batches()
+    for _ in range(3):  # steps 1-3, as fit() runs them: a checkpoint after step 2; step 3 is lost in the "kill"
+        first.train_step([next(stream) for _ in range(first.plan.accumulation_steps)])
+        if first.state.step == 2:
+            first.save()
+    partial = tmp_path / "killed" / "finetune" / "checkpoints" / ".partial-step-000003"
+    partial.mkdir()
+    (partial / "__0_0.distcp").write_bytes(b"half-written")  # a save that crashed midway
+
+    resumed = _trainer(config).fit()
+    assert not partial.exists()
+    assert resumed.losses[:2] == pytest.approx(reference[:2], rel=1e-6)
+    assert resumed.losses == pytest.approx(reference, rel=1e-5)
+
+
+def test_rotation_keeps_the_newest(tmp_path, synth):
+    config = _config(tmp_path / "run", synth, save_every=1, save_total_limit=2)
+    train(config)
+    kept = sorted(p.name for p in (tmp_path / "run" / "finetune" / "checkpoints").iterdir())
+    assert kept == ["step-000002", "step-000003"]
+
+
+def test_align_export_and_upstream_projector_file(tmp_path, synth):
+    config = config_from_dict(debug_config(tmp_path / "run", [debug_stage(synth, "align")]))
+    result = train(config)
+    export = result.final_checkpoint
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert result.stages[0].projector_file == export / "mm_projector.bin"
+    raw = torch.load(export / "mm_projector.bin", weights_only=True)
+    assert sorted(raw) == [f"model.mm_projector.{i}.{k}" for i in (0, 2) for k in ("bias", "weight")]
+    trained = LlavaNextModel.from_pretrained(export)
+    for key, tensor in read_upstream_projector_file(export / "mm_projector.bin").items():
+        assert torch.equal(tensor, trained.projector.state_dict()[key])
+    for name in ("metrics.jsonl", "loss.png"):
+        assert (tmp_path / "run" / "align" / name).is_file()
+
+
+def test_finetune_starts_from_upstream_projector_file(tmp_path, synth, preset_parts):
+    align = train(config_from_dict(debug_config(tmp_path / "align", [debug_stage(synth, "align")])))
+    parts = preset_parts("debug-clip-llama").from_parts_kwargs()
+    model = {
+        "preset": None, "vision": parts["vision"], "llm": parts["llm"], "template": "vicuna_v1",
+        "image_spec": parts["image_spec"].to_dict(), "pretrained_projector": str(align.stages[0].projector_file),
+    }
+    config = config_from_dict(debug_config(tmp_path / "ft", [debug_stage(synth)], model=model))
+    trainer = _trainer(config)
+    trainer.build()
+    for key, tensor in read_upstream_projector_file(align.stages[0].projector_file).items():
+        assert torch.equal(tensor, trainer.unwrapped.projector.state_dict()[key])
