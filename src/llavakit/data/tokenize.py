@@ -19,7 +19,7 @@ from typing import Any
 
 from llavakit.data.formats import IMAGE_PLACEHOLDER
 from llavakit.data.schema import Conversation
-from llavakit.data.templates.base import ChatTemplate
+from llavakit.data.templates.base import ChatTemplate, Segment
 from llavakit.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
@@ -76,6 +76,19 @@ class SampleEncoder:
     ) -> EncodedSample:
         """Render and tokenise ``conversation``; ``image_token_counts[i]`` is the token count of image ``i``."""
         segments = self.template.render(conversation, for_generation=for_generation, tokenizer=self.tokenizer)
+        pieces = self._pieces(segments)
+        num_placeholders = sum(text == IMAGE_PLACEHOLDER for text, _ in pieces)
+        if num_placeholders != len(image_token_counts):
+            raise DataError(
+                f"the rendered prompt has {num_placeholders} {IMAGE_PLACEHOLDER} placeholders but "
+                f"{len(image_token_counts)} images were given"
+            )
+        texts = [text for text, _ in pieces if text != IMAGE_PLACEHOLDER]
+        token_lists = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        return self._assemble(pieces, token_lists, list(image_token_counts))
+
+    def _pieces(self, segments: list[Segment]) -> list[tuple[str, bool]]:
+        """(text, trainable) pieces with each ``<image>`` placeholder as a piece of its own."""
         pieces: list[tuple[str, bool]] = []
         for segment in segments:
             parts = segment.text.split(IMAGE_PLACEHOLDER)
@@ -94,15 +107,7 @@ class SampleEncoder:
                     pieces[-1] = (pieces[-1][0] + part, segment.trainable)
                 else:
                     pieces.append((part, segment.trainable))
-        num_placeholders = sum(text == IMAGE_PLACEHOLDER for text, _ in pieces)
-        if num_placeholders != len(image_token_counts):
-            raise DataError(
-                f"the rendered prompt has {num_placeholders} {IMAGE_PLACEHOLDER} placeholders but "
-                f"{len(image_token_counts)} images were given"
-            )
-        texts = [text for text, _ in pieces if text != IMAGE_PLACEHOLDER]
-        token_lists = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
-        return self._assemble(pieces, token_lists, list(image_token_counts))
+        return pieces
 
     def _assemble(
         self, pieces: list[tuple[str, bool]], token_lists: Any, image_counts: list[int]
