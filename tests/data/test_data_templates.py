@@ -222,6 +222,13 @@ def test_sample_system_prompt_replaces_default(tokenizers):
     assert text.startswith("Be brief. USER: hi")
 
 
+@pytest.mark.parametrize("quirks", [True, False])
+def test_qwen_sample_system_prompt_is_kept_in_training(quirks):
+    conv = Conversation((Turn(USER, "hi"), Turn(ASSISTANT, "yes")), system="Be brief.")
+    text = "".join(s.text for s in get_template("qwen_2_5", upstream_quirks=quirks).render(conv))
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi")
+
+
 def test_render_for_display_marks_supervised_spans(tokenizers):
     encoder = SampleEncoder(tokenizers["llama"], get_template("vicuna_v1"))
     shown = encoder.render_for_display(encoder.encode(conversation(final_user=False), [5]))

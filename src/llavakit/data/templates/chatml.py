@@ -7,8 +7,9 @@ Q<|im_end|><|im_start|>assistant\\nA<|im_end|>`` with no newline after ``<|im_en
 The Qwen templates render ``<|im_start|>ROLE\\ntext<|im_end|>\\n`` per message. Training reproduces upstream
 LLaVA-NeXT ``preprocess_qwen`` by default (``upstream_quirks=True``):
 
-- the system prompt is hard-coded to "You are a helpful assistant." whatever the template says, so ``qwen_2_5``'s
-  "You are Qwen, created by Alibaba Cloud..." appears only at inference (``for_generation=True``);
+- the default system prompt is hard-coded to "You are a helpful assistant." whatever the template says, so
+  ``qwen_2_5``'s "You are Qwen, created by Alibaba Cloud..." appears only at inference (``for_generation=True``);
+  a sample's own system turn replaces it in both cases;
 - the whole assistant message is supervised, header ``<|im_start|>assistant\\n`` and trailing ``\\n`` included;
 - the tokens ``<|im_start|>``, ``<|im_end|>`` and ``\\n`` are supervised everywhere, user and system turns too.
 
@@ -61,7 +62,8 @@ class QwenTemplate(ChatTemplate):
     ) -> list[Segment]:
         check_generation_turns(conversation, self.id, for_generation)
         quirks = self.upstream_quirks and not for_generation
-        system = QWEN_TRAINING_SYSTEM if quirks else self.system_prompt(conversation)
+        default = QWEN_TRAINING_SYSTEM if quirks else self.system
+        system = default if conversation.system is None else conversation.system
         segments = [Segment(f"{IM_START}system\n{system}{IM_END}\n", False)]
         for turn in conversation.turns:
             if turn.role == USER:
