@@ -1,0 +1,150 @@
+"""The minimal inference API: ``llavakit.load(path)`` → an `Assistant` that chats and generates.
+
+    >>> assistant = llavakit.load("runs/demo/final")
+    >>> answer, history = assistant.chat("images/cat.png", "What colour is the circle?")
+    >>> answer, history = assistant.chat(None, "And the square?", history=history)
+    >>> assistant.generate(["<image>\\nWhat word is written?"], images=[["a.png"]], max_new_tokens=4)
+
+The checkpoint carries everything needed to prompt it as it was trained (``config.json["llavakit"]``: chat template
+id and image spec; the tokenizer files), so `load` takes nothing but a path. Prompts go through
+`llavakit.inference.prompts` (the training templates and tokenisation) and tokens through
+`llavakit.inference.generate` (transformers' generation loop with a KV cache).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from llavakit.anyres.pixels import ImageSource
+from llavakit.data.schema import ASSISTANT, USER, Conversation, Turn
+from llavakit.data.templates import get_template
+from llavakit.errors import CheckpointError, DataError
+from llavakit.inference.generate import SamplingParams, decode, generate_ids, stop_token_ids
+from llavakit.inference.prompts import PromptBuilder, Request, user_text
+from llavakit.model.llava_next import LlavaNextModel
+
+
+@dataclass(frozen=True)
+class ChatHistory:
+    """The state of a multi-turn chat: the turns so far and the images they refer to, in placeholder order."""
+
+    turns: tuple[Turn, ...] = ()
+    images: tuple[ImageSource, ...] = field(default=())
+
+    def extended(self, question: str, image: ImageSource | None, answer: str) -> ChatHistory:
+        """This history plus one exchange (``image`` is placed before ``question`` when given)."""
+        new_images = () if image is None else (image,)
+        turns = (*self.turns, Turn(USER, user_text(question, len(new_images))), Turn(ASSISTANT, answer))
+        return ChatHistory(turns, (*self.images, *new_images))
+
+
+class Assistant:
+    """A loaded model with its tokenizer, template and image spec.
+
+    Args:
+        model: a `LlavaNextModel` holding its tokenizer.
+        defaults: sampling settings used when a call does not override them.
+    """
+
+    def __init__(self, model: LlavaNextModel, defaults: SamplingParams | None = None) -> None:
+        if model.tokenizer is None:
+            raise CheckpointError("the model has no tokenizer: load a checkpoint saved with its tokenizer files")
+        self.model = model.eval()
+        self.tokenizer = model.tokenizer
+        self.template = get_template(model.config.template)
+        self.prompts = PromptBuilder(self.tokenizer, self.template, model.config.image_spec)
+        self.stop_ids = stop_token_ids(self.tokenizer, self.template)
+        self.defaults = defaults or SamplingParams()
+
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        images: Sequence[Sequence[ImageSource]] | None = None,
+        **sampling: object,
+    ) -> list[str]:
+        """Answer single-turn prompts in one left-padded batch.
+
+        Args:
+            prompts: user messages; each holds one ``<image>`` per image of its row.
+            images: per prompt, its images (paths, bytes or PIL images); None = text only.
+            sampling: `SamplingParams` fields (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``,
+                ``seed``) overriding the defaults.
+
+        Returns:
+            One answer per prompt.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        images = images if images is not None else [()] * len(prompts)
+        if len(images) != len(prompts):
+            raise DataError(f"generate got {len(prompts)} prompts but {len(images)} image lists")
+        requests = [
+            Request(Conversation((Turn(USER, prompt),)), tuple(row)) for prompt, row in zip(prompts, images)
+        ]
+        return self.generate_requests(requests, **sampling)
+
+    def generate_requests(self, requests: Sequence[Request], **sampling: object) -> list[str]:
+        """Answer full conversations (each ending with a user turn) in one batch; see `generate`."""
+        params = replace(self.defaults, **sampling)
+        batch = self.prompts.batch(requests)
+        ids = generate_ids(self.model, batch, params, self.stop_ids, self.prompts.pad_token_id)
+        return decode(self.tokenizer, ids, self.template)
+
+    def chat(
+        self,
+        image: ImageSource | None,
+        question: str,
+        history: ChatHistory | None = None,
+        **sampling: object,
+    ) -> tuple[str, ChatHistory]:
+        """One chat turn.
+
+        Args:
+            image: an image for this turn (placed before the question), or None to keep talking about the
+                history's images (or to chat without images).
+            question: the user's message; must not be empty.
+            history: the state returned by the previous call, or None to start.
+            sampling: `SamplingParams` overrides.
+
+        Returns:
+            (answer, the new history).
+
+        Raises:
+            DataError: empty question. ImageError: unusable image (the history is unchanged).
+        """
+        if not question.strip():
+            raise DataError("the question is empty: type a question about the image")
+        history = history or ChatHistory()
+        new_images = () if image is None else (image,)
+        user = Turn(USER, user_text(question.strip(), len(new_images)))
+        request = Request(Conversation((*history.turns, user)), (*history.images, *new_images))
+        (answer,) = self.generate_requests([request], **sampling)
+        return answer, history.extended(question.strip(), image, answer)
+
+
+def load(
+    path: str | Path,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    **sampling: object,
+) -> Assistant:
+    """Load a checkpoint folder (llavakit or llava-hf layout) as an `Assistant`.
+
+    Args:
+        path: checkpoint folder (``config.json``, ``model.safetensors``, tokenizer files).
+        device: e.g. ``"cpu"`` or ``"cuda"``; default: CUDA when available, else CPU.
+        dtype: parameter dtype; default: the checkpoint's.
+        sampling: default `SamplingParams` fields for every call.
+
+    Raises:
+        CheckpointError: the folder is missing files or does not match its config.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder {path} does not exist: pass the folder holding config.json")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = LlavaNextModel.from_pretrained(path, dtype=dtype, device=device)
+    return Assistant(model, SamplingParams(**sampling))
