@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import chat, write_image, write_json
 from llavakit.anyres.geometry import count_visual_tokens, grid_shape
@@ -217,3 +221,18 @@ def test_skipped_items_are_dropped_and_counted(folder, tokenizers, tiny_spec):
     batch = build_collator(tokenizers["llama"])([dataset[1], None])
     assert batch["num_skipped"] == 1 and batch["input_ids"].shape[0] == 1
     assert torch.equal(batch["input_ids"][0], dataset[1]["input_ids"])
+
+
+def test_image_corrupt_after_its_header_fails_at_load_with_sample_id(folder, tokenizers, tiny_spec):
+    noise = np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    encoded = io.BytesIO()
+    Image.fromarray(noise).save(encoded, format="JPEG", quality=95)
+    (folder / "img" / "truncated.jpg").write_bytes(encoded.getvalue()[: len(encoded.getvalue()) // 2])
+    path = write_json(
+        folder / "d.json", [chat("<image>\nWhat?", "A box.", image="truncated.jpg", sample_id="half")]
+    )
+    dataset = build_dataset(config(path, folder), tokenizers["llama"], tiny_spec)  # the header reads fine
+    with pytest.raises(ImageError, match=r"sample 'half'.*truncated\.jpg"):
+        dataset[0]
+    skipping = build_dataset(config(path, folder, skip_policy="skip"), tokenizers["llama"], tiny_spec)
+    assert skipping[0] is None
