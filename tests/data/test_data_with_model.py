@@ -13,16 +13,16 @@ from llavakit.data.dataset import build_dataset
 from llavakit.data.packing import PackingCollator
 from llavakit.data.tokenize import IGNORE_INDEX
 
-PRESET = "debug-clip-llama"
+PRESETS = ("debug-clip-llama", "debug-siglip-qwen2")
 
 
 def model_inputs(batch):
     return {k: v for k, v in batch.items() if k not in BOOKKEEPING_KEYS and k != "num_samples"}
 
 
-@pytest.fixture
-def model_and_data(tmp_path, preset_model):
-    model = preset_model(PRESET)
+@pytest.fixture(params=PRESETS)
+def model_and_data(request, tmp_path, preset_model):
+    model = preset_model(request.param)
     write_image(tmp_path / "img" / "wide.png", 50, 120, (10, 200, 30))
     write_image(tmp_path / "img" / "square.png", 90, 70, (200, 10, 90))
     samples = [
