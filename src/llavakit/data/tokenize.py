@@ -1,10 +1,13 @@
 """Segments → ``input_ids`` + ``labels``: tokenise each segment once, concatenate, expand image placeholders.
 
-`SampleEncoder.encode` renders a conversation with a chat template, splits the untrained text at each ``<image>``
-placeholder, tokenises every piece once (one batched tokenizer call per sample, no special tokens), and
-concatenates. Each placeholder becomes exactly ``image_token_counts[i]`` copies of the ``<image>`` token id — the
-transformers convention the model expects — with label -100. Trainable pieces get their own ids as labels,
-everything else -100; the template's ``always_trained_tokens`` (an upstream quirk) are then unmasked.
+`SampleEncoder.encode` renders a conversation with a chat template into segments, tokenises the concatenated text
+**once** (one tokenizer call, no special tokens added) and labels every token by the segment its first character
+belongs to, using the fast tokenizer's offsets. So the ids are exactly those of the whole prompt — what the model
+sees when it generates — for every tokenizer family: tokenising segments separately would give SentencePiece
+tokenizers (Llama-2, Vicuna, Mistral) an extra ``▁`` at each reply start. Each ``<image>`` token becomes exactly
+``image_token_counts[i]`` copies — the transformers convention the model expects — with label -100. Trainable
+segments get their own ids as labels, everything else -100; the template's ``always_trained_tokens`` (an upstream
+quirk) are then unmasked.
 
 Because labels are built alongside ids, a template/tokenizer mismatch cannot silently mask a whole sample (the
 upstream "tokenization mismatch" bug); a sample that ends up with no supervised token is reported by the dataset.
@@ -57,6 +60,11 @@ class SampleEncoder:
     """
 
     def __init__(self, tokenizer: Any, template: ChatTemplate) -> None:
+        if not getattr(tokenizer, "is_fast", False):
+            raise ConfigError(
+                f"{type(tokenizer).__name__} is not a fast tokenizer: labels are assigned by character offsets, "
+                "which only fast (tokenizers-backed) tokenizers provide; load it with use_fast=True"
+            )
         self.tokenizer = tokenizer
         self.template = template
         self.image_token_id = _single_token_id(
@@ -76,55 +84,41 @@ class SampleEncoder:
     ) -> EncodedSample:
         """Render and tokenise ``conversation``; ``image_token_counts[i]`` is the token count of image ``i``."""
         segments = self.template.render(conversation, for_generation=for_generation, tokenizer=self.tokenizer)
-        pieces = self._pieces(segments)
-        num_placeholders = sum(text == IMAGE_PLACEHOLDER for text, _ in pieces)
+        text, trainable_chars = self._concatenate(segments)
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = encoding["input_ids"]
+        num_placeholders = ids.count(self.image_token_id)
         if num_placeholders != len(image_token_counts):
             raise DataError(
                 f"the rendered prompt has {num_placeholders} {IMAGE_PLACEHOLDER} placeholders but "
                 f"{len(image_token_counts)} images were given"
             )
-        texts = [text for text, _ in pieces if text != IMAGE_PLACEHOLDER]
-        token_lists = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
-        return self._assemble(pieces, token_lists, list(image_token_counts))
+        starts = [start for start, _ in encoding["offset_mapping"]]
+        return self._assemble(ids, [bool(trainable_chars[min(i, len(text) - 1)]) for i in starts], list(image_token_counts))
 
-    def _pieces(self, segments: list[Segment]) -> list[tuple[str, bool]]:
-        """(text, trainable) pieces with each ``<image>`` placeholder as a piece of its own."""
-        pieces: list[tuple[str, bool]] = []
+    def _concatenate(self, segments: list[Segment]) -> tuple[str, bytearray]:
+        """The prompt text and, per character, 1 where it belongs to a trainable segment."""
+        parts, flags = [], bytearray()
         for segment in segments:
-            parts = segment.text.split(IMAGE_PLACEHOLDER)
-            if segment.trainable and len(parts) > 1:
-                raise DataError(
-                    f"template {self.template.id}: an image placeholder landed in a supervised span"
-                )
-            for number, part in enumerate(parts):
-                if number:
-                    pieces.append((IMAGE_PLACEHOLDER, False))
-                if not part:
-                    continue
-                # Neighbouring text with the same flag is tokenised as one piece, so BPE merges across template
-                # boundaries (" USER") come out as they would for the whole prompt.
-                if pieces and pieces[-1][0] != IMAGE_PLACEHOLDER and pieces[-1][1] == segment.trainable:
-                    pieces[-1] = (pieces[-1][0] + part, segment.trainable)
-                else:
-                    pieces.append((part, segment.trainable))
-        return pieces
+            if segment.trainable and IMAGE_PLACEHOLDER in segment.text:
+                raise DataError(f"template {self.template.id}: an image placeholder landed in a supervised span")
+            parts.append(segment.text)
+            flags.extend((1 if segment.trainable else 0,) * len(segment.text))
+        return "".join(parts), flags
 
-    def _assemble(
-        self, pieces: list[tuple[str, bool]], token_lists: Any, image_counts: list[int]
-    ) -> EncodedSample:
+    def _assemble(self, ids: list[int], trainable: list[bool], image_counts: list[int]) -> EncodedSample:
         input_ids = list(self.bos_ids)
         labels = [IGNORE_INDEX] * len(input_ids)
         spans = []
-        for text, trainable in pieces:
-            if text == IMAGE_PLACEHOLDER:
+        for token, supervised in zip(ids, trainable):
+            if token == self.image_token_id:
                 count = image_counts[len(spans)]
                 spans.append((len(input_ids), count))
                 input_ids.extend([self.image_token_id] * count)
                 labels.extend([IGNORE_INDEX] * count)
                 continue
-            ids = list(next(token_lists))
-            input_ids.extend(ids)
-            labels.extend(ids if trainable else [IGNORE_INDEX] * len(ids))
+            input_ids.append(token)
+            labels.append(token if supervised else IGNORE_INDEX)
         if self.always_trained_ids:
             labels = [i if i in self.always_trained_ids else label for i, label in zip(input_ids, labels)]
         return EncodedSample(input_ids, labels, spans)
