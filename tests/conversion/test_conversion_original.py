@@ -36,9 +36,55 @@ def test_export_then_import_is_exact(name, preset_model, preset_parts, tmp_path)
         assert "model.mm_projector.0.weight" in handle.keys()
     imported = import_original(path, vision=str(preset_parts(name).vision_dir))
     assert imported.config.image_spec == spec and imported.config.select_layer == model.config.select_layer
-    ids = torch.tensor([[5, 6, 7, 8]])
+    _assert_same_outputs(imported, model)
+
+
+def _image_batch(model) -> dict:
+    """One 40x90 image (a tiled grid, so vision tower, projector and newline all run) inside some text."""
+    from llavakit.anyres.geometry import count_visual_tokens, grid_shape
+
+    spec = model.config.image_spec
+    rows, cols = grid_shape((40, 90), spec)
+    count = count_visual_tokens((40, 90), spec)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.tensor([[5, 6] + [model.config.image_token_id] * count + [7, 8]])
+    tiles = torch.randn(1 + rows * cols, 3, spec.tile_size, spec.tile_size, generator=generator)
+    return {"input_ids": ids, "pixel_values": tiles, "image_sizes": torch.tensor([[40, 90]])}
+
+
+def _assert_same_outputs(converted, model) -> None:
+    batch = _image_batch(model)
     with torch.no_grad():
-        assert torch.equal(imported(input_ids=ids).logits, model(input_ids=ids).logits)
+        assert torch.equal(converted(**batch).logits, model(**batch).logits)
+
+
+def test_import_takes_the_vision_tower_from_its_checkpoint_when_the_folder_has_none(preset_model, preset_parts, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = preset_model("debug-clip-llama")
+    path = export_original(model, tmp_path / "original")
+    weights = load_file(str(path / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if ".vision_tower." not in k}, str(path / "model.safetensors"))
+    imported = import_original(path, vision=str(preset_parts("debug-clip-llama").vision_dir))
+    _assert_same_outputs(imported, model)  # the preset's vision folder holds the same random tower
+
+
+def test_truncated_siglip_tower_reads_its_last_remaining_layer(preset_parts, tmp_path):
+    """LLaVA-NeXT deletes SigLIP's last layer and reads the new last one, whatever mm_vision_select_layer says."""
+    from safetensors.torch import load_file, save_file
+
+    from llavakit.model.llava_next import LlavaNextModel
+
+    kwargs = preset_parts("debug-siglip-qwen2").from_parts_kwargs()
+    kwargs["select_layer"] = -2
+    model = LlavaNextModel.from_parts(**kwargs).eval()
+    path = export_original(model, tmp_path / "original")
+    last = model.vision_encoder.layers.__len__() - 1
+    weights = load_file(str(path / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if f"encoder.layers.{last}." not in k}, str(path / "model.safetensors"))
+    imported = import_original(path, vision=str(preset_parts("debug-siglip-qwen2").vision_dir))
+    assert imported.config.select_layer == -1 and len(imported.vision_encoder.layers) == last
+    _assert_same_outputs(imported, model)
 
 
 def test_import_of_a_folder_that_is_not_original_fails_clearly(preset_model, tmp_path):
@@ -56,7 +102,4 @@ def test_convert_cli_round_trip(preset_model, preset_parts, tmp_path):
     assert main(["convert", "to-original", str(tmp_path / "hf"), str(tmp_path / "orig")]) == 0
     vision = str(preset_parts("debug-clip-llama").vision_dir)
     assert main(["convert", "from-original", str(tmp_path / "orig"), str(tmp_path / "back"), "--vision", vision]) == 0
-    back = LlavaNextModel.from_pretrained(tmp_path / "back")
-    ids = torch.tensor([[5, 6, 7]])
-    with torch.no_grad():
-        assert torch.equal(back(input_ids=ids).logits, model(input_ids=ids).logits)
+    _assert_same_outputs(LlavaNextModel.from_pretrained(tmp_path / "back"), model)

@@ -166,3 +166,72 @@ def test_shard_units_are_decoder_and_vision_layers(preset_model):
     model = preset_model("debug-clip-llama")
     units = model.shard_units()
     assert len(units) == len(model.llm.model.layers) + len(model.vision_encoder.layers)
+
+
+def test_bf16_keeps_rope_frequencies_in_fp32(preset_parts, preset_model, tmp_path):
+    kwargs = preset_parts("debug-clip-llama").from_parts_kwargs()
+    built = LlavaNextModel.from_parts(**kwargs, dtype=torch.bfloat16)
+    path = preset_model("debug-clip-llama").save_pretrained(tmp_path / "ckpt")
+    loaded = LlavaNextModel.from_pretrained(path, dtype=torch.bfloat16)
+    for model in (built, loaded):
+        assert model.projector.linear_1.weight.dtype == torch.bfloat16
+        buffers = {n: b.dtype for n, b in model.named_buffers() if n.endswith("inv_freq")}
+        assert buffers and set(buffers.values()) == {torch.float32}, buffers
+
+
+def test_saving_again_removes_stale_weight_files(preset_model, tmp_path):
+    first, second = preset_model("debug-clip-llama", seed=1), preset_model("debug-clip-llama", seed=2)
+    first.save_pretrained(tmp_path / "ckpt", max_shard_size="100KB")
+    assert (tmp_path / "ckpt" / "model.safetensors.index.json").is_file()
+    second.save_pretrained(tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt" / "model.safetensors.index.json").exists()
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("model*.safetensors")) == ["model.safetensors"]
+    loaded = LlavaNextModel.from_pretrained(tmp_path / "ckpt")
+    assert torch.equal(loaded.projector.linear_1.weight, second.projector.linear_1.weight)
+
+
+def test_sharded_checkpoints_load_in_both_loaders(preset_model, tmp_path):
+    model = preset_model("debug-clip-llama")
+    path = model.save_pretrained(tmp_path / "ckpt", max_shard_size="100KB")
+    assert len(list(path.glob("model-*.safetensors"))) > 1
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        assert torch.equal(LlavaNextModel.from_pretrained(path)(input_ids=ids).logits, expected)
+        assert torch.allclose(LlavaNextForConditionalGeneration.from_pretrained(path)(input_ids=ids).logits, expected)
+
+
+def test_saved_processor_uses_the_spec_resample_filter(preset_parts, tmp_path):
+    from dataclasses import replace
+
+    from transformers import AutoProcessor
+
+    kwargs = preset_parts("debug-clip-llama").from_parts_kwargs()
+    kwargs["image_spec"] = replace(kwargs["image_spec"], resample="bilinear")
+    path = LlavaNextModel.from_parts(**kwargs).save_pretrained(tmp_path / "ckpt")
+    assert int(AutoProcessor.from_pretrained(path).image_processor.resample) == 2  # PIL BILINEAR
+
+
+@pytest.mark.parametrize("layout", ["flattened_vision", "in_memory_names"])
+def test_other_transformers_key_layouts_load(layout, preset_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = preset_model("debug-clip-llama")
+    path = model.save_pretrained(tmp_path / "ckpt")
+    weights = load_file(str(path / "model.safetensors"))
+    renames = {
+        "flattened_vision": [("vision_tower.vision_model.", "vision_tower.")],
+        "in_memory_names": [("vision_tower.vision_model.", "model.vision_tower."), ("language_model.model.", "model.language_model."),
+                            ("language_model.lm_head.", "lm_head."), ("multi_modal_projector.", "model.multi_modal_projector."),
+                            ("image_newline", "model.image_newline")],
+    }[layout]
+
+    def rename(key: str) -> str:
+        for old, new in renames:
+            if key.startswith(old):
+                return new + key[len(old):]
+        return key
+
+    save_file({rename(k): v for k, v in weights.items()}, str(path / "model.safetensors"))
+    loaded = LlavaNextModel.from_pretrained(path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))

@@ -17,7 +17,7 @@ Upstream quirks are named options whose defaults reproduce published checkpoints
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from llavakit.errors import ConfigError
@@ -65,7 +65,6 @@ class ImageSpec:
     downsample_tolerance: float = 1.1
     multi_image_aspect_ratio: str = "pad"
     select_feature: str = "patch"
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pinpoints", tuple((int(h), int(w)) for h, w in self.pinpoints))
@@ -149,8 +148,6 @@ class ImageSpec:
         data["pinpoints"] = [list(p) for p in self.pinpoints]
         data["image_mean"] = list(self.image_mean)
         data["image_std"] = list(self.image_std)
-        if not data["extra"]:
-            data.pop("extra")
         return data
 
     @classmethod

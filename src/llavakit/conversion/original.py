@@ -27,7 +27,7 @@ from llavakit.anyres.geometry import parse_pinpoints
 from llavakit.anyres.spec import ImageSpec
 from llavakit.errors import CheckpointError
 from llavakit.model.config import LlavaKitConfig
-from llavakit.model.llava_next import LlavaNextModel
+from llavakit.model.llava_next import LlavaNextModel, cast_parameters
 from llavakit.model.tokenizer import ensure_image_token
 from llavakit.model.vision import VISION_BACKBONES, backbone_for_model_type
 
@@ -118,7 +118,7 @@ def import_original(
         state.update({f"vision_encoder.model.{k}": v for k, v in vision_model.state_dict().items()})
     _load_strict(model, state, path)
     _add_image_token(model, tokenizer)
-    return model.to(dtype or torch.float32).eval()
+    return cast_parameters(model, dtype or torch.float32).eval()
 
 
 def _llm_model_type(original: dict[str, Any], path: Path) -> str:

@@ -6,9 +6,10 @@ On disk (what ``llava-hf/*`` repositories and transformers 4.x write, and what v
     multi_modal_projector.linear_{1,2}.*         language_model.lm_head.weight
     image_newline
 
-We write these keys ourselves instead of calling transformers' ``save_pretrained``: transformers ≥5.6 drops the
-``vision_model.`` level when saving, and 4.57 then loads such a checkpoint with a randomly initialised vision
-tower and only a warning. ``language_model.lm_head.weight`` is always written, even when the LLM ties it to the
+We write these keys ourselves instead of relying on transformers' ``save_pretrained``: some transformers 5.x
+releases drop the ``vision_model.`` level when saving a model assembled from a vision encoder and an LLM, and 4.57
+then loads such a checkpoint with a randomly initialised vision tower and only a warning. Our own key map makes the
+layout independent of the installed transformers version. ``language_model.lm_head.weight`` is always written, even when the LLM ties it to the
 embeddings, so no loader can end up with a random head (the LLaVA-OneVision-0.5B trap).
 
 Loading accepts the on-disk layout, the flattened ≥5.6 layout and transformers' in-memory names, and fails with
@@ -27,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from llavakit.errors import CheckpointError
 from llavakit.model.config import LlavaKitConfig
+from llavakit.model.llava_next import cast_parameters
 
 if TYPE_CHECKING:
     from llavakit.model.llava_next import LlavaNextModel
@@ -81,6 +83,7 @@ def save_checkpoint(model: LlavaNextModel, path: str | Path, max_shard_size: str
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    _remove_old_weights(path)
     state = _disk_state_dict(model)
     split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
     for filename, keys in split.filename_to_tensors.items():
@@ -89,12 +92,20 @@ def save_checkpoint(model: LlavaNextModel, path: str | Path, max_shard_size: str
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())}, "weight_map": split.tensor_to_filename}
         (path / INDEX_NAME).write_text(json.dumps(index, indent=2))
     config = model.config.to_config_json(model.vision_encoder.backbone.has_cls_token)
-    config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    for section in (config, config["text_config"], config["vision_config"]):
+        section["dtype"] = dtype
     (path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=False))
     _save_generation_config(model, path)
     if model.tokenizer is not None:
         _save_tokenizer_and_processor(model, path)
     return path
+
+
+def _remove_old_weights(path: Path) -> None:
+    """Delete weight files of an earlier save: a stale shard or index would make loaders disagree on the weights."""
+    for file in [*path.glob("model*.safetensors"), path / INDEX_NAME]:
+        file.unlink(missing_ok=True)
 
 
 def _disk_state_dict(model: LlavaNextModel) -> dict[str, torch.Tensor]:
@@ -122,6 +133,7 @@ def _save_tokenizer_and_processor(model: LlavaNextModel, path: Path) -> None:
     if model.config.transformers_class() != "LlavaNextForConditionalGeneration":
         tokenizer.save_pretrained(path)
         return
+    from transformers.image_utils import PILImageResampling
     from transformers.models.llava_next import LlavaNextImageProcessorPil, LlavaNextProcessor
 
     spec = model.config.image_spec
@@ -131,6 +143,7 @@ def _save_tokenizer_and_processor(model: LlavaNextModel, path: Path) -> None:
         image_grid_pinpoints=[list(p) for p in spec.pinpoints],
         image_mean=list(spec.image_mean),
         image_std=list(spec.image_std),
+        resample=PILImageResampling[spec.resample.upper()],
     )
     has_cls = model.vision_encoder.backbone.has_cls_token
     processor = LlavaNextProcessor(
@@ -152,31 +165,32 @@ def load_checkpoint(
 ) -> LlavaNextModel:
     """Load a llava-hf layout folder into ``cls`` (strict: every parameter must come from the files)."""
     path = Path(path)
-    config = read_config(path)
+    data = _read_config_json(path)
+    config = LlavaKitConfig.from_config_json(data, str(path / CONFIG_NAME))
     tokenizer = _load_tokenizer(path)
     model = cls.from_config(config, tokenizer=tokenizer, attn_implementation=attn_implementation)
     state = _read_weights(path)
     _load_state(model, state, path)
-    model.to(dtype=dtype or _checkpoint_dtype(path), device=device)
+    saved_dtype = getattr(torch, str(data.get("dtype") or data.get("torch_dtype") or "float32"), torch.float32)
+    cast_parameters(model, dtype or saved_dtype)
+    if device is not None:
+        model.to(device)
     return model.eval()
 
 
 def read_config(path: Path) -> LlavaKitConfig:
     """Parse ``path/config.json`` into a `LlavaKitConfig`."""
+    return LlavaKitConfig.from_config_json(_read_config_json(path), str(path / CONFIG_NAME))
+
+
+def _read_config_json(path: Path) -> dict[str, Any]:
     config_path = path / CONFIG_NAME
     if not config_path.is_file():
         raise CheckpointError(f"{path} is not a checkpoint folder: {CONFIG_NAME} is missing")
     try:
-        data = json.loads(config_path.read_text())
+        return json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{config_path}: invalid JSON at line {err.lineno}: {err.msg}") from None
-    return LlavaKitConfig.from_config_json(data, str(config_path))
-
-
-def _checkpoint_dtype(path: Path) -> torch.dtype:
-    data = json.loads((path / CONFIG_NAME).read_text())
-    name = data.get("dtype") or data.get("torch_dtype") or "float32"
-    return getattr(torch, str(name), torch.float32)
 
 
 def _load_tokenizer(path: Path) -> Any:

@@ -62,7 +62,12 @@ class LlavaKitConfig:
 
     @property
     def tie_word_embeddings(self) -> bool:
-        return bool(self.text_config.get("tie_word_embeddings", False))
+        """Whether the LLM ties its head to its embeddings (the config class's default when the dict omits it)."""
+        if "tie_word_embeddings" in self.text_config:
+            return bool(self.text_config["tie_word_embeddings"])
+        from transformers import AutoConfig
+
+        return bool(AutoConfig.for_model(**self.text_config).tie_word_embeddings)
 
     def transformers_incompatibility(self) -> str | None:
         """Why no transformers class can reproduce this model, or None if one can (see `transformers_class`)."""

@@ -8,6 +8,9 @@ that differ are looked up by the config's ``model_type`` — a field of the chec
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from llavakit.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -51,3 +54,13 @@ GENERIC = LLMFamily("generic", default_template="tokenizer", pad_policy="eos")
 def family_for(model_type: str) -> LLMFamily:
     """The family record of a transformers ``model_type`` (the generic record for unlisted families)."""
     return FAMILIES.get(model_type, GENERIC)
+
+
+def set_pad_token(tokenizer: Any, family: LLMFamily) -> None:
+    """Give ``tokenizer`` a pad token per the family's policy when it has none (upstream pads Vicuna with unk)."""
+    if tokenizer.pad_token is not None:
+        return
+    source = tokenizer.unk_token if family.pad_policy == "unk" and tokenizer.unk_token is not None else tokenizer.eos_token
+    if source is None:
+        raise ConfigError("the tokenizer has no pad, unk or eos token to pad batches with; set tokenizer.pad_token")
+    tokenizer.pad_token = source

@@ -18,6 +18,7 @@ knows nothing of distribution: `shard_units` only *declares* the modules a strat
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from llavakit.anyres import geometry
 from llavakit.anyres.spec import ImageSpec
 from llavakit.errors import ConfigError, DataError
 from llavakit.model.config import LlavaKitConfig
-from llavakit.model.family import family_for
+from llavakit.model.family import family_for, set_pad_token
 from llavakit.model.projector import Projector
 from llavakit.model.tokenizer import ensure_image_token
 from llavakit.model.vision import VISION_BACKBONES, VisionEncoder, build_vision_encoder, load_vision_model
@@ -109,7 +110,7 @@ class LlavaNextModel(nn.Module):
         language_model = AutoModelForCausalLM.from_pretrained(llm, **load_kwargs)
         family = family_for(language_model.config.model_type)
         image_token_id = ensure_image_token(tokenizer)
-        _set_pad_token(tokenizer, family.pad_policy)
+        set_pad_token(tokenizer, family)
         if len(tokenizer) > language_model.get_input_embeddings().weight.shape[0]:
             language_model.resize_token_embeddings(len(tokenizer))
         spec = image_spec or default_image_spec(vision_model.config, backbone.image_mean, backbone.image_std)
@@ -127,7 +128,7 @@ class LlavaNextModel(nn.Module):
         )
         encoder = build_vision_encoder(backbone.id, vision_model, select_layer, spec.select_feature)
         model = cls(config, encoder, language_model, tokenizer)
-        return model.to(load_kwargs["dtype"])
+        return cast_parameters(model, load_kwargs["dtype"])
 
     @classmethod
     def from_config(
@@ -248,14 +249,12 @@ class LlavaNextModel(nn.Module):
         (unused parameters) and FSDP ranks run different collectives. One blank tile costs little.
         """
         spec = self.image_spec
-        blank = torch.zeros(1, 3, spec.tile_size, spec.tile_size, device=self.image_newline_device())
+        device = self.llm.get_input_embeddings().weight.device
+        blank = torch.zeros(1, 3, spec.tile_size, spec.tile_size, device=device)
         anchor = self.projector(self.vision_encoder(blank)).sum()
         if self.image_newline is not None:
             anchor = anchor + self.image_newline.sum()
         return (anchor * 0).to(dtype)
-
-    def image_newline_device(self) -> torch.device:
-        return next(self.projector.parameters(), self.llm.get_input_embeddings().weight).device
 
     def forward(
         self,
@@ -332,6 +331,19 @@ class LlavaNextModel(nn.Module):
         self.vision_encoder.model.gradient_checkpointing_enable(**kwargs)
 
 
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast floating-point parameters to ``dtype``, leaving buffers alone.
+
+    ``nn.Module.to(dtype)`` would also cast RoPE's ``inv_freq`` buffers, which transformers keeps in fp32: in bf16
+    the rotation angles of positions in the thousands come out wrong.
+    """
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None and param.is_floating_point() and param.dtype != dtype:
+                module._parameters[name].data = param.data.to(dtype)
+    return model
+
+
 def default_image_spec(vision_config: Any, mean: tuple, std: tuple) -> ImageSpec:
     """LLaVA-1.6's spec (anyres, five grids, spatial_unpad) at the vision encoder's tile size."""
     tile = int(vision_config.image_size)
@@ -352,6 +364,14 @@ def _check_spec_matches_encoder(spec: ImageSpec, encoder: VisionEncoder) -> None
         )
     if spec.select_feature != encoder.select_feature:
         raise ConfigError("image_spec.select_feature differs from the vision encoder's select_feature")
+    if spec.select_feature == "cls_patch" and not encoder.backbone.has_cls_token:
+        raise ConfigError(f"select_feature 'cls_patch' needs a CLS token, which {encoder.backbone.id} has not: use 'patch'")
+    if (spec.image_mean, spec.image_std) != (encoder.backbone.image_mean, encoder.backbone.image_std):
+        warnings.warn(
+            f"image_spec normalises with mean {spec.image_mean} / std {spec.image_std}, but {encoder.backbone.id} "
+            f"was trained with {encoder.backbone.image_mean} / {encoder.backbone.image_std}",
+            stacklevel=3,
+        )
 
 
 def _flatten_tiles(pixel_values: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -369,15 +389,6 @@ def _flatten_tiles(pixel_values: torch.Tensor, counts: list[int]) -> torch.Tenso
             "([N_tiles, 3, S, S], tiles of all images in placeholder order)"
         )
     return pixel_values
-
-
-def _set_pad_token(tokenizer: PreTrainedTokenizerBase, policy: str) -> None:
-    if tokenizer.pad_token is not None:
-        return
-    source = tokenizer.unk_token if policy == "unk" and tokenizer.unk_token is not None else tokenizer.eos_token
-    if source is None:
-        raise ConfigError("the tokenizer has no pad, unk or eos token to pad batches with; set tokenizer.pad_token")
-    tokenizer.pad_token = source
 
 
 def _config_dict(config: Any) -> dict[str, Any]:
