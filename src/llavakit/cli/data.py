@@ -22,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     actions = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     _register_inspect(actions)
+    _register_synth(actions)
 
 
 def _register_inspect(actions: argparse._SubParsersAction) -> None:
@@ -79,3 +80,33 @@ def run_inspect(args: argparse.Namespace) -> int:
     report = inspect_data(options, tokenizer, image_spec)
     print(report.render())
     return 0 if report.passed else 1
+
+
+def _register_synth(actions: argparse._SubParsersAction) -> None:
+    parser = actions.add_parser(
+        "synth",
+        help="Generate the built-in synthetic dataset (shapes, colours, small words).",
+        description=(
+            "Draw procedural images (coloured shapes on a grid, wide/tall canvases, small rendered words) and write "
+            "OUT_DIR/align.json (captions), finetune.json (instructions: multi-turn, text-only, two-image), "
+            "heldout.jsonl (QA on images never used in training) and manifest.json. Deterministic given --seed; "
+            "an OUT_DIR holding the same dataset is reused."
+        ),
+    )
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="destination folder")
+    parser.add_argument("--n", type=int, default=2000, help="training images (default 2000)")
+    parser.add_argument("--heldout", type=int, default=120, help="held-out images (default 120)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--overwrite", action="store_true", help="regenerate even if OUT_DIR holds a dataset")
+    parser.set_defaults(func=run_synth)
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    """Run `llavakit.data.synth.generate_synth` and print the counts."""
+    from llavakit.data.synth import SynthConfig, generate_synth
+
+    config = SynthConfig(n_train=args.n, n_heldout=args.heldout, seed=args.seed)
+    dataset = generate_synth(args.out_dir, config, overwrite=args.overwrite)
+    state = "reused" if dataset.manifest["cached"] else "written"
+    print(f"{dataset.root} ({state}): " + ", ".join(f"{k} {v}" for k, v in dataset.manifest["counts"].items()))
+    return 0

@@ -19,6 +19,8 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("convert", "convert", "Convert between original LLaVA and llava-hf checkpoints."),
     ("data", "data", "Inspect and prepare training data (LLaVA JSON/JSONL/YAML mixtures)."),
     ("train", "train", "Train a model stage by stage (recipes, YAML configs or upstream train_mem.py flags)."),
+    ("chat", "chat", "Chat with a trained model about images (multi-turn, interactive or piped)."),
+    ("demo", "demo", "Train and evaluate a tiny model on built-in synthetic data, end to end, on a CPU."),
 ]
 
 

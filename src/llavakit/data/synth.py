@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import random
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ class SynthConfig:
         n_heldout: held-out scenes (each gives one question per applicable type).
         seed: master seed; training and held-out use independent streams derived from it.
         word_fraction: share of scenes with a rendered word.
+        multi_turn_fraction: share of training scenes whose instruction sample asks every question in turn.
         text_only_fraction, multi_image_fraction: extra finetune samples, as a share of ``n_train``.
     """
 
@@ -71,13 +73,14 @@ class SynthConfig:
     n_heldout: int = 120
     seed: int = 0
     word_fraction: float = 0.5
+    multi_turn_fraction: float = 0.75
     text_only_fraction: float = 0.05
     multi_image_fraction: float = 0.05
 
     def __post_init__(self) -> None:
         if self.n_train < 2 or self.n_heldout < 1:
             raise DataError(f"synth: need n_train >= 2 and n_heldout >= 1, got {self.n_train} and {self.n_heldout}")
-        for name in ("word_fraction", "text_only_fraction", "multi_image_fraction"):
+        for name in ("word_fraction", "multi_turn_fraction", "text_only_fraction", "multi_image_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise DataError(f"synth: {name} must be in [0, 1], got {getattr(self, name)}")
 
@@ -286,12 +289,18 @@ def _write_scenes(
 
 
 def _finetune_records(train: list[tuple[str, Scene]], config: SynthConfig, rng: random.Random) -> list[dict[str, Any]]:
-    """Instruction samples: 1-3 turns per training scene, plus text-only and two-image samples."""
+    """Instruction samples, plus text-only and two-image samples.
+
+    Most scenes become one multi-turn conversation holding every applicable question (in random order): a turn
+    costs ~10 text tokens against ~100 image tokens, so this multiplies the supervision per step. The rest are
+    single-turn, so that first-turn questions of every type are common too.
+    """
     records = []
     for index, (path, scene) in enumerate(train):
         questions = scene_questions(scene, rng)
         rng.shuffle(questions)
-        turns = [(qa.question, qa.answer) for qa in questions[: rng.randint(1, 3)]]
+        n_turns = len(questions) if rng.random() < config.multi_turn_fraction else 1
+        turns = [(qa.question, qa.answer) for qa in questions[:n_turns]]
         records.append(_conversation(f"synth-ft-{index:05d}", path, turns))
     for index in range(round(config.text_only_fraction * config.n_train)):
         records.append(_text_only_sample(rng, f"synth-text-{index:05d}"))
@@ -348,6 +357,8 @@ def generate_synth(out_dir: str | Path, config: SynthConfig | None = None, overw
             f"synth: {root} is not empty and holds no synthetic dataset generated with {asdict(config)}; "
             "choose an empty folder or pass overwrite=True (CLI: --overwrite)"
         )
+    # Note: a smaller regeneration must not leave the previous run's extra images behind.
+    shutil.rmtree(root / "images", ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
     # Contract: independent streams, so the held-out scenes never depend on (or repeat) the training draw.
     train_rng, heldout_rng, sample_rng = (random.Random(f"{config.seed}:{name}") for name in ("train", "heldout", "samples"))

@@ -1,0 +1,50 @@
+"""``llavakit chat --model PATH [--image IMG]``: talk to a checkpoint about images, turn by turn.
+
+Reads questions from stdin (interactive or piped); ``/image PATH``, ``/reset`` and ``/quit`` control the session.
+The work happens in `llavakit.inference.chat`; this module parses arguments and loads the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``chat`` command."""
+    parser = subparsers.add_parser(
+        "chat",
+        help="Chat with a trained model about images (multi-turn, interactive or piped).",
+        description=(
+            "Load a checkpoint (llavakit or llava-hf layout) and answer questions read from stdin. Commands: "
+            "/image PATH (use an image, start a new conversation), /reset, /quit. Bad input (missing file, not an "
+            "image, empty question) prints a message and the chat goes on."
+        ),
+    )
+    parser.add_argument("--model", required=True, help="checkpoint folder, e.g. runs/demo/final")
+    parser.add_argument("--image", help="image for the first question")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length cap in tokens (default 64)")
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --sample)")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (with --sample)")
+    parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model and run the chat over stdin."""
+    from llavakit.inference.api import load
+    from llavakit.inference.chat import interactive_lines, run_chat
+
+    assistant = load(
+        args.model,
+        device=args.device,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    return run_chat(assistant, interactive_lines(sys.stdin, sys.stdout), sys.stdout, image=args.image)
+

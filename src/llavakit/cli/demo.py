@@ -1,0 +1,70 @@
+"""``llavakit demo``: generate the synthetic data, train a tiny model in two stages, evaluate it, report.
+
+With no arguments it runs the full demo into ``runs/demo`` (minutes on a 2-core CPU); ``--quick`` is the
+shortened CI version; ``--chat`` then opens the interactive chat on the trained model. The work happens in
+`llavakit.demo.run` and `llavakit.demo.report`; this module parses arguments and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from llavakit.demo.run import DemoResult
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``demo`` command."""
+    parser = subparsers.add_parser(
+        "demo",
+        help="Train and evaluate a tiny model on built-in synthetic data, end to end, on a CPU.",
+        description=(
+            "1) generate the synthetic dataset (cached in OUT/data), 2) build a tiny random CLIP-like encoder and "
+            "Llama-like LLM and compose them, 3) train align then finetune with the demo-tiny recipe (the trainer "
+            "behind 'llavakit train'), 4) evaluate on the held-out split with and without images, 5) show three "
+            "held-out answers, 6) write OUT/metrics.json, OUT/loss.png and OUT/final (the checkpoint)."
+        ),
+    )
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data, weights and data order (default 0)")
+    parser.add_argument("--quick", action="store_true", help="shortened run (small data, few steps) for CI")
+    parser.add_argument("--chat", action="store_true", help="open an interactive chat with the trained model")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. stages.1.max_steps=300"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the demo, print the report and where the outputs are; optionally chat."""
+    from llavakit.demo.report import format_report, write_outputs
+    from llavakit.demo.run import DemoOptions, run_demo
+
+    options = DemoOptions(
+        out_dir=args.out,
+        seed=args.seed,
+        quick=args.quick,
+        overrides=tuple(args.overrides),
+        progress=not args.no_progress,
+    )
+    result = run_demo(options)
+    paths = write_outputs(result, args.out)
+    print(format_report(result))
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    print(f"chat with it: llavakit chat --model {paths['checkpoint']} --image {_first_image(result)}")
+    if args.chat:
+        from llavakit.inference.chat import interactive_lines, run_chat
+
+        return run_chat(result.assistant, interactive_lines(sys.stdin, sys.stdout), sys.stdout)
+    return 0
+
+
+def _first_image(result: DemoResult) -> str:
+    """A held-out image path to suggest for the chat."""
+    examples = result.with_images.predictions
+    return str(examples[0].example.images[0]) if examples else "IMAGE"

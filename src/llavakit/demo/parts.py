@@ -1,0 +1,62 @@
+"""The demo's tiny model parts: a CLIP-like vision encoder and a Llama-like LLM, random, written to folders.
+
+``llavakit demo`` must build its model the way a user builds CLIP-L + Vicuna-7B: two checkpoint folders composed by
+`LlavaNextModel.from_parts` with a fresh projector. Nothing can be downloaded, so the parts are written here through
+`llavakit.model.presets.build_parts` (the ``debug-clip-llama`` preset, resized), with a byte-level BPE tokenizer
+trained on the synthetic training texts plus the chat template's system prompt, so every answer word is one token.
+
+Sizes (calibrated to learn the synthetic tasks within minutes on 2 CPU cores): 32 px tiles of 8 px patches
+(16 tokens per tile), a 3-layer 96-wide vision encoder read at layer -2, a 2-layer 128-wide LLM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from llavakit.data.templates import get_template
+from llavakit.model.presets import PresetParts, build_parts
+
+PRESET = "debug-clip-llama"
+TEMPLATE = "vicuna_v1"
+TILE_SIZE = 32
+PATCH_SIZE = 8
+# AnyRes grids (rows, cols): the synthetic canvases are 64x64, 64x128 and 128x64, each an exact 2x2, 2x4 or 4x2 grid.
+GRIDS = ((1, 2), (2, 1), (2, 2), (2, 4), (4, 2))
+VISION_DIMS = {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 3, "num_attention_heads": 4}
+LLM_DIMS = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+}
+VOCAB_SIZE = 512
+
+
+def build_demo_parts(out_dir: str | Path, corpus: Iterable[str], seed: int = 0) -> PresetParts:
+    """Write the demo's ``vision/`` and ``llm/`` folders under ``out_dir``.
+
+    Args:
+        out_dir: parent folder of the two parts.
+        corpus: tokenizer training texts (the synthetic training split; never the held-out one).
+        seed: weight-initialisation seed.
+
+    Returns:
+        The written parts; ``from_parts_kwargs()`` rebuilds the model with `LlavaNextModel.from_parts`.
+    """
+    texts = [*corpus, get_template(TEMPLATE).system, "USER: ASSISTANT:"]
+    return build_parts(
+        PRESET,
+        out_dir,
+        seed=seed,
+        corpus=texts,
+        vocab_size=VOCAB_SIZE,
+        template=TEMPLATE,
+        tile_size=TILE_SIZE,
+        patch_size=PATCH_SIZE,
+        grids=GRIDS,
+        vision_dims=VISION_DIMS,
+        llm_dims=LLM_DIMS,
+    )

@@ -1,0 +1,100 @@
+"""What the demo leaves behind: the printed report, ``metrics.json``, the loss-curve PNG, the final checkpoint.
+
+Every number printed is read from the `DemoResult` the run measured; nothing is estimated. The report shows, per
+question type, the held-out accuracy with images next to the text-only baseline (the same model, images removed),
+so "the model looks at the image" is a visible margin rather than a claim.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from llavakit.data.synth import QUESTION_TYPES
+from llavakit.demo.run import DemoResult
+from llavakit.evaluation.base import Prediction
+from llavakit.training.metrics import plot_losses
+
+SHOWN_EXAMPLES = 3
+
+
+def showcase(result: DemoResult, count: int = SHOWN_EXAMPLES) -> list[Prediction]:
+    """The first ``count`` held-out predictions of distinct question types (in `QUESTION_TYPES` order)."""
+    by_type: dict[str, Prediction] = {}
+    for prediction in result.with_images.predictions:
+        by_type.setdefault(prediction.example.type, prediction)
+    ordered = [by_type[kind] for kind in QUESTION_TYPES if kind in by_type]
+    return ordered[:count]
+
+
+def tokens_per_second(result: DemoResult) -> dict[str, float]:
+    """Training throughput per stage (useful tokens, image tokens included), as the trainer measured it."""
+    return {stage.name: stage.tokens_per_s for stage in result.train_result.stages}
+
+
+def format_report(result: DemoResult) -> str:
+    """The text printed at the end of ``llavakit demo``."""
+    with_images = result.with_images.accuracy_by_type()
+    text_only = result.text_only.accuracy_by_type()
+    counts = result.with_images.count_by_type()
+    lines = ["", "Held-out accuracy (exact match)", f"  {'type':<10}{'n':>5}{'with image':>12}{'text only':>11}"]
+    for kind in with_images:
+        lines.append(f"  {kind:<10}{counts[kind]:>5}{with_images[kind]:>12.3f}{text_only[kind]:>11.3f}")
+    lines.append(f"  {'all':<10}{len(result.with_images.predictions):>5}"
+                 f"{result.with_images.accuracy:>12.3f}{result.text_only.accuracy:>11.3f}")
+    seconds = result.seconds
+    throughput = ", ".join(f"{name} {value:,.0f}" for name, value in tokens_per_second(result).items())
+    lines += [
+        "",
+        f"Training time: {seconds['train']:.1f} s ({throughput} tokens/s)",
+        f"Wall time: {seconds['total']:.1f} s (data {seconds['data']:.1f} s, evaluation {seconds['eval']:.1f} s)",
+        "",
+        "Held-out examples",
+    ]
+    for prediction in showcase(result):
+        example = prediction.example
+        lines += [
+            f"  image:    {example.images[0] if example.images else '(none)'}",
+            f"  question: {example.question}",
+            f"  answer:   {prediction.prediction!r}   truth: {example.answer!r}",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def metrics_dict(result: DemoResult) -> dict[str, Any]:
+    """The JSON-ready measurements of a run (what ``metrics.json`` holds)."""
+    return {
+        "accuracy": result.with_images.accuracy_by_type(),
+        "accuracy_text_only": result.text_only.accuracy_by_type(),
+        "accuracy_all": result.with_images.accuracy,
+        "accuracy_all_text_only": result.text_only.accuracy,
+        "questions_per_type": result.with_images.count_by_type(),
+        "seconds": result.seconds,
+        "tokens_per_s": tokens_per_second(result),
+        "losses": {stage.name: stage.losses for stage in result.train_result.stages},
+        "dataset": result.dataset.manifest,
+        "final_checkpoint": str(result.final_checkpoint),
+        "config": result.config.to_dict(),
+    }
+
+
+def write_outputs(result: DemoResult, out_dir: Path) -> dict[str, Path]:
+    """Write ``metrics.json``, ``loss.png`` and a copy of the final checkpoint (``final/``) into ``out_dir``.
+
+    Returns:
+        The written paths by name (``metrics``, ``loss_curve``, ``checkpoint``).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = out_dir / "metrics.json"
+    metrics_path.write_text(json.dumps(metrics_dict(result), indent=1))
+    loss_path = out_dir / "loss.png"
+    # Steps continue across stages so the curve shows align, then finetune, on one axis.
+    steps = [(step + 1, loss) for step, loss in enumerate(result.train_result.losses)]
+    plot_losses(steps, loss_path)
+    checkpoint = out_dir / "final"
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    shutil.copytree(result.final_checkpoint, checkpoint)
+    return {"metrics": metrics_path, "loss_curve": loss_path, "checkpoint": checkpoint}
