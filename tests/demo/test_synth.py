@@ -1,0 +1,122 @@
+"""The synthetic dataset: deterministic, truthful answers, held-out split disjoint from training, readable by the
+data layer, cached by manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import pytest
+from llavakit.data.synth import (
+    CELL,
+    COLOURS,
+    QUESTION_TYPES,
+    SynthConfig,
+    generate_synth,
+    render_scene,
+    sample_scene,
+    scene_questions,
+)
+from llavakit.errors import DataError
+
+SMALL = SynthConfig(n_train=40, n_heldout=10, seed=3)
+
+
+def _file_hashes(root: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.name != "manifest.json"
+    }
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory):
+    return generate_synth(tmp_path_factory.mktemp("synth"), SMALL)
+
+
+def test_same_seed_gives_identical_files(small_dataset, tmp_path):
+    again = generate_synth(tmp_path / "again", SMALL)
+    assert _file_hashes(again.root) == _file_hashes(small_dataset.root)
+
+
+def test_other_seed_gives_other_images(small_dataset, tmp_path):
+    other = generate_synth(tmp_path / "other", SynthConfig(n_train=40, n_heldout=10, seed=4))
+    assert _file_hashes(other.root) != _file_hashes(small_dataset.root)
+
+
+def test_heldout_images_never_reach_training(small_dataset):
+    root = small_dataset.root
+    train_hashes = {h for p, h in _file_hashes(root).items() if p.startswith("images/train/")}
+    heldout_hashes = {h for p, h in _file_hashes(root).items() if p.startswith("images/heldout/")}
+    assert len(heldout_hashes) == SMALL.n_heldout
+    assert not train_hashes & heldout_hashes
+    training_text = small_dataset.align_path.read_text() + small_dataset.finetune_path.read_text()
+    assert "images/heldout/" not in training_text
+
+
+def test_heldout_records_cover_every_type_with_one_word_answers(small_dataset):
+    records = [json.loads(line) for line in small_dataset.heldout_path.read_text().splitlines()]
+    assert {record["type"] for record in records} == set(QUESTION_TYPES)
+    assert len({record["question_id"] for record in records}) == len(records)
+    for record in records:
+        assert len(record["answer"].split()) == 1
+        assert (small_dataset.root / record["image"]).is_file()
+
+
+def test_finetune_has_multi_turn_text_only_and_multi_image_samples(small_dataset):
+    records = json.loads(small_dataset.finetune_path.read_text())
+    assert any(len(r["conversations"]) > 2 for r in records)
+    assert any("image" not in r for r in records)
+    assert any(isinstance(r.get("image"), list) and len(r["image"]) == 2 for r in records)
+
+
+def test_the_data_layer_parses_every_sample(small_dataset):
+    """Oracle: the training data layer's own LLaVA parser (placeholder/image counts, turn order)."""
+    from llavakit.data.formats import Record, parse_sample
+
+    for path in (small_dataset.align_path, small_dataset.finetune_path):
+        for number, data in enumerate(json.loads(path.read_text())):
+            sample = parse_sample(Record(f"{path}:{number}", data))
+            expected = data.get("image", [])
+            assert list(sample.images) == (expected if isinstance(expected, list) else [expected])
+
+
+def test_answers_match_the_pixels():
+    """Colour answers are checked against the rendered pixel at the shape's centre, positions against its cell."""
+    rng = random.Random(11)
+    for _ in range(50):
+        scene = sample_scene(rng)
+        image = render_scene(scene)
+        assert (image.height, image.width) == (scene.height, scene.width)
+        for shape, (dy, dx) in zip(scene.shapes, scene.jitter):
+            centre = (shape.col * CELL + CELL // 2 + dx, shape.row * CELL + CELL // 2 + dy)
+            assert image.getpixel(centre) == COLOURS[shape.colour]
+        for qa in scene_questions(scene, rng):
+            if qa.type == "colour":
+                kind = qa.question.removeprefix("What colour is the ").removesuffix("?")
+                assert [s.colour for s in scene.shapes if s.kind == kind] == [qa.answer]
+
+
+def test_words_are_too_small_for_the_base_view_alone():
+    """A rendered word fits in one 32 px cell, so squashing the canvas to one tile shrinks it at least 2x."""
+    rng = random.Random(5)
+    scene = next(s for s in (sample_scene(rng, word_fraction=1.0) for _ in range(20)) if s.width > 64)
+    image = render_scene(scene)
+    dark = [(x, y) for x in range(image.width) for y in range(image.height) if sum(image.getpixel((x, y))) < 150]
+    width = max(x for x, _ in dark) - min(x for x, _ in dark) + 1
+    assert width <= CELL < scene.width // 2 + 1
+
+
+def test_matching_manifest_is_reused_and_a_different_one_refused(small_dataset):
+    again = generate_synth(small_dataset.root, SMALL)
+    assert again.manifest["cached"] is True
+    with pytest.raises(DataError, match="not empty"):
+        generate_synth(small_dataset.root, SynthConfig(n_train=41, n_heldout=10, seed=3))
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(DataError, match="word_fraction"):
+        SynthConfig(word_fraction=1.5)
