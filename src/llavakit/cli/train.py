@@ -11,6 +11,7 @@ argument list is read as `llava/train/train_mem.py` flags (see `llavakit.trainin
 from __future__ import annotations
 
 import argparse
+import os
 
 import yaml
 
@@ -70,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False))
         return 0
     result = train(config)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun only rank 0 reports
     for stage in result.stages:
         last = f"{stage.losses[-1]:.4f}" if stage.losses else "(already done)"
         print(f"{stage.name}: {stage.steps} steps, last loss {last}, {stage.tokens_per_s:.0f} tokens/s -> {stage.export_dir}")

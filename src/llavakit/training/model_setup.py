@@ -91,11 +91,13 @@ def build_model(
     """
     model_config = config.model
     attention = resolve_attention(model_config.attn_implementation)
-    torch.manual_seed(config.seed)
     if previous is not None or model_config.path:
         model = LlavaNextModel.from_pretrained(previous or model_config.path, attn_implementation=attention)
     else:
-        model = LlavaNextModel.from_parts(**_from_parts_kwargs(config, context))
+        kwargs = _from_parts_kwargs(config, context)
+        # Seed after the preset parts are written: only rank 0 writes them, and that consumes random numbers.
+        torch.manual_seed(config.seed)
+        model = LlavaNextModel.from_parts(**kwargs)
         if model_config.pretrained_projector:
             load_upstream_projector_state(model.projector, model_config.pretrained_projector)
     apply_stage_settings(model, stage)

@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
@@ -29,6 +30,7 @@ class FSDP2Strategy(Strategy):
         """Shard ``model`` in place (its class becomes an FSDP subclass; names are unchanged)."""
         if not self.config.cpu_offload:
             model = model.to(self.context.device)
+        _broadcast_from_rank0(model)
         mesh = init_device_mesh(self.context.device.type, (self.context.world_size,))
         options = {
             "mesh": mesh,
@@ -55,3 +57,14 @@ class FSDP2Strategy(Strategy):
     def set_gradient_sync(self, model: nn.Module, enabled: bool) -> None:
         """Skip the reduce-scatter on accumulation micro-batches (gradients accumulate unsharded)."""
         model.set_requires_gradient_sync(enabled)
+
+
+@torch.no_grad()
+def _broadcast_from_rank0(model: nn.Module) -> None:
+    """Give every rank rank 0's weights before sharding (DDP does this itself; ``fully_shard`` does not).
+
+    Each rank keeps only its shard of what it holds, so ranks that built different random weights (a projector
+    initialised after different RNG use) would otherwise train a silent mix of several models.
+    """
+    for tensor in [*model.parameters(), *model.buffers()]:
+        dist.broadcast(tensor.data, src=0)
