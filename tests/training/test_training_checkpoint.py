@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import debug_config, debug_stage
 
+from conftest import debug_config, debug_stage
 from llavakit.model.llava_next import LlavaNextModel
 from llavakit.model.projector import read_upstream_projector_file
 from llavakit.training.config import config_from_dict
@@ -30,7 +30,9 @@ def test_resume_after_kill_gives_the_same_losses(tmp_path, synth):
     first = _trainer(config)
     first.build()
     stream = first.micro_batches()
-    for _ in range(3):  # steps 1-3, as fit() runs them: a checkpoint after step 2; step 3 is lost in the "kill"
+    for _ in range(
+        3
+    ):  # steps 1-3, as fit() runs them: a checkpoint after step 2; step 3 is lost in the "kill"
         first.train_step([next(stream) for _ in range(first.plan.accumulation_steps)])
         if first.state.step == 2:
             first.save()
@@ -70,8 +72,12 @@ def test_finetune_starts_from_upstream_projector_file(tmp_path, synth, preset_pa
     align = train(config_from_dict(debug_config(tmp_path / "align", [debug_stage(synth, "align")])))
     parts = preset_parts("debug-clip-llama").from_parts_kwargs()
     model = {
-        "preset": None, "vision": parts["vision"], "llm": parts["llm"], "template": "vicuna_v1",
-        "image_spec": parts["image_spec"].to_dict(), "pretrained_projector": str(align.stages[0].projector_file),
+        "preset": None,
+        "vision": parts["vision"],
+        "llm": parts["llm"],
+        "template": "vicuna_v1",
+        "image_spec": parts["image_spec"].to_dict(),
+        "pretrained_projector": str(align.stages[0].projector_file),
     }
     config = config_from_dict(debug_config(tmp_path / "ft", [debug_stage(synth)], model=model))
     trainer = _trainer(config)

@@ -21,9 +21,17 @@ def _write(path, data):
 
 
 def test_yaml_with_overrides_types_and_star(tmp_path):
-    file = _write(tmp_path / "run.yaml", {"model": {"preset": "debug-clip-llama"}, "stages": [{"name": "align"}, {}]})
+    file = _write(
+        tmp_path / "run.yaml", {"model": {"preset": "debug-clip-llama"}, "stages": [{"name": "align"}, {}]}
+    )
     config = load_config(
-        file, ["stages.*.max_steps=3", "stages.1.optim.lr=1e-4", "strategy.name=ddp", "stages.0.trainable=[projector]"]
+        file,
+        [
+            "stages.*.max_steps=3",
+            "stages.1.optim.lr=1e-4",
+            "strategy.name=ddp",
+            "stages.0.trainable=[projector]",
+        ],
     )
     assert [stage.max_steps for stage in config.stages] == [3, 3]
     assert config.stages[1].optim.lr == pytest.approx(1e-4) and isinstance(config.stages[1].optim.lr, float)
@@ -32,7 +40,9 @@ def test_yaml_with_overrides_types_and_star(tmp_path):
 
 
 def test_resolved_config_round_trips(tmp_path):
-    config = config_from_dict({"model": {"preset": "debug-siglip-qwen2"}, "stages": [{"name": "mid", "epochs": 2}]})
+    config = config_from_dict(
+        {"model": {"preset": "debug-siglip-qwen2"}, "stages": [{"name": "mid", "epochs": 2}]}
+    )
     config.save(tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == config
 

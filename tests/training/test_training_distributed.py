@@ -15,8 +15,8 @@ import sys
 
 import pytest
 import yaml
-from conftest import debug_config, debug_stage
 
+from conftest import debug_config, debug_stage
 from llavakit.training.config import config_from_dict
 from llavakit.training.trainer import train
 
@@ -25,8 +25,13 @@ STEPS = 4
 
 
 def _stage(synth):
-    return debug_stage(synth, max_steps=STEPS, global_batch_size=4, micro_batch_size=1,
-                       optim={"lr": 2e-3, "warmup_ratio": 0.0, "schedule": "constant"})
+    return debug_stage(
+        synth,
+        max_steps=STEPS,
+        global_batch_size=4,
+        micro_batch_size=1,
+        optim={"lr": 2e-3, "warmup_ratio": 0.0, "schedule": "constant"},
+    )
 
 
 def _torchrun(tmp_path, synth, strategy):
@@ -34,8 +39,18 @@ def _torchrun(tmp_path, synth, strategy):
     config_file = tmp_path / f"{strategy}.yaml"
     config_file.write_text(yaml.safe_dump(config))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "llavakit.cli.main", "train", "--config", str(config_file)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "llavakit.cli.main",
+        "train",
+        "--config",
+        str(config_file),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     metrics = (tmp_path / strategy / "finetune" / "metrics.jsonl").read_text().splitlines()

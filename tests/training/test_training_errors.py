@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import debug_config, debug_stage
 
+from conftest import debug_config, debug_stage
 from llavakit.errors import CheckpointError, ConfigError
 from llavakit.training import model_setup
 from llavakit.training.config import config_from_dict
@@ -25,7 +25,11 @@ def no_weight_loading(monkeypatch):
 
 
 def _run(tmp_path, synth, stage_fields=None, **sections):
-    train(config_from_dict(debug_config(tmp_path / "run", [debug_stage(synth, **(stage_fields or {}))], **sections)))
+    train(
+        config_from_dict(
+            debug_config(tmp_path / "run", [debug_stage(synth, **(stage_fields or {}))], **sections)
+        )
+    )
 
 
 def test_missing_data_file(tmp_path, synth, no_weight_loading):
@@ -39,25 +43,35 @@ def test_missing_image_folder(tmp_path, synth, no_weight_loading):
 
 
 def test_global_batch_not_divisible(tmp_path, synth, no_weight_loading):
-    with pytest.raises(ConfigError, match="global_batch_size 5 is not divisible by world size 1 x micro_batch_size 2"):
+    with pytest.raises(
+        ConfigError, match="global_batch_size 5 is not divisible by world size 1 x micro_batch_size 2"
+    ):
         _run(tmp_path, synth, {"global_batch_size": 5})
 
 
 def test_unknown_trainable_part_and_recipe():
     with pytest.raises(ConfigError, match=r"unknown trainable part\(s\) \['mm_vision_resampler'\]"):
         config_from_dict({"stages": [{"trainable": ["projector", "mm_vision_resampler"]}]})
-    with pytest.raises(ConfigError, match="unknown recipe 'llava-next-34b'; shipped recipes: .*qwen2.5-0.5b-siglip"):
+    with pytest.raises(
+        ConfigError, match="unknown recipe 'llava-next-34b'; shipped recipes: .*qwen2.5-0.5b-siglip"
+    ):
         load_recipe("llava-next-34b")
 
 
 def test_mismatched_projector_file(tmp_path, synth, preset_parts, no_weight_loading):
     parts = preset_parts("debug-clip-llama").from_parts_kwargs()
     wrong = {  # an mlp2x_gelu projector from a 32-wide encoder to a 48-wide LLM (the debug parts are 64 -> 64)
-        "model.mm_projector.0.weight": torch.zeros(48, 32), "model.mm_projector.0.bias": torch.zeros(48),
-        "model.mm_projector.2.weight": torch.zeros(48, 48), "model.mm_projector.2.bias": torch.zeros(48),
+        "model.mm_projector.0.weight": torch.zeros(48, 32),
+        "model.mm_projector.0.bias": torch.zeros(48),
+        "model.mm_projector.2.weight": torch.zeros(48, 48),
+        "model.mm_projector.2.bias": torch.zeros(48),
     }
     torch.save(wrong, tmp_path / "mm_projector.bin")
-    model = {"preset": None, "vision": parts["vision"], "llm": parts["llm"],
-             "pretrained_projector": str(tmp_path / "mm_projector.bin")}
+    model = {
+        "preset": None,
+        "vision": parts["vision"],
+        "llm": parts["llm"],
+        "pretrained_projector": str(tmp_path / "mm_projector.bin"),
+    }
     with pytest.raises(CheckpointError, match="hidden size 64"):
         _run(tmp_path, synth, model=model)

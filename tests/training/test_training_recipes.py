@@ -37,7 +37,11 @@ def test_every_recipe_is_listed_with_its_published_values():
         got = [(s.name, s.global_batch_size, s.optim.lr, s.optim.vision_tower_lr) for s in config.stages]
         assert got == stages, name
         for stage in config.stages:
-            assert (stage.optim.warmup_ratio, stage.optim.schedule, stage.optim.weight_decay) == (0.03, "cosine", 0.0)
+            assert (stage.optim.warmup_ratio, stage.optim.schedule, stage.optim.weight_decay) == (
+                0.03,
+                "cosine",
+                0.0,
+            )
             assert stage.epochs == 1
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import debug_config, debug_stage
 
+from conftest import debug_config, debug_stage
 from llavakit.training.config import config_from_dict
 from llavakit.training.data import build_train_data
 from llavakit.training.distributed import init_distributed
@@ -51,13 +51,19 @@ def test_stage_trains_exactly_its_parts(tmp_path, synth, name, parts):
             assert not changed, f"frozen parameter {key} changed"
         elif not key.endswith(_GRADIENT_FREE):
             assert changed, f"trainable parameter {key} did not change"
-    vision_frozen = [k for k, p in model.named_parameters() if k.startswith("vision_encoder.") and not p.requires_grad]
-    assert any(marker in key for key in vision_frozen for marker in model_frozen), "the model's own freezing was lost"
+    vision_frozen = [
+        k for k, p in model.named_parameters() if k.startswith("vision_encoder.") and not p.requires_grad
+    ]
+    assert any(marker in key for key in vision_frozen for marker in model_frozen), (
+        "the model's own freezing was lost"
+    )
 
 
 def test_trainable_set_follows_the_stage(tmp_path, synth):
     trainer = _built_trainer(tmp_path, synth, {"name": "align", "trainable": ["projector"]})
-    assert set(trainer.trainable) == {k for k, _ in trainer.unwrapped.named_parameters() if part_of(k) == "projector"}
+    assert set(trainer.trainable) == {
+        k for k, _ in trainer.unwrapped.named_parameters() if part_of(k) == "projector"
+    }
     assert "image_newline" in trainer.trainable
 
 
@@ -67,7 +73,11 @@ def test_optimizer_groups_carry_part_learning_rates(tmp_path, synth):
         tmp_path, synth, {"trainable": ["vision_tower", "projector", "language_model"], "optim": optim}
     )
     groups = {group["name"]: group for group in trainer.optimizer.param_groups}
-    assert set(groups) == {f"{part}/{kind}" for part in ("vision_tower", "projector", "language_model") for kind in ("decay", "no_decay")}
+    assert set(groups) == {
+        f"{part}/{kind}"
+        for part in ("vision_tower", "projector", "language_model")
+        for kind in ("decay", "no_decay")
+    }
     expected_lr = {"vision_tower": 2e-6, "projector": 1e-4, "language_model": 2e-5}
     names = {id(param): key for key, param in trainer.model.named_parameters()}
     for name, group in groups.items():

@@ -37,8 +37,14 @@ def test_seed_finetune_flags_map_onto_the_config(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     (tmp_path / "prev").mkdir()
     (tmp_path / "prev" / "config.json").write_text(json.dumps({"model_type": "llava_next"}))
-    args = _seed_finetune_args(prev=str(tmp_path / "prev"), data="d.json", images="img", vision="v", run_name="r",
-                               out=str(tmp_path / "out"))
+    args = _seed_finetune_args(
+        prev=str(tmp_path / "prev"),
+        data="d.json",
+        images="img",
+        vision="v",
+        run_name="r",
+        out=str(tmp_path / "out"),
+    )
     config = config_from_upstream_flags(args)
     stage = config.stages[0]
     assert config.model.path == str(tmp_path / "prev")
@@ -46,23 +52,60 @@ def test_seed_finetune_flags_map_onto_the_config(tmp_path, monkeypatch):
     assert (stage.global_batch_size, stage.micro_batch_size) == (1 * 16 * 4, 1)
     assert (stage.optim.lr, stage.optim.vision_tower_lr, stage.optim.projector_lr) == (1e-5, 2e-6, None)
     assert (stage.optim.warmup_ratio, stage.optim.schedule, stage.optim.weight_decay) == (0.03, "cosine", 0.0)
-    assert stage.data.template == "qwen_1_5" and stage.data.max_length == 32768 and stage.data.group_by_modality_length
-    assert stage.image_spec == {"aspect_ratio": "anyres_max_9", "merge_type": "spatial_unpad", "pinpoints": "(1x1),...,(6x6)"}
+    assert (
+        stage.data.template == "qwen_1_5"
+        and stage.data.max_length == 32768
+        and stage.data.group_by_modality_length
+    )
+    assert stage.image_spec == {
+        "aspect_ratio": "anyres_max_9",
+        "merge_type": "spatial_unpad",
+        "pinpoints": "(1x1),...,(6x6)",
+    }
     assert stage.gradient_checkpointing and stage.epochs == 1
-    assert (config.strategy.name, config.strategy.reshard_after_forward, config.strategy.mixed_precision) == ("fsdp2", True, "bf16")
-    assert (config.logging.save_every, config.logging.save_total_limit, config.logging.report_to) == (500, 1, "tensorboard")
+    assert (config.strategy.name, config.strategy.reshard_after_forward, config.strategy.mixed_precision) == (
+        "fsdp2",
+        True,
+        "bf16",
+    )
+    assert (config.logging.save_every, config.logging.save_total_limit, config.logging.report_to) == (
+        500,
+        1,
+        "tensorboard",
+    )
 
 
 def test_legacy_pretrain_flags_make_an_align_stage(tmp_path):
-    args = ["--model_name_or_path", "llm", "--vision_tower", "vit", "--tune_mm_mlp_adapter", "True",
-            "--data_path", "d.json", "--output_dir", str(tmp_path), "--mm_use_im_start_end", "False",
-            "--pretrain_mm_mlp_adapter", "p.bin", "--version", "v1"]
+    args = [
+        "--model_name_or_path",
+        "llm",
+        "--vision_tower",
+        "vit",
+        "--tune_mm_mlp_adapter",
+        "True",
+        "--data_path",
+        "d.json",
+        "--output_dir",
+        str(tmp_path),
+        "--mm_use_im_start_end",
+        "False",
+        "--pretrain_mm_mlp_adapter",
+        "p.bin",
+        "--version",
+        "v1",
+    ]
     config = config_from_upstream_flags(args)
     assert config.stages[0].name == "align" and config.stages[0].trainable == ("projector",)
-    assert config.model.llm == "llm" and config.model.vision == "vit" and config.model.pretrained_projector == "p.bin"
+    assert (
+        config.model.llm == "llm"
+        and config.model.vision == "vit"
+        and config.model.pretrained_projector == "p.bin"
+    )
     assert config.stages[0].data.template == "vicuna_v1"
     assert config.model.image_spec == {"aspect_ratio": "square", "merge_type": "flat"}
-    unfrozen = config_from_upstream_flags([*args[:4], "--unfreeze_mm_vision_tower", "--data_path", "d", "--output_dir", "o"])
+    unfrozen = config_from_upstream_flags(
+        [*args[:4], "--unfreeze_mm_vision_tower", "--data_path", "d", "--output_dir", "o"]
+    )
     assert unfrozen.stages[0].trainable == ("vision_tower", "projector", "language_model")
 
 
@@ -81,28 +124,55 @@ def test_deepspeed_json_maps_to_fsdp2(tmp_path):
     zero2.write_text(json.dumps({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"}}}))
     zero3 = tmp_path / "ds3.json"
     zero3.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}))
-    assert deepspeed_to_fsdp(str(zero2)) == {"name": "fsdp2", "reshard_after_forward": False, "cpu_offload": False}
-    assert deepspeed_to_fsdp(str(zero3)) == {"name": "fsdp2", "reshard_after_forward": True, "cpu_offload": True}
+    assert deepspeed_to_fsdp(str(zero2)) == {
+        "name": "fsdp2",
+        "reshard_after_forward": False,
+        "cpu_offload": False,
+    }
+    assert deepspeed_to_fsdp(str(zero3)) == {
+        "name": "fsdp2",
+        "reshard_after_forward": True,
+        "cpu_offload": True,
+    }
     assert deepspeed_to_fsdp("scripts/zero3_offload.json")["cpu_offload"] is True
     with pytest.raises(ConfigError, match="file not found"):
         deepspeed_to_fsdp(str(tmp_path / "mine.json"))
 
 
 def test_flag_token_forms():
-    assert parse_flag_tokens(["--a", "1", "--b=x=y", "--c", "--d", "False"]) == {"a": "1", "b": "x=y", "c": "True", "d": "False"}
+    assert parse_flag_tokens(["--a", "1", "--b=x=y", "--c", "--d", "False"]) == {
+        "a": "1",
+        "b": "x=y",
+        "c": "True",
+        "d": "False",
+    }
 
 
 @pytest.mark.slow
 def test_seed_finetune_script_runs_through_the_cli(tmp_path, synth, preset_model):
     previous = preset_model("debug-siglip-qwen2").save_pretrained(tmp_path / "prev")
     vision = tmp_path / "prev"  # ignored for a previous-stage checkpoint, as upstream's loader does
-    args = _seed_finetune_args(prev=str(previous), data=str(synth.finetune_path), images=str(synth.root),
-                               vision=str(vision), run_name="seed-ft", out=str(tmp_path / "out"))
+    args = _seed_finetune_args(
+        prev=str(previous),
+        data=str(synth.finetune_path),
+        images=str(synth.root),
+        vision=str(vision),
+        run_name="seed-ft",
+        out=str(tmp_path / "out"),
+    )
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, "-m", "llavakit.cli.main", "train", *args], capture_output=True,
-                          text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "llavakit.cli.main", "train", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "final model:" in done.stdout
     assert (tmp_path / "out" / "finetune" / "final" / "config.json").is_file()
-    rows = [json.loads(line) for line in (tmp_path / "out" / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "out" / "finetune" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert rows and all(row["loss"] > 0 for row in rows)

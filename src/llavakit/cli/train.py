@@ -29,7 +29,9 @@ def _own_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML run config (merged over --recipe when both are given)")
     parser.add_argument("--recipe", help="shipped recipe name (see llavakit.training.recipes.recipe_names())")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. stages.0.optim.lr=1e-4")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. stages.0.optim.lr=1e-4"
+    )
     return parser
 
 
@@ -37,7 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``train``; its arguments are parsed in `run` because upstream flags are open-ended."""
     # prefix_chars="+" makes every token (including --flags) a plain value for this subparser.
     parser = subparsers.add_parser(
-        "train", help="train a model (recipes, YAML configs or upstream flags)", prefix_chars="+", add_help=False
+        "train",
+        help="train a model (recipes, YAML configs or upstream flags)",
+        prefix_chars="+",
+        add_help=False,
     )
     parser.add_argument("arguments", nargs=argparse.REMAINDER)
     parser.set_defaults(func=run)
@@ -75,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
         return 0  # under torchrun only rank 0 reports
     for stage in result.stages:
         last = f"{stage.losses[-1]:.4f}" if stage.losses else "(already done)"
-        print(f"{stage.name}: {stage.steps} steps, last loss {last}, {stage.tokens_per_s:.0f} tokens/s -> {stage.export_dir}")
+        print(
+            f"{stage.name}: {stage.steps} steps, last loss {last}, {stage.tokens_per_s:.0f} tokens/s -> {stage.export_dir}"
+        )
     print(f"final model: {result.final_checkpoint}")
     return 0

@@ -72,8 +72,14 @@ def merge_config_dicts(base: dict[str, Any], update: dict[str, Any]) -> dict[str
         old = merged.get(key)
         if isinstance(old, dict) and isinstance(value, dict):
             merged[key] = merge_config_dicts(old, value)
-        elif isinstance(old, list) and isinstance(value, list) and all(isinstance(v, dict) for v in old + value):
-            merged[key] = [merge_config_dicts(a, b) for a, b in zip(old, value)] + old[len(value):] + value[len(old):]
+        elif (
+            isinstance(old, list)
+            and isinstance(value, list)
+            and all(isinstance(v, dict) for v in old + value)
+        ):
+            merged[key] = (
+                [merge_config_dicts(a, b) for a, b in zip(old, value)] + old[len(value) :] + value[len(old) :]
+            )
         else:
             merged[key] = value
     return merged
