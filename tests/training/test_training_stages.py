@@ -102,3 +102,14 @@ def test_schedule_warms_up_then_decays_to_zero(tmp_path, synth):
     assert lrs[:4] == pytest.approx([0.0, 1e-3 / 3, 2e-3 / 3, 1e-3])
     assert all(a > b for a, b in zip(lrs[3:], lrs[4:]))
     assert trainer.scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_packed_rows_train_and_report_no_padding_inside(tmp_path, synth):
+    trainer = _built_trainer(tmp_path, synth, {"data": {"packing": True, "max_length": 512}})
+    stream = trainer.micro_batches()
+    batches = [next(stream) for _ in range(trainer.plan.accumulation_steps)]
+    assert all(batch["attention_mask"].dim() == 4 and batch["num_samples"] > 2 for batch in batches)
+    metrics = trainer.train_step(batches)
+    assert metrics.num_tokens == sum(batch["num_tokens"] for batch in batches)
+    assert metrics.num_padding == sum(batch["num_padding"] for batch in batches)
+    assert metrics.loss > 0

@@ -81,7 +81,8 @@ class DataSection:
         image_folder: root for relative ``image`` paths; required when the data has images.
         template: chat template id for this stage (``plain`` for align); None = the model's own template.
         max_length: token cap per sample after image expansion (upstream ``model_max_length``).
-        packing: pack several samples into one row (padding-free, per-sample ``position_ids``).
+        packing: pack several samples into rows of ``max_length`` tokens (isolated, no padding in between);
+            batch sizes then count rows.
         group_by_modality_length: upstream's modality-grouped length sampler.
         num_workers: DataLoader worker processes.
     """

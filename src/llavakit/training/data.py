@@ -10,6 +10,8 @@ from __future__ import annotations
 from llavakit.data.collate import build_collator
 from llavakit.data.config import DataConfig
 from llavakit.data.dataset import build_dataset
+from llavakit.data.packing import PackedDataset, PackingCollator
+from llavakit.data.packing import PackedDataset, PackingCollator
 from llavakit.errors import ConfigError
 from llavakit.model.llava_next import LlavaNextModel
 from llavakit.training.config import StageConfig
@@ -33,16 +35,20 @@ def data_config(stage: StageConfig, model: LlavaNextModel, seed: int = 0) -> Dat
 def build_train_data(stage: StageConfig, model: LlavaNextModel) -> TrainData:
     """Scan the stage's data with the model's tokenizer and image spec.
 
+    With ``data.packing`` the items are packed rows of up to ``data.max_length`` tokens (planned once, with the
+    run seed; the trainer reshuffles their order every epoch), and batch sizes count rows, not samples.
+
     Raises:
-        ConfigError: packing was asked for (not available yet in `llavakit.data`) or the model has no tokenizer.
+        ConfigError: the model has no tokenizer, or packing is combined with the modality-grouped sampler.
     """
-    if stage.data.packing:
-        raise ConfigError(
-            "data.packing is not available in this build of llavakit.data; set data.packing=false"
-        )
     if model.tokenizer is None:
-        raise ConfigError(
-            "the model has no tokenizer; export it with its tokenizer (save_pretrained) and retry"
-        )
+        raise ConfigError("the model has no tokenizer; export it with its tokenizer (save_pretrained) and retry")
     dataset = build_dataset(data_config(stage, model), model.tokenizer, model.config.image_spec)
-    return TrainData(dataset, build_collator(model.tokenizer), dataset.modality_lengths)
+    collator = build_collator(model.tokenizer)
+    if not stage.data.packing:
+        return TrainData(dataset, collator, dataset.modality_lengths)
+    if stage.data.group_by_modality_length:
+        raise ConfigError("data.packing and data.group_by_modality_length exclude each other: packs mix modalities")
+    packed = PackedDataset(dataset, budget=stage.data.max_length)
+    attention = model.llm.config._attn_implementation
+    return TrainData(packed, PackingCollator(collator.pad_token_id, attn_implementation=attention), None)
