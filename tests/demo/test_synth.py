@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
+
 from llavakit.data.synth import (
     CELL,
     COLOURS,

@@ -8,7 +8,6 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
 import llavakit
-
 from llavakit.data.schema import USER, Conversation, Turn
 from llavakit.errors import ConfigError, DataError, ImageError
 from llavakit.inference.generate import SamplingParams, generate_ids

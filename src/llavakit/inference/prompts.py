@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
 from llavakit.anyres.geometry import count_visual_tokens
 from llavakit.anyres.pixels import ImageSource, load_image, process_image
 from llavakit.anyres.spec import ImageSpec
