@@ -54,6 +54,8 @@ BACKGROUND = (245, 245, 240)
 # canvas to one tile. That is what makes the AnyRes tiles matter for the word questions.
 WORD_FONT_SIZE = 11
 MAX_SHAPES = 4
+# Shape sides in pixels: half to most of a cell, so a shape covers several 8 px patches of its 32 px tile.
+MIN_SIZE, MAX_SIZE = 16, 26
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,7 @@ def sample_scene(rng: random.Random, word_fraction: float = 0.5) -> Scene:
     kinds = rng.sample(SHAPES, n_shapes)
     colours = rng.sample(sorted(COLOURS), n_shapes)
     shapes = tuple(
-        Shape(kind, colour, row, col, rng.randint(12, 24))
+        Shape(kind, colour, row, col, rng.randint(MIN_SIZE, MAX_SIZE))
         for kind, colour, (row, col) in zip(kinds, colours, cells[:n_shapes])
     )
     word_cell = cells[n_shapes] if has_word else None

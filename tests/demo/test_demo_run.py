@@ -1,0 +1,83 @@
+"""The shortened demo (``llavakit demo --quick``) end to end: the loss falls, accuracy beats chance, the outputs are
+written, and the final checkpoint answers the same in transformers (no llavakit code) as through `llavakit.load`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from llavakit.cli.main import main
+from llavakit.data.synth import COLOURS, SHAPES
+
+pytestmark = pytest.mark.slow
+
+# The transformers side runs in a fresh interpreter that never imports llavakit.
+TRANSFORMERS_ANSWERS = r"""
+import json, sys, torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+path, requests = sys.argv[1], json.loads(sys.argv[2])
+model = LlavaNextForConditionalGeneration.from_pretrained(path).eval()
+processor = AutoProcessor.from_pretrained(path)
+answers = []
+for prompt, image in requests:
+    inputs = processor(images=[Image.open(image).convert("RGB")], text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    text = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    answers.append(text.strip())
+assert "llavakit" not in sys.modules
+print(json.dumps(answers))
+"""
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_outputs_are_written(demo_run):
+    for name in ("metrics.json", "loss.png", "final/config.json", "final/model.safetensors"):
+        assert (demo_run / name).is_file(), name
+    metrics = json.loads((demo_run / "metrics.json").read_text())
+    assert set(metrics["accuracy"]) == set(metrics["accuracy_text_only"])
+    assert metrics["seconds"]["train"] > 0 and all(v > 0 for v in metrics["tokens_per_s"].values())
+
+
+def test_loss_falls_and_accuracy_beats_chance(demo_run):
+    metrics = json.loads((demo_run / "metrics.json").read_text())
+    for stage, losses in metrics["losses"].items():
+        assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, stage
+    # Chance: a uniform guess among the answers of each type.
+    chance = {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES)}
+    for kind, level in chance.items():
+        assert metrics["accuracy"][kind] > level, (kind, metrics["accuracy"])
+
+
+def test_final_checkpoint_answers_the_same_in_transformers(demo_run):
+    import llavakit
+    from llavakit.data.schema import USER, Conversation, Turn
+    from llavakit.evaluation.heldout import HeldoutQA
+
+    assistant = llavakit.load(demo_run / "final", device="cpu")
+    data = next((demo_run / "data").iterdir())
+    examples = HeldoutQA(data / "heldout.jsonl", data).examples()[:6]
+    requests = []
+    for example in examples:
+        turn = Turn(USER, f"<image>\n{example.question}")
+        prompt = "".join(s.text for s in assistant.template.render(Conversation((turn,)), for_generation=True))
+        requests.append((prompt, str(example.images[0])))
+    ours = [assistant.chat(image, ex.question, max_new_tokens=8)[0] for (_, image), ex in zip(requests, examples)]
+    done = subprocess.run(
+        [sys.executable, "-c", TRANSFORMERS_ANSWERS, str(demo_run / "final"), json.dumps(requests)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == ours
