@@ -20,7 +20,8 @@ PUBLISHED = {
 }
 
 # The debug model substituted per recipe: the preset whose tokenizer has the template's special tokens. No preset has
-# Llama-3's header tokens, so the llama3 recipe runs its stages with the vicuna_v1 template instead.
+# Llama-3's header tokens, so the llama3 recipe runs its stages with the vicuna_v1 template instead. Recipes not
+# listed (e.g. the demo's) use debug-clip-llama with their own templates.
 DEBUG_MODEL = {
     "open-llava-next-vicuna-7b": ("debug-clip-llama", None),
     "open-llava-next-llama3-8b": ("debug-clip-llama", "vicuna_v1"),
@@ -31,7 +32,7 @@ DEBUG_MODEL = {
 
 
 def test_every_recipe_is_listed_with_its_published_values():
-    assert recipe_names() == sorted(PUBLISHED)
+    assert set(PUBLISHED) <= set(recipe_names())
     for name, stages in PUBLISHED.items():
         config = load_recipe(name)
         got = [(s.name, s.global_batch_size, s.optim.lr, s.optim.vision_tower_lr) for s in config.stages]
@@ -45,11 +46,11 @@ def test_every_recipe_is_listed_with_its_published_values():
             assert stage.epochs == 1
 
 
-@pytest.mark.parametrize("name", sorted(PUBLISHED))
+@pytest.mark.parametrize("name", recipe_names())
 def test_recipe_runs_one_step_with_the_debug_model(tmp_path, synth, name):
     data = recipe_dict(name)
     data["run_dir"] = str(tmp_path / "run")
-    preset, template = DEBUG_MODEL[name]
+    preset, template = DEBUG_MODEL.get(name, ("debug-clip-llama", None))
     data["model"] = {"preset": preset}
     data["strategy"] = {**data["strategy"], "name": "single", "compile": False}
     data["logging"] = {"report_to": "none", "progress_bar": False}
