@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -54,7 +56,8 @@ def test_rotation_keeps_the_newest(tmp_path, synth):
 
 
 def test_align_export_and_upstream_projector_file(tmp_path, synth):
-    config = config_from_dict(debug_config(tmp_path / "run", [debug_stage(synth, "align")]))
+    logging = {"report_to": "tensorboard", "peak_tflops": 1.0}
+    config = config_from_dict(debug_config(tmp_path / "run", [debug_stage(synth, "align")], logging=logging))
     result = train(config)
     export = result.final_checkpoint
     assert (tmp_path / "run" / "config.yaml").is_file()
@@ -64,8 +67,20 @@ def test_align_export_and_upstream_projector_file(tmp_path, synth):
     trained = LlavaNextModel.from_pretrained(export)
     for key, tensor in read_upstream_projector_file(export / "mm_projector.bin").items():
         assert torch.equal(tensor, trained.projector.state_dict()[key])
-    for name in ("metrics.jsonl", "loss.png"):
-        assert (tmp_path / "run" / "align" / name).is_file()
+    assert (tmp_path / "run" / "align" / "loss.png").is_file()
+    assert any((tmp_path / "run" / "align" / "tensorboard").iterdir())
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "align" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [row["step"] for row in rows] == [1, 2]
+    for row in rows:
+        assert row["tokens_per_s"] > 0 and 0 <= row["padding_fraction"] < 1
+        assert row["mfu"] == pytest.approx(row["tokens_per_s"] * 6 * trained_parameters(trained) / 1e12)
+        assert {"lr/projector/decay", "lr/projector/no_decay"} <= set(row)
+
+
+def trained_parameters(model):
+    return sum(param.numel() for param in model.parameters())
 
 
 def test_finetune_starts_from_upstream_projector_file(tmp_path, synth, preset_parts):

@@ -113,3 +113,19 @@ def test_packed_rows_train_and_report_no_padding_inside(tmp_path, synth):
     assert metrics.num_tokens == sum(batch["num_tokens"] for batch in batches)
     assert metrics.num_padding == sum(batch["num_padding"] for batch in batches)
     assert metrics.loss > 0
+
+
+def test_evaluate_is_the_token_mean_loss(tmp_path, synth):
+    trainer = _built_trainer(tmp_path, synth, {})
+    stream = trainer.micro_batches()
+    batches = [next(stream) for _ in range(2)]
+    trainer.unwrapped.eval()
+    with torch.no_grad():
+        # Oracle: transformers' own mean loss per batch, weighted by the batch's supervised tokens.
+        losses = [float(trainer.unwrapped(**{k: b[k] for k in b if k in _INPUTS}).loss) for b in batches]
+    counts = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]
+    expected = sum(loss * count for loss, count in zip(losses, counts)) / sum(counts)
+    assert trainer.evaluate(batches) == pytest.approx(expected, rel=1e-6)
+
+
+_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_sizes", "image_tiled")

@@ -11,7 +11,6 @@ from llavakit.data.collate import build_collator
 from llavakit.data.config import DataConfig
 from llavakit.data.dataset import build_dataset
 from llavakit.data.packing import PackedDataset, PackingCollator
-from llavakit.data.packing import PackedDataset, PackingCollator
 from llavakit.errors import ConfigError
 from llavakit.model.llava_next import LlavaNextModel
 from llavakit.training.config import StageConfig
@@ -42,13 +41,17 @@ def build_train_data(stage: StageConfig, model: LlavaNextModel) -> TrainData:
         ConfigError: the model has no tokenizer, or packing is combined with the modality-grouped sampler.
     """
     if model.tokenizer is None:
-        raise ConfigError("the model has no tokenizer; export it with its tokenizer (save_pretrained) and retry")
+        raise ConfigError(
+            "the model has no tokenizer; export it with its tokenizer (save_pretrained) and retry"
+        )
     dataset = build_dataset(data_config(stage, model), model.tokenizer, model.config.image_spec)
     collator = build_collator(model.tokenizer)
     if not stage.data.packing:
         return TrainData(dataset, collator, dataset.modality_lengths)
     if stage.data.group_by_modality_length:
-        raise ConfigError("data.packing and data.group_by_modality_length exclude each other: packs mix modalities")
+        raise ConfigError(
+            "data.packing and data.group_by_modality_length exclude each other: packs mix modalities"
+        )
     packed = PackedDataset(dataset, budget=stage.data.max_length)
     attention = model.llm.config._attn_implementation
     return TrainData(packed, PackingCollator(collator.pad_token_id, attn_implementation=attention), None)

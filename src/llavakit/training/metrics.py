@@ -10,6 +10,7 @@ Only rank 0 writes. Per step the cost is a few float additions; files are writte
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from llavakit.errors import ConfigError
 from llavakit.training.config import LoggingConfig
 from llavakit.training.distributed import DistContext
 
@@ -93,7 +95,9 @@ class MetricsLogger:
 
             return SummaryWriter(log_dir=str(self.stage_dir / "tensorboard"))
         if self.config.report_to == "wandb":
-            import wandb  # optional dependency: installed by users who ask for report_to=wandb
+            if importlib.util.find_spec("wandb") is None:
+                raise ConfigError("logging.report_to=wandb needs the wandb package: pip install wandb")
+            import wandb
 
             return wandb.init(name=self.config.run_name or self.stage_dir.name, dir=str(self.stage_dir))
         return None

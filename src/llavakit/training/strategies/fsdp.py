@@ -17,6 +17,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+from llavakit.errors import ConfigError
 from llavakit.training.strategies.base import STRATEGIES, Strategy
 
 
@@ -28,6 +29,11 @@ class FSDP2Strategy(Strategy):
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """Shard ``model`` in place (its class becomes an FSDP subclass; names are unchanged)."""
+        if self.config.cpu_offload and self.context.device.type == "cpu":
+            raise ConfigError(
+                "strategy.cpu_offload needs a CUDA device (FSDP2 offloads from the accelerator); on a CPU-only "
+                "machine the parameters already live in CPU memory: set strategy.cpu_offload=false"
+            )
         if not self.config.cpu_offload:
             model = model.to(self.context.device)
         _broadcast_from_rank0(model)
@@ -39,7 +45,7 @@ class FSDP2Strategy(Strategy):
         }
         if self.config.cpu_offload:
             options["offload_policy"] = CPUOffloadPolicy()
-        for unit in model.shard_units():
+        for unit in _trainable_units(model):
             fully_shard(unit, **options)
         fully_shard(model, **options)
         return model
@@ -57,6 +63,15 @@ class FSDP2Strategy(Strategy):
     def set_gradient_sync(self, model: nn.Module, enabled: bool) -> None:
         """Skip the reduce-scatter on accumulation micro-batches (gradients accumulate unsharded)."""
         model.set_requires_gradient_sync(enabled)
+
+
+def _trainable_units(model: nn.Module) -> list[nn.Module]:
+    """The shard units with a trainable parameter; frozen units stay in the root group.
+
+    Frozen units reduce no gradient, and a unit that never runs (vision layers after the selected one) breaks
+    FSDP2's gradient accumulation (its parameters are never unsharded), so neither gets its own group.
+    """
+    return [unit for unit in model.shard_units() if any(param.requires_grad for param in unit.parameters())]
 
 
 @torch.no_grad()
