@@ -96,7 +96,7 @@ def run_llavakit(
     model_dir: Path, data: Path, root: Path, packing: bool, batch: int, budget: int
 ) -> RunResult:
     """Train one epoch with our Trainer; throughput from its per-step metrics."""
-    from llavakit.training.config import config_from_dict
+    from llavakit.training.config_loading import config_from_dict
     from llavakit.training.data import build_train_data
     from llavakit.training.distributed import init_distributed
     from llavakit.training.trainer import Trainer

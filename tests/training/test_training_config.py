@@ -6,13 +6,8 @@ import pytest
 import yaml
 
 from llavakit.errors import ConfigError
-from llavakit.training.config import (
-    StageConfig,
-    TrainConfig,
-    apply_overrides,
-    config_from_dict,
-    load_config,
-)
+from llavakit.training.config import StageConfig, TrainConfig
+from llavakit.training.config_loading import apply_overrides, config_from_dict, load_config
 
 
 def _write(path, data):

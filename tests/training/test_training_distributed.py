@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from conftest import debug_config, debug_stage
-from llavakit.training.config import config_from_dict
+from llavakit.training.config_loading import config_from_dict
 from llavakit.training.trainer import train
 
 TOLERANCE = 1e-4

@@ -8,7 +8,7 @@ import torch
 from conftest import debug_config, debug_stage
 from llavakit.errors import CheckpointError, ConfigError
 from llavakit.training import model_setup
-from llavakit.training.config import config_from_dict
+from llavakit.training.config_loading import config_from_dict
 from llavakit.training.recipes import load_recipe
 from llavakit.training.trainer import train
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from llavakit.training.config import config_from_dict
+from llavakit.training.config_loading import config_from_dict
 from llavakit.training.recipes import load_recipe, recipe_dict, recipe_names, resolve_config
 from llavakit.training.trainer import train
 

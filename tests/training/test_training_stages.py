@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import debug_config, debug_stage
-from llavakit.training.config import config_from_dict
+from llavakit.training.config_loading import config_from_dict
 from llavakit.training.data import build_train_data
 from llavakit.training.distributed import init_distributed
 from llavakit.training.stages import part_of

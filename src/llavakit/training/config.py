@@ -1,23 +1,19 @@
-"""Typed training configuration: one dataclass per component, loaded from YAML with dotted CLI overrides.
+"""Typed training configuration: one dataclass per component of a run.
 
 Why: upstream LLaVA spreads a run over ~60 flat `HfArgumentParser` flags with align/finetune field pairs. Here a
 run is a `TrainConfig` tree that mirrors the object tree (model, stages, strategy, lora, logging); a multi-stage
 recipe is a *list* of `StageConfig`s, each naming the parts it trains and their learning rates. Every field is
 validated in ``__post_init__`` so a bad value fails before any weight is loaded, and the resolved config is written
-to ``run_dir/config.yaml`` so a run can always be reproduced.
-
-Overrides use dotted paths into the tree: ``stages.0.optim.lr=1e-4``, ``strategy.name=fsdp2``; ``stages.*.x=v`` sets
-the field in every stage. Values are parsed as YAML scalars (``true``, ``1e-4``, ``[a, b]``).
+to ``run_dir/config.yaml`` so a run can always be reproduced. YAML files and ``key.sub=value`` overrides are read
+by `llavakit.training.config_loading`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
@@ -41,8 +37,8 @@ class ModelConfig:
     a fresh projector through ``LlavaNextModel.from_parts``).
 
     Attributes:
-        pretrained_projector: upstream ``mm_projector.bin`` (or our ``projector.safetensors``) loaded into a fresh
-            model before training (upstream ``--pretrain_mm_mlp_adapter``).
+        pretrained_projector: upstream ``mm_projector.bin`` loaded into the first stage's model before training
+            (upstream ``--pretrain_mm_mlp_adapter``).
         projector, template, select_layer: override the preset's/encoder's defaults when set (fresh models only).
         image_spec: `llavakit.anyres.ImageSpec` fields overriding the preset/encoder defaults.
     """
@@ -299,7 +295,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-ready dict (tuples become lists)."""
-        return _plain(dataclasses.asdict(self))
+        return plain_data(dataclasses.asdict(self))
 
     def save(self, path: str | Path) -> None:
         """Write the resolved config as YAML (``run_dir/config.yaml``)."""
@@ -307,125 +303,10 @@ class TrainConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-def _plain(value: Any) -> Any:
+def plain_data(value: Any) -> Any:
+    """Dataclass-free, tuple-free copy of a nested value (what YAML and JSON can hold)."""
     if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
+        return {key: plain_data(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
+        return [plain_data(item) for item in value]
     return value
-
-
-def config_from_dict(data: dict[str, Any], source: str = "config") -> TrainConfig:
-    """Build a validated `TrainConfig` from a plain dict; unknown keys are an error naming their dotted path."""
-    return _build(TrainConfig, data, source)
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML config file and apply ``key.sub=value`` overrides.
-
-    Raises:
-        ConfigError: the file is missing or not a mapping, a key is unknown, or a value has the wrong type.
-    """
-    return config_from_dict(apply_overrides(read_config_file(path), overrides or []), source=str(path))
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The raw mapping of a YAML config file; `ConfigError` when missing, invalid or not a mapping."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of config sections")
-    return data
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``data`` with each ``dotted.key=value`` override set (``*`` indexes every list item)."""
-    data = _plain(data)
-    for override in overrides:
-        key, sep, raw = override.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {override!r} is not of the form key.sub=value")
-        _set_path(data, key.split("."), yaml.safe_load(raw) if raw else "", override)
-    return data
-
-
-def _set_path(node: Any, keys: list[str], value: Any, override: str) -> None:
-    head, rest = keys[0], keys[1:]
-    if isinstance(node, list):
-        targets = range(len(node)) if head == "*" else [_list_index(head, node, override)]
-        for index in targets:
-            if rest:
-                _set_path(node[index], rest, value, override)
-            else:
-                node[index] = value
-        return
-    if not isinstance(node, dict):
-        raise ConfigError(f"override {override!r}: {head!r} is below a scalar value")
-    if not rest:
-        node[head] = value
-        return
-    if head == "stages" and head not in node:
-        node[head] = [{}]
-    _set_path(node.setdefault(head, {}), rest, value, override)
-
-
-def _list_index(head: str, node: list[Any], override: str) -> int:
-    if not head.isdigit() or int(head) >= len(node):
-        raise ConfigError(
-            f"override {override!r}: list index {head!r} out of range (the list has {len(node)} items)"
-        )
-    return int(head)
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
-    values = {name: _coerce(hints[name], value, f"{where}.{name}") for name, value in data.items()}
-    try:
-        return cls(**values)
-    except TypeError as err:
-        raise ConfigError(f"{where}: {err}") from None
-
-
-def _coerce(hint: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [arg for arg in args if arg is not type(None)]
-        return _coerce(inner, value, where)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        inner = args[0]
-        items = [_coerce(inner, item, f"{where}.{i}") for i, item in enumerate(value)]
-        return items if origin is list else tuple(items)
-    if origin is dict or hint is Any:
-        return value
-    return _scalar(hint, value, where)
-
-
-def _scalar(hint: type, value: Any, where: str) -> Any:
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        try:
-            return float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
-        except ValueError:
-            pass
-    if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
-        return value
-    raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")

@@ -5,9 +5,11 @@ of loading a 7B model on every GPU. `preflight` checks all of that from file met
 `build_model` then loads the model once per rank from one of:
 
 - a debug preset (``model.preset``): its parts are written to ``run_dir/parts`` by rank 0, then assembled;
-- ``model.vision`` + ``model.llm``: a fresh model from two checkpoints, optionally with upstream's projector file
-  (``model.pretrained_projector`` = ``--pretrain_mm_mlp_adapter``);
+- ``model.vision`` + ``model.llm``: a fresh model from two checkpoints;
 - ``model.path`` or the previous stage's export: ``LlavaNextModel.from_pretrained``.
+
+The first stage then loads upstream's projector file when ``model.pretrained_projector`` is set
+(``--pretrain_mm_mlp_adapter``), checked key by key and shape by shape before anything is copied.
 
 Every rank seeds the same generator before building, so fresh weights are identical across ranks (FSDP2, unlike
 DDP, does not broadcast rank 0's weights).
@@ -15,6 +17,7 @@ DDP, does not broadcast rank 0's weights).
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,7 +37,7 @@ from llavakit.training.distributed import DistContext, barrier
 
 
 def preflight(config: TrainConfig, context: DistContext) -> None:
-    """Fail before loading weights: data files, image folders, batch divisibility, projector-file shapes.
+    """Fail before loading weights: data files, image folders, batch divisibility, projector shapes, reporters.
 
     Raises:
         ConfigError: a data path is missing or a batch does not divide the world size.
@@ -53,6 +56,10 @@ def preflight(config: TrainConfig, context: DistContext) -> None:
     projector_file = config.model.pretrained_projector
     if projector_file and config.model.vision:
         check_projector_file(projector_file, config.model.vision, config.model.llm)
+    if config.logging.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            "logging.report_to=wandb needs the wandb package: pip install wandb (or report_to=tensorboard)"
+        )
 
 
 def check_projector_file(path: str, vision: str, llm: str) -> None:
@@ -98,8 +105,8 @@ def build_model(
         # Seed after the preset parts are written: only rank 0 writes them, and that consumes random numbers.
         torch.manual_seed(config.seed)
         model = LlavaNextModel.from_parts(**kwargs)
-        if model_config.pretrained_projector:
-            load_upstream_projector_state(model.projector, model_config.pretrained_projector)
+    if model_config.pretrained_projector and previous is None:
+        load_upstream_projector_state(model.projector, model_config.pretrained_projector)
     apply_stage_settings(model, stage)
     if stage.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 
 from llavakit.errors import ConfigError
-from llavakit.training.config import TrainConfig, apply_overrides, config_from_dict, read_config_file
+from llavakit.training.config import TrainConfig
+from llavakit.training.config_loading import apply_overrides, config_from_dict, read_config_file
 
 
 def recipes_dir() -> Path:

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from llavakit.errors import ConfigError
-from llavakit.training.config import TrainConfig, config_from_dict
+from llavakit.training.config import TrainConfig
+from llavakit.training.config_loading import config_from_dict
 
 _TUNABLE_PARTS = {
     "mm_vision_tower": "vision_tower",
@@ -227,7 +228,7 @@ def _model(flags: _Flags) -> dict[str, Any]:
     select_layer = flags.number("mm_vision_select_layer", int, -1)
     adapter = flags.text("pretrain_mm_mlp_adapter")
     if _is_llava_checkpoint(source):
-        return {**model, "path": source}
+        return {**model, "path": source, **({"pretrained_projector": adapter} if adapter else {})}
     if vision is None:
         raise ConfigError("--vision_tower is required when --model_name_or_path is a base LLM")
     model.update(vision=vision, llm=source, projector=projector_type, select_layer=select_layer)
