@@ -158,12 +158,11 @@ class Trainer:
         frozen = model_frozen_names(model)
         if self.config.lora.enabled:
             apply_lora(model, self.config.lora)
-            frozen = frozen | {f"llm.{name}" for name in _peft_base_names(model, frozen)}
-        names = apply_trainable_parts(model, self.stage.trainable, frozen)
+        apply_trainable_parts(model, self.stage.trainable, frozen)
         if self.config.lora.enabled:
+            # With LoRA, "language_model" means its adapters only (upstream mm_tunable_parts semantics).
             restrict_llm_to_lora(model, "language_model" in self.stage.trainable)
-            names = [name for name, param in model.named_parameters() if param.requires_grad]
-        return names
+        return [name for name, param in model.named_parameters() if param.requires_grad]
 
     def _total_steps(self) -> int:
         if self.stage.max_steps:
@@ -308,12 +307,6 @@ class Trainer:
             tokens_per_s=sum(tokens_per_s) / len(tokens_per_s) if tokens_per_s else 0.0,
             steps=self.state.step,
         )
-
-
-def _peft_base_names(model: LlavaNextModel, frozen: frozenset[str]) -> set[str]:
-    # peft renames "llm.x" to "llm.base_model.model.x"; carry the model's own freezing over to the new names.
-    base = {name.removeprefix("llm.") for name in frozen if name.startswith("llm.")}
-    return {f"base_model.model.{name}" for name in base}
 
 
 def _supervised_tokens(batch: dict[str, Any]) -> int:
