@@ -62,11 +62,16 @@ def init_distributed(needs_process_group: bool) -> DistContext:
 
 def all_reduce_sum(value: float, context: DistContext) -> float:
     """Sum a Python number over all ranks (identity without a process group)."""
+    return all_reduce_sums([value], context)[0]
+
+
+def all_reduce_sums(values: list[float], context: DistContext) -> list[float]:
+    """Sum several Python numbers over all ranks in one collective (identity without a process group)."""
     if not context.is_distributed:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=context.device)
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=context.device)
     dist.all_reduce(tensor)
-    return float(tensor.item())
+    return tensor.tolist()
 
 
 def barrier(context: DistContext) -> None:

@@ -34,7 +34,7 @@ from llavakit.model.llava_next import LlavaNextModel
 from llavakit.training.batches import BatchPlan, modality_grouped_order, random_order
 from llavakit.training.checkpoint import CheckpointManager, TrainerState
 from llavakit.training.config import StageConfig, TrainConfig
-from llavakit.training.distributed import DistContext, all_reduce_sum, init_distributed
+from llavakit.training.distributed import DistContext, all_reduce_sum, all_reduce_sums, init_distributed
 from llavakit.training.export import export_model
 from llavakit.training.lora import apply_lora, restrict_llm_to_lora
 from llavakit.training.metrics import MetricsLogger, StepMetrics
@@ -229,7 +229,7 @@ class Trainer:
         local_items = sum(_supervised_tokens(batch) for batch in micro_batches)
         global_items = max(all_reduce_sum(local_items, self.context), 1.0)
         items_per_rank = torch.tensor(global_items / self.context.world_size, device=self.context.device)
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=self.context.device)
         for index, batch in enumerate(micro_batches):
             self.strategy.set_gradient_sync(self.model, index == len(micro_batches) - 1)
             with self.strategy.autocast():
@@ -237,24 +237,23 @@ class Trainer:
                     **_model_inputs(batch, self.context.device), num_items_in_batch=items_per_rank
                 )
             output.loss.backward()
-            loss_sum += float(output.loss.detach())
+            loss_sum += output.loss.detach()  # stays on the device: one host sync per step, not per micro-batch
         grad_norm = self.strategy.clip_grad_norm(self.model, self.stage.optim.max_grad_norm)
         self.optimizer.step()
         lrs = {group["name"]: group["lr"] for group in self.optimizer.param_groups}
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        tokens, padding = _token_counts(micro_batches)
+        loss, tokens, padding = all_reduce_sums([float(loss_sum), *_token_counts(micro_batches)], self.context)
         self.state.step += 1
         self.state.tokens_seen += int(global_items)
-        loss = all_reduce_sum(loss_sum, self.context) / self.context.world_size
-        self.state.losses.append(loss)
+        self.state.losses.append(loss / self.context.world_size)
         return StepMetrics(
             step=self.state.step,
-            loss=loss,
+            loss=self.state.losses[-1],
             lr=lrs,
             grad_norm=grad_norm,
-            num_tokens=int(all_reduce_sum(tokens, self.context)),
-            num_padding=int(all_reduce_sum(padding, self.context)),
+            num_tokens=int(tokens),
+            num_padding=int(padding),
             seconds=time.perf_counter() - started,
         )
 
