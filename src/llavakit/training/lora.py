@@ -6,15 +6,14 @@ Here peft wraps only ``model.llm``; with LoRA on, the ``language_model`` part me
 ``mm_tunable_parts`` semantics), and our checkpoints hold the whole model state, so every trainable tensor is saved
 at every checkpoint. Export merges the adapters into the LLM weights (``merge_and_unload``).
 
-QLoRA (``bits`` 4/8) needs the LLM loaded quantised by bitsandbytes; it is rejected with a clear error until the
-model loader accepts a quantisation config.
+QLoRA (``bits`` 4/8) needs the LLM loaded quantised by bitsandbytes; preflight rejects it with a clear error until
+the model loader accepts a quantisation config. LoRA under FSDP2 is rejected the same way (DDP or single only).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from llavakit.errors import ConfigError
 from llavakit.model.llava_next import LlavaNextModel
 from llavakit.training.config import LoraConfig
 
@@ -22,14 +21,8 @@ from llavakit.training.config import LoraConfig
 def apply_lora(model: LlavaNextModel, config: LoraConfig) -> None:
     """Replace ``model.llm`` by a peft LoRA model (in place); base LLM weights become frozen.
 
-    Raises:
-        ConfigError: QLoRA was asked for (``bits`` 4 or 8).
+    ``config.bits`` must be 16 (checked by `llavakit.training.model_setup.preflight`).
     """
-    if config.bits != 16:
-        raise ConfigError(
-            f"lora.bits={config.bits} (QLoRA) is not supported yet: the LLM would have to be loaded quantised "
-            "with bitsandbytes; use lora.bits=16"
-        )
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 

@@ -36,11 +36,16 @@ from llavakit.training.config import StageConfig, TrainConfig
 from llavakit.training.distributed import DistContext, barrier
 
 
-def preflight(config: TrainConfig, context: DistContext) -> None:
+def preflight(config: TrainConfig, world_size: int) -> None:
     """Fail before loading weights: data files, image folders, batch divisibility, projector shapes, reporters.
 
+    Args:
+        config: the run config.
+        world_size: processes of the run (torchrun's ``WORLD_SIZE``), known before any process group exists.
+
     Raises:
-        ConfigError: a data path is missing or a batch does not divide the world size.
+        ConfigError: a data path is missing, a batch does not divide the world size, an unsupported LoRA setup or
+            a missing reporter package.
         CheckpointError: the projector file does not fit the vision encoder and LLM sizes.
     """
     for index, stage in enumerate(config.stages):
@@ -52,14 +57,27 @@ def preflight(config: TrainConfig, context: DistContext) -> None:
             )
         if data.image_folder is not None and not Path(data.image_folder).is_dir():
             raise ConfigError(f"{where}: data.image_folder {data.image_folder!r} is not a directory")
-        stage.accumulation_steps(context.world_size)
+        stage.accumulation_steps(world_size)
     projector_file = config.model.pretrained_projector
     if projector_file and config.model.vision:
         check_projector_file(projector_file, config.model.vision, config.model.llm)
+    _check_lora(config)
     if config.logging.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
         raise ConfigError(
             "logging.report_to=wandb needs the wandb package: pip install wandb (or report_to=tensorboard)"
         )
+
+
+def _check_lora(config: TrainConfig) -> None:
+    if not config.lora.enabled:
+        return
+    if config.lora.bits != 16:
+        raise ConfigError(
+            f"lora.bits={config.lora.bits} (QLoRA) is not supported yet: the LLM would have to be loaded quantised "
+            "with bitsandbytes; use lora.bits=16"
+        )
+    if config.strategy.name == "fsdp2":
+        raise ConfigError("lora with strategy fsdp2 is not supported; use strategy.name=ddp or single")
 
 
 def check_projector_file(path: str, vision: str, llm: str) -> None:

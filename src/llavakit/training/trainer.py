@@ -3,7 +3,8 @@
 Why our own loop and not HF Trainer: upstream LLaVA-NeXT copies and overrides HF Trainer's private methods (a
 552-line ``_inner_training_loop``), which breaks on every transformers release. Here the loop is explicit:
 
-    build()  preflight → model → trainable parts (→ LoRA) → strategy.wrap → AdamW groups → schedule → data plan
+    train()  preflight (paths, batch sizes, projector shapes: no weights loaded yet) → one Trainer per stage
+    build()  model → trainable parts (→ LoRA) → strategy.wrap → AdamW groups → data plan → schedule
     resume() newest complete checkpoint, if any (model, optimizer, scheduler, sampler position, RNG)
     fit()    for each global step: train_step(micro-batches) → metrics → save() every save_every → export()
 
@@ -20,6 +21,7 @@ stages already exported (so re-running a run folder resumes it).
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -133,8 +135,6 @@ class Trainer:
 
     def build(self) -> None:
         """Load and prepare the model, optimizer, schedule, data plan and checkpoint manager."""
-        if self.config.lora.enabled and self.config.strategy.name == "fsdp2":
-            raise ConfigError("lora with strategy fsdp2 is not supported; use strategy.name=ddp or single")
         self.unwrapped = build_model(self.config, self.stage, self.previous, self.context)
         self.trainable = self._set_trainable(self.unwrapped)
         self.model = self.strategy.prepare(self.unwrapped)
@@ -345,8 +345,8 @@ def train(config: TrainConfig, data_factory: DataFactory | None = None) -> Train
     Returns:
         A `TrainResult` with the final checkpoint path, per-stage losses and tokens/s.
     """
+    preflight(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     context = init_distributed(STRATEGIES.get(config.strategy.name).needs_process_group)
-    preflight(config, context)
     if data_factory is None:
         from llavakit.training.data import build_train_data
 
