@@ -36,7 +36,7 @@ class FSDP2Strategy(Strategy):
             )
         if not self.config.cpu_offload:
             model = model.to(self.context.device)
-        _broadcast_from_rank0(model)
+        _broadcast_from_rank0(model, self.context.device)
         mesh = init_device_mesh(self.context.device.type, (self.context.world_size,))
         options = {
             "mesh": mesh,
@@ -75,11 +75,14 @@ def _trainable_units(model: nn.Module) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def _broadcast_from_rank0(model: nn.Module) -> None:
+def _broadcast_from_rank0(model: nn.Module, device: torch.device) -> None:
     """Give every rank rank 0's weights before sharding (DDP does this itself; ``fully_shard`` does not).
 
     Each rank keeps only its shard of what it holds, so ranks that built different random weights (a projector
     initialised after different RNG use) would otherwise train a silent mix of several models.
     """
     for tensor in [*model.parameters(), *model.buffers()]:
-        dist.broadcast(tensor.data, src=0)
+        # NCCL broadcasts device tensors only; with CPU offload the weights are still on the host here.
+        on_device = tensor.data.to(device)
+        dist.broadcast(on_device, src=0)
+        tensor.data.copy_(on_device)
