@@ -14,6 +14,7 @@ from llavakit.data.synth import (
     CELL,
     COLOURS,
     QUESTION_TYPES,
+    Scene,
     SynthConfig,
     generate_synth,
     render_scene,
@@ -102,13 +103,13 @@ def test_answers_match_the_pixels():
 
 
 def test_words_are_too_small_for_the_base_view_alone():
-    """A rendered word fits in one 32 px cell, so squashing the canvas to one tile shrinks it at least 2x."""
-    rng = random.Random(5)
-    scene = next(s for s in (sample_scene(rng, word_fraction=1.0) for _ in range(20)) if s.width > 64)
+    """A rendered word fits in one 32 px cell, so squashing a 128 px wide canvas to one tile shrinks it 4x."""
+    scene = Scene(height=64, width=128, shapes=(), word="cup", word_cell=(0, 1), jitter=((0, 0),))
     image = render_scene(scene)
     dark = [(x, y) for x in range(image.width) for y in range(image.height) if sum(image.getpixel((x, y))) < 150]
-    width = max(x for x, _ in dark) - min(x for x, _ in dark) + 1
-    assert width <= CELL < scene.width // 2 + 1
+    assert dark, "the word was not drawn"
+    assert max(x for x, _ in dark) - min(x for x, _ in dark) + 1 <= CELL
+    assert all(CELL <= x < 2 * CELL and y < CELL for x, y in dark)
 
 
 def test_matching_manifest_is_reused_and_a_different_one_refused(small_dataset):

@@ -49,7 +49,13 @@ QUESTION_TYPES = ("colour", "shape", "count", "position", "word")
 # (height, width) canvases: square, wide, tall. Cells are CELL px, so shapes sit on a 2x2, 2x4 or 4x2 grid.
 CANVASES = ((64, 64), (64, 128), (128, 64))
 CELL = 32
-BACKGROUND = (245, 245, 240)
+# Note: the background is CLIP's mean colour, which normalises to ~0. Background patches then carry little more
+# than their position, and the shapes stand out: a random vision encoder passes their colour on strongly enough for
+# a tiny model to learn from in minutes (a light background made every token look alike and learning stalled).
+BACKGROUND = (123, 117, 104)
+# A dark outline gives every shape the same edge pixels whatever its colour, so shape is not entangled with colour.
+OUTLINE = (20, 20, 20)
+OUTLINE_WIDTH = 2
 # Note: 11 px upper-case glyphs are ~20x9 px: legible in a 32 px tile, a smudge once the base view squashes the
 # canvas to one tile. That is what makes the AnyRes tiles matter for the word questions.
 WORD_FONT_SIZE = 11
@@ -171,18 +177,27 @@ def render_scene(scene: Scene) -> Image.Image:
 def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, fill: tuple[int, int, int], cy: int, cx: int, size: int) -> None:
     half = size // 2
     box = (cx - half, cy - half, cx + half, cy + half)
+    outline = {"fill": fill, "outline": OUTLINE, "width": OUTLINE_WIDTH}
     if kind == "circle":
-        draw.ellipse(box, fill=fill)
+        draw.ellipse(box, **outline)
     elif kind == "square":
-        draw.rectangle(box, fill=fill)
+        draw.rectangle(box, **outline)
     elif kind == "triangle":
-        draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=fill)
+        draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], **outline)
     elif kind == "cross":
-        bar = max(2, size // 6)
-        draw.rectangle((cx - half, cy - bar, cx + half, cy + bar), fill=fill)
-        draw.rectangle((cx - bar, cy - half, cx + bar, cy + half), fill=fill)
+        bar = max(3, size // 5)
+        draw.polygon(_cross_points(cx, cy, half, bar), **outline)
     else:
         raise DataError(f"synth: unknown shape kind {kind!r}; known: {SHAPES}")
+
+
+def _cross_points(cx: int, cy: int, half: int, bar: int) -> list[tuple[int, int]]:
+    """The 12 corners of a plus sign centred at (cx, cy) with arms ``half`` long and ``2 * bar`` wide."""
+    return [
+        (cx - bar, cy - half), (cx + bar, cy - half), (cx + bar, cy - bar), (cx + half, cy - bar),
+        (cx + half, cy + bar), (cx + bar, cy + bar), (cx + bar, cy + half), (cx - bar, cy + half),
+        (cx - bar, cy + bar), (cx - half, cy + bar), (cx - half, cy - bar), (cx - bar, cy - bar),
+    ]
 
 
 def scene_questions(scene: Scene, rng: random.Random) -> list[QA]:
