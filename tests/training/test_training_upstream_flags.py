@@ -152,9 +152,12 @@ def test_flag_token_forms():
 def test_seed_finetune_script_runs_through_the_cli(tmp_path, synth, preset_model):
     previous = preset_model("debug-siglip-qwen2").save_pretrained(tmp_path / "prev")
     vision = tmp_path / "prev"  # ignored for a previous-stage checkpoint, as upstream's loader does
+    # One global batch of the seed's size (1 x 16 accumulation): the first 16 samples of the synthetic set.
+    subset = tmp_path / "finetune16.json"
+    subset.write_text(json.dumps(json.loads(synth.finetune_path.read_text())[:16]))
     args = _seed_finetune_args(
         prev=str(previous),
-        data=str(synth.finetune_path),
+        data=str(subset),
         images=str(synth.root),
         vision=str(vision),
         run_name="seed-ft",

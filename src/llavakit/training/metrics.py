@@ -146,7 +146,10 @@ class MetricsLogger:
         self._bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
 
     def close(self) -> None:
-        """Flush files and write ``loss.png`` (rank 0)."""
+        """Write the last partial interval's row, flush files and write ``loss.png`` (rank 0)."""
+        if self._interval:
+            self._emit(self._summarise(self._interval))
+            self._interval = []
         self._bar.close()
         if not self.context.is_main:
             return
