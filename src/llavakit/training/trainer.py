@@ -237,13 +237,17 @@ class Trainer:
                     **_model_inputs(batch, self.context.device), num_items_in_batch=items_per_rank
                 )
             output.loss.backward()
-            loss_sum += output.loss.detach()  # stays on the device: one host sync per step, not per micro-batch
+            loss_sum += (
+                output.loss.detach()
+            )  # stays on the device: one host sync per step, not per micro-batch
         grad_norm = self.strategy.clip_grad_norm(self.model, self.stage.optim.max_grad_norm)
         self.optimizer.step()
         lrs = {group["name"]: group["lr"] for group in self.optimizer.param_groups}
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss, tokens, padding = all_reduce_sums([float(loss_sum), *_token_counts(micro_batches)], self.context)
+        loss, tokens, padding = all_reduce_sums(
+            [float(loss_sum), *_token_counts(micro_batches)], self.context
+        )
         self.state.step += 1
         self.state.tokens_seen += int(global_items)
         self.state.losses.append(loss / self.context.world_size)
