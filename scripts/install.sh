@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (if needed) and install llavakit with its training, serving and test extras.
+# Create .venv (if needed) and install llavakit with its training, serving, test and quantisation (QLoRA:
+# bitsandbytes) extras.
 #
 # torch is installed first and pinned (TORCH_SPEC, default torch==2.13.0): a loose spec pulls the newest CUDA
 # build and gigabytes of nvidia-* wheels. On a GPU machine, install the torch build you want before running this
@@ -18,7 +19,7 @@ if ! python -c "import torch" 2>/dev/null; then
   pip install -q "$TORCH_SPEC"
 fi
 TORCH_VERSION=$(python -c "import torch; print(torch.__version__.split('+')[0])")
-pip install -q -e ".[train,serve,dev]" "torch==${TORCH_VERSION}"
+pip install -q -e ".[train,serve,dev,quant]" "torch==${TORCH_VERSION}"
 python - <<'PY'
 import importlib.util
 import sys

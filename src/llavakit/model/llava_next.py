@@ -85,6 +85,7 @@ class LlavaNextModel(nn.Module):
         vision_encoder: str | None = None,
         dtype: torch.dtype | None = None,
         attn_implementation: str | None = None,
+        llm_kwargs: dict[str, Any] | None = None,
     ) -> LlavaNextModel:
         """Build a fresh model from a vision encoder and an LLM (hub ids or local folders) and a new projector.
 
@@ -101,13 +102,16 @@ class LlavaNextModel(nn.Module):
             vision_encoder: registry id; default: chosen from the vision checkpoint's ``model_type``.
             dtype: parameter dtype (default float32).
             attn_implementation: ``sdpa`` (default), ``eager`` or ``flash_attention_2``.
+            llm_kwargs: extra keywords for the LLM's ``AutoModelForCausalLM.from_pretrained`` only (they override
+                ``dtype``/``attn_implementation``), e.g. ``quantization_config`` + ``device_map`` for QLoRA. Quantised
+                (integer) weights are not floating point, so the final `cast_parameters` leaves them as loaded.
         """
         load_kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
         backbone, vision_model = load_vision_model(vision_encoder, vision, **load_kwargs)
         if attn_implementation:
             load_kwargs["attn_implementation"] = attn_implementation
         tokenizer = AutoTokenizer.from_pretrained(llm)
-        language_model = AutoModelForCausalLM.from_pretrained(llm, **load_kwargs)
+        language_model = AutoModelForCausalLM.from_pretrained(llm, **{**load_kwargs, **(llm_kwargs or {})})
         family = family_for(language_model.config.model_type)
         image_token_id = ensure_image_token(tokenizer)
         set_pad_token(tokenizer, family)

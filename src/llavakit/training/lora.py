@@ -1,31 +1,74 @@
-"""LoRA on the LLM through peft; vision tower and projector train (or not) as the stage says.
+"""LoRA and QLoRA on the LLM through peft; vision tower and projector train (or not) as the stage says.
 
 Why: upstream applies LoRA to every ``nn.Linear`` except the projector and vision tower by filtering module names,
 and forgets to save the non-LoRA trainables (the projector) in intermediate checkpoints (haotian-liu/LLaVA#844).
 Here peft wraps only ``model.llm``; with LoRA on, the ``language_model`` part means the LoRA matrices only (upstream
 ``mm_tunable_parts`` semantics), and our checkpoints hold the whole model state, so every trainable tensor is saved
-at every checkpoint. Export merges the adapters into the LLM weights (``merge_and_unload``).
+at every checkpoint. Export merges the adapters into the LLM weights.
 
-QLoRA (``bits`` 4/8) needs the LLM loaded quantised by bitsandbytes; preflight rejects it with a clear error until
-the model loader accepts a quantisation config. LoRA under FSDP2 is rejected the same way (DDP or single only).
+QLoRA (``lora.bits`` 4 or 8, upstream ``finetune_qlora.sh``): only the LLM is loaded quantised by bitsandbytes
+(4-bit: nf4 with double quantisation; compute dtype = the run's dtype), see `quantization_config`; the vision tower
+and projector stay in full precision. `apply_lora` then runs peft's ``prepare_model_for_kbit_training`` (freezes the
+LLM, casts its non-quantised weights such as norms to fp32) before adding the adapters. Export dequantises the LLM
+to fp32 and merges the adapters in fp32 (`merge_lora`), so the exported checkpoint is a plain llava-hf model that
+loads without bitsandbytes. Preflight (`llavakit.training.model_setup`) rejects, before any weight loads, QLoRA
+without bitsandbytes installed, ``bits`` without ``lora.enabled``, and LoRA under FSDP2 (DDP or single only).
 """
 
 from __future__ import annotations
 
+import importlib.util
+from typing import Any
+
+import torch
 from torch import nn
 
+from llavakit.errors import ConfigError
 from llavakit.model.llava_next import LlavaNextModel
 from llavakit.training.config import LoraConfig
+
+# Precision of the dequantised LLM weights and of the adapter merge at export.
+MERGE_DTYPE = torch.float32
+
+
+def is_quantised(config: LoraConfig) -> bool:
+    """Whether the run trains QLoRA (LLM loaded in 4 or 8 bits)."""
+    return config.enabled and config.bits != 16
+
+
+def require_bitsandbytes() -> None:
+    """Raise a `ConfigError` saying how to install bitsandbytes when it is missing (QLoRA needs it)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            'lora.bits=4/8 (QLoRA) needs the bitsandbytes package: pip install -e ".[quant]" (or use lora.bits=16)'
+        )
+
+
+def quantization_config(config: LoraConfig, compute_dtype: torch.dtype) -> Any:
+    """transformers' ``BitsAndBytesConfig`` for the LLM of a QLoRA run (nf4 + double quantisation for 4 bits)."""
+    from transformers import BitsAndBytesConfig
+
+    if config.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
 
 
 def apply_lora(model: LlavaNextModel, config: LoraConfig) -> None:
     """Replace ``model.llm`` by a peft LoRA model (in place); base LLM weights become frozen.
 
-    ``config.bits`` must be 16 (checked by `llavakit.training.model_setup.preflight`).
+    With QLoRA the LLM must already be loaded quantised (`llavakit.training.model_setup.build_model`); it is first
+    prepared for k-bit training. Gradient checkpointing stays as the stage set it.
     """
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
+    if is_quantised(config):
+        model.llm = prepare_model_for_kbit_training(model.llm, use_gradient_checkpointing=False)
     peft_config = PeftLoraConfig(
         r=config.r,
         lora_alpha=config.alpha,
@@ -44,7 +87,56 @@ def restrict_llm_to_lora(model: nn.Module, train_language_model: bool) -> None:
 
 
 def merge_lora(model: LlavaNextModel) -> LlavaNextModel:
-    """Fold LoRA adapters into the LLM weights (in place) so the export is a plain llava-hf model."""
-    if hasattr(model.llm, "merge_and_unload"):
+    """Fold LoRA adapters into the LLM weights (in place) so the export is a plain llava-hf model.
+
+    A quantised (QLoRA) LLM is dequantised first: each adapted weight becomes ``dequantised base + scaling * B @ A``
+    computed and stored in fp32 (`MERGE_DTYPE`), and the remaining quantised layers are dequantised to fp32 too.
+    The result is the trained QLoRA model (its base weights carry the 4/8-bit rounding), not the original
+    full-precision weights plus the adapters. Merging into the quantised weights (peft's ``merge_and_unload``)
+    would round the adapters away and keep a bitsandbytes model.
+    """
+    if not hasattr(model.llm, "merge_and_unload"):
+        return model
+    if getattr(model.llm, "is_quantized", False):
+        model.llm = _merge_dequantised(model.llm)
+        model.config.text_config.pop("quantization_config", None)
+    else:
         model.llm = model.llm.merge_and_unload()
     return model
+
+
+def _merge_dequantised(peft_model: nn.Module) -> nn.Module:
+    """A peft model over a bitsandbytes LLM → the plain fp32 LLM with the adapters merged."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            weight = _dequantised_weight(base)
+            for adapter in module.active_adapters:
+                weight = weight + module.get_delta_weight(adapter).to(MERGE_DTYPE)
+            module.base_layer = _plain_linear(weight, base.bias)
+    llm = peft_model.unload()
+    # Layers without adapters (lora.target_modules not covering every quantised linear). transformers' own
+    # ``dequantize()`` is not used: it raises when no quantised layer is left.
+    import bitsandbytes as bnb
+
+    for name, module in list(llm.named_modules()):
+        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            llm.set_submodule(name, _plain_linear(_dequantised_weight(module), module.bias))
+    llm.hf_quantizer.remove_quantization_config(llm)
+    return llm
+
+
+def _dequantised_weight(layer: nn.Module) -> torch.Tensor:
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    return dequantize_bnb_weight(layer.weight, state=getattr(layer, "state", None)).to(MERGE_DTYPE)
+
+
+def _plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=MERGE_DTYPE)
+    linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().to(MERGE_DTYPE), requires_grad=False)
+    return linear

@@ -8,6 +8,14 @@ of loading a 7B model on every GPU. `preflight` checks all of that from file met
 - ``model.vision`` + ``model.llm``: a fresh model from two checkpoints;
 - ``model.path`` or the previous stage's export: ``LlavaNextModel.from_pretrained``.
 
+QLoRA (``lora.bits`` 4/8, `llavakit.training.lora`) loads the LLM quantised by bitsandbytes. From parts, the
+quantisation config goes to the LLM's ``from_pretrained`` (``LlavaNextModel.from_parts(llm_kwargs=...)``). From a
+llavakit checkpoint, the LLM is loaded in full precision with the rest of the model, written once with
+``save_pretrained`` to ``<run_dir>/<stage>/llm-to-quantise`` and reloaded quantised: bitsandbytes quantises while
+transformers loads, and a llava-hf checkpoint's LLM keys (``language_model.*``) do not load in
+``AutoModelForCausalLM`` directly. Disk cost: one full-precision (fp32) copy of the LLM, about 4 bytes per LLM
+parameter (28 GB for a 7B LLM), deleted as soon as every rank has loaded it.
+
 The first stage then loads upstream's projector file when ``model.pretrained_projector`` is set
 (``--pretrain_mm_mlp_adapter``), checked key by key and shape by shape before anything is copied.
 
@@ -18,12 +26,13 @@ DDP, does not broadcast rank 0's weights).
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import is_flash_attn_2_available
 
 from llavakit.anyres.geometry import parse_pinpoints
@@ -34,6 +43,7 @@ from llavakit.model.projector import load_upstream_projector_state, read_upstrea
 from llavakit.model.vision import backbone_for_model_type
 from llavakit.training.config import StageConfig, TrainConfig
 from llavakit.training.distributed import DistContext, barrier
+from llavakit.training.lora import is_quantised, quantization_config, require_bitsandbytes
 
 
 def preflight(config: TrainConfig, world_size: int) -> None:
@@ -69,15 +79,21 @@ def preflight(config: TrainConfig, world_size: int) -> None:
 
 
 def _check_lora(config: TrainConfig) -> None:
-    if not config.lora.enabled:
+    lora = config.lora
+    if not lora.enabled:
+        if lora.bits != 16:
+            raise ConfigError(
+                f"lora.bits={lora.bits} (QLoRA) needs lora.enabled=true: the quantised LLM only trains through "
+                "LoRA adapters; set lora.enabled=true, or lora.bits=16 for full-precision training"
+            )
         return
-    if config.lora.bits != 16:
-        raise ConfigError(
-            f"lora.bits={config.lora.bits} (QLoRA) is not supported yet: the LLM would have to be loaded quantised "
-            "with bitsandbytes; use lora.bits=16"
-        )
     if config.strategy.name == "fsdp2":
-        raise ConfigError("lora with strategy fsdp2 is not supported; use strategy.name=ddp or single")
+        qualifier = f" (QLoRA, lora.bits={lora.bits})" if is_quantised(lora) else ""
+        raise ConfigError(
+            f"lora{qualifier} with strategy fsdp2 is not supported; use strategy.name=ddp or single"
+        )
+    if is_quantised(lora):
+        require_bitsandbytes()
 
 
 def check_projector_file(path: str, vision: str, llm: str) -> None:
@@ -116,10 +132,16 @@ def build_model(
     """
     model_config = config.model
     attention = resolve_attention(model_config.attn_implementation)
+    quantization = _llm_quantization(config)
     if previous is not None or model_config.path:
         model = LlavaNextModel.from_pretrained(previous or model_config.path, attn_implementation=attention)
+        if quantization is not None:
+            folder = Path(config.run_dir) / stage.name / "llm-to-quantise"
+            model.llm = _reload_quantised(model.llm, quantization, folder, attention, context)
     else:
         kwargs = _from_parts_kwargs(config, context)
+        if quantization is not None:
+            kwargs["llm_kwargs"] = {"quantization_config": quantization, "device_map": "cpu"}
         # Seed after the preset parts are written: only rank 0 writes them, and that consumes random numbers.
         torch.manual_seed(config.seed)
         model = LlavaNextModel.from_parts(**kwargs)
@@ -129,6 +151,35 @@ def build_model(
     if stage.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
+
+
+def _llm_quantization(config: TrainConfig) -> Any:
+    """The LLM's ``BitsAndBytesConfig`` for QLoRA (compute dtype = the run's dtype), else None."""
+    if not is_quantised(config.lora):
+        return None
+    compute_dtype = torch.bfloat16 if config.strategy.mixed_precision == "bf16" else torch.float32
+    return quantization_config(config.lora, compute_dtype)
+
+
+def _reload_quantised(
+    llm: torch.nn.Module, quantization: Any, folder: Path, attention: str, context: DistContext
+) -> torch.nn.Module:
+    """``llm`` reloaded through transformers with ``quantization`` (see module docstring for the disk cost)."""
+    if context.is_main:
+        shutil.rmtree(folder, ignore_errors=True)
+        llm.save_pretrained(folder)
+    barrier(context)
+    quantised = AutoModelForCausalLM.from_pretrained(
+        folder,
+        quantization_config=quantization,
+        device_map="cpu",
+        dtype=llm.dtype,
+        attn_implementation=attention,
+    )
+    barrier(context)
+    if context.is_main:
+        shutil.rmtree(folder)
+    return quantised
 
 
 def apply_stage_settings(model: LlavaNextModel, stage: StageConfig) -> None:

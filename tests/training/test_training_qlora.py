@@ -1,0 +1,128 @@
+"""QLoRA: a 4-bit LLM trains through LoRA adapters only; export dequantises and merges into a plain llava-hf model."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import debug_config, debug_stage
+from llavakit.anyres.geometry import count_visual_tokens
+from llavakit.anyres.pixels import process_image
+from llavakit.errors import ConfigError
+from llavakit.model.llava_next import LlavaNextModel
+from llavakit.training import lora, model_setup
+from llavakit.training.config_loading import config_from_dict
+from llavakit.training.data import build_train_data
+from llavakit.training.distributed import init_distributed
+from llavakit.training.trainer import Trainer, train
+
+bnb = pytest.importorskip("bitsandbytes", reason='QLoRA needs bitsandbytes: pip install -e ".[quant]"')
+
+QLORA = {"enabled": True, "bits": 4, "r": 4, "alpha": 8}
+
+
+@pytest.fixture
+def no_weight_loading(monkeypatch):
+    """Make any model construction fail the test: errors must come first."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("model weights were loaded before the configuration error was raised")
+
+    monkeypatch.setattr(model_setup, "build_model", forbidden)
+    monkeypatch.setattr("llavakit.training.trainer.build_model", forbidden)
+
+
+def _run(tmp_path, synth, **sections):
+    train(config_from_dict(debug_config(tmp_path / "run", [debug_stage(synth)], **sections)))
+
+
+def test_qlora_trains_adapters_and_projector_then_exports_plain_llava_hf(tmp_path, synth):
+    stage = debug_stage(synth, trainable=["projector", "language_model"], max_steps=4, optim={"lr": 1e-2})
+    config = config_from_dict(debug_config(tmp_path / "run", [stage], lora=QLORA))
+    trainer = Trainer(config, 0, init_distributed(needs_process_group=False), build_train_data)
+    trainer.build()
+    model = trainer.unwrapped
+    assert trainer.trainable and all(
+        "lora_" in name or name.startswith(("projector.", "image_newline")) for name in trainer.trainable
+    )
+    assert any("lora_B" in name for name in trainer.trainable)
+    quantised = {
+        n: m.weight.detach().clone() for n, m in model.llm.named_modules() if isinstance(m, bnb.nn.Linear4bit)
+    }
+    assert quantised and all(w.dtype == torch.uint8 for w in quantised.values())
+    assert all(
+        p.dtype == torch.float32 for p in [*model.vision_encoder.parameters(), *model.projector.parameters()]
+    )
+    projector_before = [p.detach().clone() for p in model.projector.parameters()]
+
+    # The same global batch every step: its loss must fall.
+    stream = trainer.micro_batches()
+    batch = [next(stream) for _ in range(trainer.plan.accumulation_steps)]
+    losses = [trainer.train_step(batch).loss for _ in range(4)]
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0], losses
+    assert any(not torch.equal(p, q) for p, q in zip(projector_before, model.projector.parameters()))
+    for name, module in model.llm.named_modules():
+        if name in quantised:
+            assert torch.equal(module.weight, quantised[name]), f"quantised base weight {name} changed"
+
+    # Merged export: fp32 weights equal to the dequantised base + scaling * B @ A.
+    layer = model.llm.base_model.model.model.layers[0].self_attn.q_proj
+    expected_q = bnb.functional.dequantize_4bit(
+        layer.base_layer.weight.data, layer.base_layer.weight.quant_state
+    )
+    expected_q = (expected_q + layer.get_delta_weight("default")).detach().clone()
+    exported = trainer.export()
+    _check_plain_llava_hf(exported, expected_q)
+    _check_reload_quantised(tmp_path, synth, exported)
+
+
+def _check_plain_llava_hf(path, expected_q: torch.Tensor) -> None:
+    """The export loads in transformers with no missing key and gives llavakit's logits."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    reference, info = LlavaNextForConditionalGeneration.from_pretrained(path, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert getattr(reference.config.text_config, "quantization_config", None) is None
+    ours = LlavaNextModel.from_pretrained(path).eval()
+    assert not any("lora_" in name for name, _ in ours.named_parameters())
+    torch.testing.assert_close(ours.llm.model.layers[0].self_attn.q_proj.weight, expected_q)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 70, 3), dtype=np.uint8))
+    spec = ours.config.image_spec
+    prompt = ours.tokenizer("USER: a picture ASSISTANT: a square").input_ids
+    ids = [ours.config.image_token_id] * count_visual_tokens((40, 70), spec) + prompt
+    inputs = {"input_ids": torch.tensor([ids]), "image_sizes": torch.tensor([[40, 70]])}
+    tiles = process_image(image, spec)
+    with torch.no_grad():
+        expected = ours(**inputs, pixel_values=tiles).logits
+        actual = reference.eval()(**inputs, pixel_values=tiles.unsqueeze(0)).logits
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+
+def _check_reload_quantised(tmp_path, synth, exported) -> None:
+    """A stage starting from a llavakit checkpoint reloads its LLM quantised and removes the temporary copy."""
+    stage = debug_stage(synth, max_steps=1)
+    model = {"preset": None, "path": str(exported)}
+    config = config_from_dict(debug_config(tmp_path / "run2", [stage], model=model, lora=QLORA))
+    trainer = Trainer(config, 0, init_distributed(needs_process_group=False), build_train_data)
+    trainer.build()
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in trainer.unwrapped.llm.modules())
+    assert not (tmp_path / "run2" / "finetune" / "llm-to-quantise").exists()
+    stream = trainer.micro_batches()
+    metrics = trainer.train_step([next(stream) for _ in range(trainer.plan.accumulation_steps)])
+    assert math.isfinite(metrics.loss)
+
+
+def test_qlora_preflight_errors(tmp_path, synth, monkeypatch, no_weight_loading):
+    with pytest.raises(ConfigError, match="lora.bits=4 .*needs lora.enabled=true"):
+        _run(tmp_path, synth, lora={"enabled": False, "bits": 4})
+    with pytest.raises(
+        ConfigError, match=r"lora \(QLoRA, lora.bits=8\) with strategy fsdp2 is not supported"
+    ):
+        _run(tmp_path, synth, lora={**QLORA, "bits": 8}, strategy={"name": "fsdp2"})
+    monkeypatch.setattr(lora.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r'needs the bitsandbytes package: pip install -e "\.\[quant\]"'):
+        _run(tmp_path, synth, lora=QLORA)
