@@ -10,7 +10,8 @@ parts and every parameter of the model belongs to exactly one part by its name:
     llm.*                       -> language_model
 
 Parameters the model itself froze (vision layers after the selected one, ``post_layernorm``, the SigLIP head) stay
-frozen whatever the stage says: they receive no gradient, and training them would break DDP and DCP resume.
+frozen whatever the stage says: they receive no gradient, and training them would break DDP and DCP resume. So do
+integer tensors (a QLoRA LLM's quantised weights), which cannot hold a gradient.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ def apply_trainable_parts(
     parts = set(parts)
     trainable = []
     for name, param in model.named_parameters():
-        param.requires_grad_(part_of(name) in parts and name not in always_frozen)
+        param.requires_grad_(
+            part_of(name) in parts and name not in always_frozen and param.is_floating_point()
+        )
         if param.requires_grad:
             trainable.append(name)
     if not trainable:
