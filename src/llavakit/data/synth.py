@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from llavakit.errors import DataError
 
-SYNTH_VERSION = 1
+SYNTH_VERSION = 2
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -60,6 +60,7 @@ OUTLINE_WIDTH = 2
 # canvas to one tile. That is what makes the AnyRes tiles matter for the word questions.
 WORD_FONT_SIZE = 11
 MAX_SHAPES = 4
+SINGLE_SHAPE_FRACTION = 0.5
 # Shape sides in pixels: half to most of a cell, so a shape covers several 8 px patches of its 32 px tile.
 MIN_SIZE, MAX_SIZE = 16, 26
 
@@ -143,7 +144,8 @@ def sample_scene(rng: random.Random, word_fraction: float = 0.5) -> Scene:
     cells = [(r, c) for r in range(height // CELL) for c in range(width // CELL)]
     rng.shuffle(cells)
     has_word = rng.random() < word_fraction
-    n_shapes = rng.randint(1, min(MAX_SHAPES, len(cells) - int(has_word)))
+    # Half the scenes hold one shape (the colour and shape questions), the rest 2-4 (count and position).
+    n_shapes = 1 if rng.random() < SINGLE_SHAPE_FRACTION else rng.randint(2, min(MAX_SHAPES, len(cells) - int(has_word)))
     kinds = rng.sample(SHAPES, n_shapes)
     colours = rng.sample(sorted(COLOURS), n_shapes)
     shapes = tuple(
@@ -203,15 +205,16 @@ def _cross_points(cx: int, cy: int, half: int, bar: int) -> list[tuple[int, int]
 def scene_questions(scene: Scene, rng: random.Random) -> list[QA]:
     """One question per applicable type, in `QUESTION_TYPES` order.
 
-    Colour and shape questions name a shape by its (unique) kind or colour; the position question compares two
-    shapes in different columns (left/right) or rows (above/below); the word question needs a rendered word.
+    Colour and shape questions are asked about single-shape scenes only. Asking for "the colour of the circle"
+    among several shapes makes the LLM bind a named shape to its colour; measured on the demo model, that stayed at
+    chance after 2000 steps (while counting reached 0.99), far beyond a 10-minute CPU budget. The position question
+    compares two shapes in different columns (left/right) or rows (above/below); the word question needs a word.
     """
-    target = rng.choice(scene.shapes)
-    questions = [
-        QA(f"What colour is the {target.kind}?", target.colour, "colour"),
-        QA(f"What shape is the {target.colour} one?", target.kind, "shape"),
-        QA("How many shapes are there?", NUMBERS[len(scene.shapes)], "count"),
-    ]
+    questions = []
+    if len(scene.shapes) == 1:
+        (shape,) = scene.shapes
+        questions += [QA("What colour is the shape?", shape.colour, "colour"), QA("What shape is it?", shape.kind, "shape")]
+    questions.append(QA("How many shapes are there?", NUMBERS[len(scene.shapes)], "count"))
     position = _position_question(scene, rng)
     if position is not None:
         questions.append(position)

@@ -30,9 +30,9 @@ from llavakit.training.trainer import TrainResult, train
 
 RECIPE = "demo-tiny"
 FULL_DATA = SynthConfig(n_train=2000, n_heldout=120)
-QUICK_DATA = SynthConfig(n_train=64, n_heldout=12)
-# (align steps, finetune steps) of --quick: enough for the loss to fall, small enough for CI.
-QUICK_STEPS = (6, 30)
+QUICK_DATA = SynthConfig(n_train=256, n_heldout=40)
+# (align steps, finetune steps) of --quick: enough to start seeing colours (about a minute on 2 cores), for CI.
+QUICK_STEPS = (20, 300)
 
 
 @dataclass(frozen=True)
