@@ -64,6 +64,7 @@ class DemoResult:
         with_images, text_only: held-out reports (the second is the text-only baseline).
         seconds: wall-clock seconds per phase (``data``, ``parts``, ``train``, ``eval``, ``total``).
         config: the resolved training config.
+        assistant: the trained model, loaded through `llavakit.load` (for the chat).
     """
 
     dataset: SynthDataset
