@@ -126,3 +126,23 @@ def test_qlora_preflight_errors(tmp_path, synth, monkeypatch, no_weight_loading)
     monkeypatch.setattr(lora.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match=r'needs the bitsandbytes package: pip install -e "\.\[quant\]"'):
         _run(tmp_path, synth, lora=QLORA)
+
+
+def test_qlora_stage_resumes_from_its_checkpoint(tmp_path, synth):
+    """A killed QLoRA stage resumes: quantisation constants are rebuilt, trained tensors come from the checkpoint."""
+    stage = debug_stage(synth, trainable=["projector", "language_model"], max_steps=3, optim={"lr": 1e-2})
+    config = config_from_dict(debug_config(tmp_path / "run", [stage], lora=QLORA))
+    first = Trainer(config, 0, init_distributed(needs_process_group=False), build_train_data)
+    first.build()
+    stream = first.micro_batches()
+    for _ in range(2):
+        first.train_step([next(stream) for _ in range(first.plan.accumulation_steps)])
+    first.save()
+    saved = {n: p.detach().clone() for n, p in first.unwrapped.named_parameters() if p.requires_grad}
+
+    second = Trainer(config, 0, init_distributed(needs_process_group=False), build_train_data)
+    second.build()
+    assert second.resume()
+    assert second.state.step == 2
+    resumed = dict(second.unwrapped.named_parameters())
+    assert all(torch.equal(resumed[n], tensor) for n, tensor in saved.items())

@@ -12,6 +12,9 @@ during ``save`` can leave a half-written ``checkpoint-N`` that the next run then
 
 A directory rename is atomic on POSIX, so a ``step-*`` folder is complete by construction. Only the newest
 ``keep`` checkpoints are kept. Checkpoints are written every ``save_every`` steps, never per step.
+
+bitsandbytes' quantisation constants (``absmax``, ``quant_map``, ``quant_state.*``: QLoRA) are left out: they are
+frozen, rebuilt identically when the stage's model is rebuilt, and their modules cannot load them back.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from llavakit.errors import CheckpointError
 from llavakit.training.distributed import DistContext, barrier
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
+_QUANT_STATE = re.compile(r"\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\..*|SCB|weight_format)$")
 
 
 @dataclass
@@ -101,7 +105,7 @@ class CheckpointManager:
         if self.context.is_main:
             partial.mkdir(parents=True, exist_ok=True)
         barrier(self.context)
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = _state_dicts(model, optimizer)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(partial))
         torch.save(
             {"scheduler": scheduler.state_dict(), "rng": _rng_state()},
@@ -139,7 +143,7 @@ class CheckpointManager:
                 f"checkpoint {path} lacks {extra_file.name} or trainer_state.json: it was written with a different "
                 "world size or by another tool; resume with the same number of ranks or start a new run_dir"
             )
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = _state_dicts(model, optimizer)
         bundle = {"model": model_state, "optim": optim_state}
         dcp.load(bundle, checkpoint_id=str(path))
         set_state_dict(model, optimizer, model_state_dict=bundle["model"], optim_state_dict=bundle["optim"])
@@ -147,6 +151,12 @@ class CheckpointManager:
         scheduler.load_state_dict(extra["scheduler"])
         _set_rng_state(extra["rng"])
         return TrainerState(**json.loads(state_file.read_text()))
+
+
+def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Model and optimizer state as DCP saves them, without bitsandbytes' quantisation constants."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {k: v for k, v in model_state.items() if not _QUANT_STATE.search(k)}, optim_state
 
 
 def _rng_state() -> dict[str, Any]:
