@@ -206,7 +206,7 @@ def scene_questions(scene: Scene, rng: random.Random) -> list[QA]:
     """One question per applicable type, in `QUESTION_TYPES` order.
 
     Colour and shape questions are asked about single-shape scenes only. Asking for "the colour of the circle"
-    among several shapes makes the LLM bind a named shape to its colour; measured on the demo model, that stayed at
+    among several shapes makes the LLM bind a named shape to its colour; measured on an earlier demo setup, that stayed at
     chance after 2000 steps (while counting reached 0.99), far beyond a 10-minute CPU budget. The position question
     compares two shapes in different columns (left/right) or rows (above/below); the word question needs a word.
     """
