@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from llavakit.errors import LlavakitError
@@ -40,9 +41,16 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_optional_kernel_warnings() -> None:
+    """bitsandbytes (installed for QLoRA) warns on import that the optional ``kernels`` package is missing, even
+    in runs that never quantise; it then uses its own CPU kernels. Keep that line out of every command's output."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``llavakit`` console script."""
     argv = sys.argv[1:] if argv is None else argv
+    _quiet_optional_kernel_warnings()
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
