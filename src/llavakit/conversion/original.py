@@ -26,6 +26,7 @@ import torch
 from llavakit.anyres.geometry import parse_pinpoints
 from llavakit.anyres.spec import ImageSpec
 from llavakit.errors import CheckpointError
+from llavakit.model.checkpoint import load_state_strict
 from llavakit.model.config import LlavaKitConfig
 from llavakit.model.llava_next import LlavaNextModel, cast_parameters
 from llavakit.model.tokenizer import ensure_image_token
@@ -112,11 +113,10 @@ def import_original(
         config.select_layer = -1
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = LlavaNextModel.from_config(config, tokenizer=tokenizer)
-    state = {name: tensor for key, tensor in weights.items() if (name := original_to_ours(key)) is not None}
-    if not any(name.startswith("vision_encoder.") for name in state):
+    if not any(key.startswith("model.vision_tower.") for key in weights):
         vision_model = VISION_BACKBONES.get(backbone.id).model_class.from_pretrained(tower_source)
-        state.update({f"vision_encoder.model.{k}": v for k, v in vision_model.state_dict().items()})
-    _load_strict(model, state, path)
+        weights = {**weights, **{ours_to_original(f"vision_encoder.model.{k}"): v for k, v in vision_model.state_dict().items()}}
+    load_state_strict(model, weights, path, original_to_ours)
     _add_image_token(model, tokenizer)
     return cast_parameters(model, dtype or torch.float32).eval()
 
@@ -246,19 +246,3 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         part = load_file(str(file)) if file.suffix == ".safetensors" else torch.load(file, map_location="cpu", weights_only=True)
         state.update(part)
     return state
-
-
-def _load_strict(model: LlavaNextModel, state: dict[str, torch.Tensor], path: Path) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    if model.config.tie_word_embeddings:
-        missing = [k for k in missing if not k.endswith("lm_head.weight")]
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: missing {missing[:8]}, unexpected {unexpected[:8]} after key conversion")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, the config builds {tuple(expected[name].shape)}")
-    model.load_state_dict(state, strict=False)
-    if model.config.tie_word_embeddings:
-        model.llm.tie_weights()

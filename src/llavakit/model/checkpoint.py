@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -170,7 +171,8 @@ def load_checkpoint(
     tokenizer = _load_tokenizer(path)
     model = cls.from_config(config, tokenizer=tokenizer, attn_implementation=attn_implementation)
     state = _read_weights(path)
-    _load_state(model, state, path)
+    base = model.llm.base_model_prefix
+    load_state_strict(model, state, path, lambda key: from_disk_key(key, base))
     saved_dtype = getattr(torch, str(data.get("dtype") or data.get("torch_dtype") or "float32"), torch.float32)
     cast_parameters(model, dtype or saved_dtype)
     if device is not None:
@@ -221,13 +223,27 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_state(model: LlavaNextModel, disk_state: dict[str, torch.Tensor], path: Path) -> None:
-    base = model.llm.base_model_prefix
+def load_state_strict(
+    model: LlavaNextModel, source_state: dict[str, torch.Tensor], path: Path, to_ours: Callable[[str], str | None]
+) -> None:
+    """Load ``source_state`` (keys in some checkpoint layout) into ``model``, checking keys and shapes first.
+
+    Args:
+        model: the model built from the checkpoint's config.
+        source_state: tensors under the checkpoint's own key names.
+        path: the checkpoint, named in errors.
+        to_ours: maps a checkpoint key to our parameter name (None: a key we have no place for).
+
+    Raises:
+        CheckpointError: a missing parameter (a tied ``lm_head`` excepted), an unexpected key or a shape mismatch.
+    """
     expected = model.state_dict()
     state: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
-    for key, tensor in disk_state.items():
-        name = from_disk_key(key, base)
+    for key, tensor in source_state.items():
+        if key.endswith(".inv_freq"):  # rotary buffers are recomputed, never loaded
+            continue
+        name = to_ours(key)
         if name is None or name not in expected:
             unexpected.append(key)
             continue
