@@ -6,14 +6,17 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
 
 from llavakit.data.synth import (
+    BACKGROUND,
     CELL,
     COLOURS,
     QUESTION_TYPES,
+    WORDS,
     Scene,
     SynthConfig,
     generate_synth,
@@ -103,14 +106,53 @@ def test_answers_match_the_pixels():
         assert answers["count"] == ("zero", "one", "two", "three", "four")[len(scene.shapes)]
 
 
+def _colour_centroid(image, colour: tuple[int, int, int]) -> tuple[float, float]:
+    points = [(x, y) for x in range(image.width) for y in range(image.height) if image.getpixel((x, y)) == colour]
+    return sum(x for x, _ in points) / len(points), sum(y for _, y in points) / len(points)
+
+
+def test_position_answers_match_the_pixels():
+    """Each position answer agrees with where the two named shapes' colours sit in the rendered image."""
+    rng = random.Random(5)
+    asked = 0
+    for _ in range(200):
+        scene = sample_scene(rng)
+        for qa in scene_questions(scene, rng):
+            if qa.type != "position":
+                continue
+            asked += 1
+            match = re.fullmatch(r"Is the (\w+) \w+ (left or right of|above or below) the (\w+) \w+\?", qa.question)
+            assert match, qa.question
+            image = render_scene(scene)
+            (xa, ya), (xb, yb) = (_colour_centroid(image, COLOURS[match[i]]) for i in (1, 3))
+            if match[2] == "left or right of":
+                assert qa.answer == ("left" if xa < xb else "right")
+            else:
+                assert qa.answer == ("above" if ya < yb else "below")
+    assert asked > 30
+
+
 def test_words_are_too_small_for_the_base_view_alone():
     """A rendered word fits in one 32 px cell, so squashing a 128 px wide canvas to one tile shrinks it 4x."""
     scene = Scene(height=64, width=128, shapes=(), word="cup", word_cell=(0, 1), jitter=((0, 0),))
     image = render_scene(scene)
-    dark = [(x, y) for x in range(image.width) for y in range(image.height) if sum(image.getpixel((x, y))) < 150]
-    assert dark, "the word was not drawn"
-    assert max(x for x, _ in dark) - min(x for x, _ in dark) + 1 <= CELL
-    assert all(CELL <= x < 2 * CELL and y < CELL for x, y in dark)
+    # Note: the background sums to 344 and white text to 765; anti-aliased glyph edges lie between.
+    text = [(x, y) for x in range(image.width) for y in range(image.height) if sum(image.getpixel((x, y))) > 500]
+    assert text, "the word was not drawn"
+    assert max(x for x, _ in text) - min(x for x, _ in text) + 1 <= CELL
+    assert all(CELL <= x < 2 * CELL and y < CELL for x, y in text)
+
+
+def test_every_word_stays_inside_its_cell_whatever_the_jitter():
+    """A word spilling into the next cell would show in two AnyRes tiles."""
+    for word in WORDS:
+        for dy in range(-3, 4):
+            for dx in range(-3, 4):
+                scene = Scene(height=64, width=128, shapes=(), word=word, word_cell=(1, 2), jitter=((dy, dx),))
+                image = render_scene(scene)
+                text = [(x, y) for x in range(image.width) for y in range(image.height) if image.getpixel((x, y)) != BACKGROUND]
+                assert text, word
+                assert all(2 * CELL <= x < 3 * CELL and CELL <= y < 2 * CELL for x, y in text), (word, dy, dx)
 
 
 def test_matching_manifest_is_reused_and_a_different_one_refused(small_dataset):

@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from llavakit.errors import DataError
 
-SYNTH_VERSION = 2
+SYNTH_VERSION = 3
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -56,13 +56,18 @@ BACKGROUND = (123, 117, 104)
 # A dark outline gives every shape the same edge pixels whatever its colour, so shape is not entangled with colour.
 OUTLINE = (20, 20, 20)
 OUTLINE_WIDTH = 2
-# Note: 11 px upper-case glyphs are ~20x9 px: legible in a 32 px tile, a smudge once the base view squashes the
+# Note: white text is unlike every shape (coloured fill, dark outline), so the word's tokens are as easy to pick out
+# as a colour; black text looked like the shapes' outlines and the word questions stayed at chance.
+TEXT_COLOUR = (255, 255, 255)
+# Note: 13 px upper-case glyphs are ~26x9 px: legible in a 32 px tile, a smudge once the base view squashes the
 # canvas to one tile. That is what makes the AnyRes tiles matter for the word questions.
-WORD_FONT_SIZE = 11
+WORD_FONT_SIZE = 13
+# A 1 px stroke thickens the glyphs' 1 px lines, so each letter covers more of its 8 px patches.
+WORD_STROKE = 1
 MAX_SHAPES = 4
-SINGLE_SHAPE_FRACTION = 0.5
-# Shape sides in pixels: half to most of a cell, so a shape covers several 8 px patches of its 32 px tile.
-MIN_SIZE, MAX_SIZE = 16, 26
+SINGLE_SHAPE_FRACTION = 0.6
+# Shape sides in pixels: most of a cell, so a shape covers several 8 px patches of its 32 px tile.
+MIN_SIZE, MAX_SIZE = 20, 26
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,7 @@ class SynthConfig:
     n_heldout: int = 120
     seed: int = 0
     word_fraction: float = 0.5
-    multi_turn_fraction: float = 0.75
+    multi_turn_fraction: float = 0.9
     text_only_fraction: float = 0.05
     multi_image_fraction: float = 0.05
 
@@ -144,7 +149,7 @@ def sample_scene(rng: random.Random, word_fraction: float = 0.5) -> Scene:
     cells = [(r, c) for r in range(height // CELL) for c in range(width // CELL)]
     rng.shuffle(cells)
     has_word = rng.random() < word_fraction
-    # Half the scenes hold one shape (the colour and shape questions), the rest 2-4 (count and position).
+    # Most scenes hold one shape (the colour and shape questions), the rest 2-4 (count and position).
     n_shapes = 1 if rng.random() < SINGLE_SHAPE_FRACTION else rng.randint(2, min(MAX_SHAPES, len(cells) - int(has_word)))
     kinds = rng.sample(SHAPES, n_shapes)
     colours = rng.sample(sorted(COLOURS), n_shapes)
@@ -168,12 +173,18 @@ def render_scene(scene: Scene) -> Image.Image:
     if scene.word is not None and scene.word_cell is not None:
         font = ImageFont.load_default(size=WORD_FONT_SIZE)
         text = scene.word.upper()
-        left, top, right, bottom = font.getbbox(text)
+        left, top, right, bottom = font.getbbox(text, stroke_width=WORD_STROKE)
         dy, dx = scene.jitter[-1]
-        x = scene.word_cell[1] * CELL + (CELL - (right - left)) // 2 + dx // 2
-        y = scene.word_cell[0] * CELL + (CELL - (bottom - top)) // 2 - top + dy
-        draw.text((x, y), text, fill=(0, 0, 0), font=font)
+        # Contract: the jittered word stays inside its cell, so it shows in exactly one AnyRes tile.
+        x = scene.word_cell[1] * CELL + _clamp((CELL - (right - left)) // 2 + dx // 2, CELL - (right - left)) - left
+        y = scene.word_cell[0] * CELL + _clamp((CELL - (bottom - top)) // 2 + dy, CELL - (bottom - top)) - top
+        draw.text((x, y), text, fill=TEXT_COLOUR, font=font, stroke_width=WORD_STROKE, stroke_fill=TEXT_COLOUR)
     return image
+
+
+def _clamp(offset: int, slack: int) -> int:
+    """``offset`` limited to ``[0, slack]``."""
+    return min(max(offset, 0), slack)
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, fill: tuple[int, int, int], cy: int, cx: int, size: int) -> None:

@@ -29,7 +29,7 @@ from llavakit.training.recipes import load_recipe
 from llavakit.training.trainer import TrainResult, train
 
 RECIPE = "demo-tiny"
-FULL_DATA = SynthConfig(n_train=2000, n_heldout=120)
+FULL_DATA = SynthConfig(n_train=3000, n_heldout=300)
 QUICK_DATA = SynthConfig(n_train=256, n_heldout=40)
 # (align steps, finetune steps) of --quick: enough to start seeing colours (about a minute on 2 cores), for CI.
 QUICK_STEPS = (20, 300)
