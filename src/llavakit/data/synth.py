@@ -60,8 +60,8 @@ OUTLINE_WIDTH = 2
 # shape's. Measured in otherwise equal demo runs: held-out shape accuracy 0.69 with black 11 px text, 0.92 with white
 # 13 px text (black text looks like the shapes' outlines).
 TEXT_COLOUR = (255, 255, 255)
-# Note: 13 px upper-case words with their stroke are up to ~31x11 px: legible in a 32 px tile, a smudge once the base view squashes the
-# canvas to one tile. That is what makes the AnyRes tiles matter for the word questions.
+# Note: 13 px upper-case words with their stroke are up to ~31x11 px: legible in a 32 px tile, a smudge once the base
+# view squashes the canvas to one tile. That is what makes the AnyRes tiles matter for the word questions.
 WORD_FONT_SIZE = 13
 # A 1 px stroke thickens the glyphs' 1 px lines, so each letter covers more of its 8 px patches.
 WORD_STROKE = 1
