@@ -17,6 +17,17 @@ def synth(tmp_path_factory):
     return generate_synth(tmp_path_factory.mktemp("synth"), SynthConfig(n_train=48, n_heldout=1))
 
 
+@pytest.fixture
+def no_weight_loading(monkeypatch):
+    """Make any model construction fail the test: errors must come first."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("model weights were loaded before the configuration error was raised")
+
+    monkeypatch.setattr("llavakit.training.model_setup.build_model", forbidden)
+    monkeypatch.setattr("llavakit.training.trainer.build_model", forbidden)
+
+
 def debug_stage(synth, name: str = "finetune", **fields: Any) -> dict[str, Any]:
     """A stage dict on the synthetic data: align stages read captions with ``plain``, others instructions."""
     data_file = synth.align_path if name == "align" else synth.finetune_path

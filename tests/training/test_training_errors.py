@@ -7,21 +7,9 @@ import torch
 
 from conftest import debug_config, debug_stage
 from llavakit.errors import CheckpointError, ConfigError
-from llavakit.training import model_setup
 from llavakit.training.config_loading import config_from_dict
 from llavakit.training.recipes import load_recipe
 from llavakit.training.trainer import train
-
-
-@pytest.fixture
-def no_weight_loading(monkeypatch):
-    """Make any model construction fail the test: errors must come first."""
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("model weights were loaded before the configuration error was raised")
-
-    monkeypatch.setattr(model_setup, "build_model", forbidden)
-    monkeypatch.setattr("llavakit.training.trainer.build_model", forbidden)
 
 
 def _run(tmp_path, synth, stage_fields=None, **sections):

@@ -14,7 +14,7 @@ from llavakit.anyres.geometry import count_visual_tokens
 from llavakit.anyres.pixels import process_image
 from llavakit.errors import ConfigError
 from llavakit.model.llava_next import LlavaNextModel
-from llavakit.training import lora, model_setup
+from llavakit.training import lora
 from llavakit.training.config_loading import config_from_dict
 from llavakit.training.data import build_train_data
 from llavakit.training.distributed import init_distributed
@@ -23,17 +23,6 @@ from llavakit.training.trainer import Trainer, train
 bnb = pytest.importorskip("bitsandbytes", reason='QLoRA needs bitsandbytes: pip install -e ".[quant]"')
 
 QLORA = {"enabled": True, "bits": 4, "r": 4, "alpha": 8}
-
-
-@pytest.fixture
-def no_weight_loading(monkeypatch):
-    """Make any model construction fail the test: errors must come first."""
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("model weights were loaded before the configuration error was raised")
-
-    monkeypatch.setattr(model_setup, "build_model", forbidden)
-    monkeypatch.setattr("llavakit.training.trainer.build_model", forbidden)
 
 
 def _run(tmp_path, synth, **sections):
