@@ -27,11 +27,10 @@ from torch.utils.data import Dataset
 
 from llavakit.anyres.spec import ImageSpec
 from llavakit.data.config import DataConfig
-from llavakit.data.formats import parse_sample
 from llavakit.data.images import load_pixels
 from llavakit.data.issues import IssueLog
 from llavakit.data.mixture import read_data_records
-from llavakit.data.prepare import NoSupervisedTokens, SampleTooLong, encode_fitted, prepare_sample
+from llavakit.data.prepare import SampleTooLong, encode_fitted, prepare_record
 from llavakit.data.schema import Sample
 from llavakit.data.templates import ChatTemplate, get_template
 from llavakit.data.tokenize import SampleEncoder
@@ -185,9 +184,9 @@ def _scan_record(
     record: Any, config: DataConfig, encoder: SampleEncoder, spec: ImageSpec, stats: DatasetStats
 ) -> Entry | None:
     try:
-        sample = parse_sample(record)
-        prepared = prepare_sample(
-            sample,
+        prepared = prepare_record(
+            record,
+            stats.issues,
             image_folder=config.image_folder,
             encoder=encoder,
             spec=spec,
@@ -199,17 +198,8 @@ def _scan_record(
         if len(stats.dropped_examples) < 5:
             stats.dropped_examples.append(str(err))
         return None
-    except ImageError as err:
-        stats.issues.report(
-            "image", ImageError(f"{record.location} (sample {record.data.get('id')!r}): {err}")
-        )
-        return None
-    except NoSupervisedTokens as err:
-        stats.issues.report("no_supervised_tokens", err)
-        return None
-    except DataError as err:
-        stats.issues.report("invalid_sample", err)
+    if prepared is None:
         return None
     stats.num_truncated += prepared.truncated
     stats.num_downscaled += prepared.downscaled
-    return Entry(sample, prepared.image_paths, prepared.image_sizes, prepared.image_tiled, prepared.length)
+    return Entry(prepared.sample, prepared.image_paths, prepared.image_sizes, prepared.image_tiled, prepared.length)

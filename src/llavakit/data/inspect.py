@@ -19,13 +19,13 @@ from typing import Any
 from tqdm import tqdm
 
 from llavakit.anyres.spec import ImageSpec
-from llavakit.data.formats import Record, parse_sample
+from llavakit.data.formats import Record
 from llavakit.data.issues import IssueLog
 from llavakit.data.mixture import read_data_records
-from llavakit.data.prepare import NoSupervisedTokens, SampleTooLong, count_tiles, prepare_sample
+from llavakit.data.prepare import SampleTooLong, count_tiles, prepare_record
 from llavakit.data.templates import get_template
 from llavakit.data.tokenize import SampleEncoder
-from llavakit.errors import ConfigError, DataError, ImageError
+from llavakit.errors import ConfigError
 
 LENGTH_BINS = (0, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 BAR_WIDTH = 40
@@ -128,9 +128,9 @@ def _inspect_record(
         report.num_with_images += 1
         report.num_multi_image += isinstance(images, list) and len(images) > 1
     try:
-        sample = parse_sample(record)
-        prepared = prepare_sample(
-            sample,
+        prepared = prepare_record(
+            record,
+            report.issues,
             image_folder=options.image_folder,
             encoder=encoder,
             spec=spec,
@@ -140,16 +140,7 @@ def _inspect_record(
     except SampleTooLong:
         report.num_dropped += 1
         return
-    except ImageError as err:
-        report.issues.report(
-            "image", ImageError(f"{record.location} (sample {record.data.get('id')!r}): {err}")
-        )
-        return
-    except NoSupervisedTokens as err:
-        report.issues.report("no_supervised_tokens", err)
-        return
-    except DataError as err:
-        report.issues.report("invalid_sample", err)
+    if prepared is None:
         return
     report.lengths.append(prepared.length)
     report.num_truncated += prepared.truncated

@@ -17,10 +17,12 @@ from pathlib import Path
 
 from llavakit.anyres.geometry import count_visual_tokens, grid_shape
 from llavakit.anyres.spec import ImageSpec
+from llavakit.data.formats import Record, parse_sample
 from llavakit.data.images import read_image_size, resolve_image_path
+from llavakit.data.issues import IssueLog
 from llavakit.data.schema import Sample
 from llavakit.data.tokenize import EncodedSample, SampleEncoder
-from llavakit.errors import DataError
+from llavakit.errors import DataError, ImageError
 
 Size = tuple[int, int]
 
@@ -140,3 +142,44 @@ def prepare_sample(
             "cut by model_max_length); fix the sample or raise model_max_length"
         )
     return PreparedSample(sample, paths, sizes, tuple(tiled), encoded, truncated, downscaled)
+
+
+def prepare_record(
+    record: Record,
+    issues: IssueLog,
+    *,
+    image_folder: str | Path,
+    encoder: SampleEncoder,
+    spec: ImageSpec,
+    max_length: int,
+    truncation_policy: str = "drop",
+) -> PreparedSample | None:
+    """`prepare_sample` of one raw JSON record, with unusable records reported to ``issues`` (its skip policy).
+
+    Returns:
+        The prepared sample, or None when the record was reported (kinds ``image``, ``no_supervised_tokens``,
+        ``invalid_sample``).
+
+    Raises:
+        SampleTooLong: too long under ``truncation_policy``; the caller counts the drop.
+        DataError: from ``issues`` itself when its policy is ``error``.
+    """
+    try:
+        sample = parse_sample(record)
+        return prepare_sample(
+            sample,
+            image_folder=image_folder,
+            encoder=encoder,
+            spec=spec,
+            max_length=max_length,
+            truncation_policy=truncation_policy,
+        )
+    except SampleTooLong:
+        raise
+    except ImageError as err:
+        issues.report("image", ImageError(f"{record.location} (sample {record.data.get('id')!r}): {err}"))
+    except NoSupervisedTokens as err:
+        issues.report("no_supervised_tokens", err)
+    except DataError as err:
+        issues.report("invalid_sample", err)
+    return None
