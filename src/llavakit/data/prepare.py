@@ -175,6 +175,7 @@ def prepare_record(
             truncation_policy=truncation_policy,
         )
     except SampleTooLong:
+        # Note: a DataError too, but not an issue: drops are counted under the caller's truncation policy.
         raise
     except ImageError as err:
         issues.report("image", ImageError(f"{record.location} (sample {record.data.get('id')!r}): {err}"))
