@@ -6,6 +6,7 @@ Flow of one forward pass::
         ──split per image, anyres.features.merge_image_features──► [n_i, D] per image ──cat──► [Σn_i, D]
     input_ids [B,L] ──LLM embeddings──► [B,L,D] ──masked_scatter at <image> positions──► inputs_embeds
         ──llm(inputs_embeds, attention_mask, position_ids, labels)──► loss, logits [B,L,V]
+                                         (training: logits of the N supervised positions only, [N,V])
 
 The sequence already holds one ``<image>`` token per visual token (the data pipeline expands placeholders with
 `llavakit.anyres.geometry.count_visual_tokens`), so placing features is a single masked scatter, and a count
@@ -33,6 +34,7 @@ from llavakit.anyres.spec import ImageSpec
 from llavakit.errors import ConfigError, DataError
 from llavakit.model.config import LlavaKitConfig
 from llavakit.model.family import family_for, set_pad_token
+from llavakit.model.loss import supervised_lm_loss
 from llavakit.model.projector import Projector
 from llavakit.model.tokenizer import ensure_image_token
 from llavakit.model.vision import VISION_BACKBONES, VisionEncoder, build_vision_encoder, load_vision_model
@@ -270,6 +272,7 @@ class LlavaNextModel(nn.Module):
         image_tiled: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        supervised_logits_only: bool = False,
         **llm_kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Run the model.
@@ -281,6 +284,8 @@ class LlavaNextModel(nn.Module):
             pixel_values, image_sizes, image_tiled: see `encode_images`.
             labels: ``[B, L]``, -100 where not supervised; the LLM shifts them (transformers convention).
             inputs_embeds: precomputed embeddings instead of ``input_ids`` (generation steps).
+            supervised_logits_only: with ``labels``, compute the logits of the supervised positions only (the same
+                loss, much less work: see `llavakit.model.loss`); ``logits`` is then ``[N, V]``.
             llm_kwargs: passed to the LLM (``past_key_values``, ``use_cache``, ``num_items_in_batch`` ...).
 
         Returns:
@@ -290,6 +295,11 @@ class LlavaNextModel(nn.Module):
             if input_ids is None:
                 raise DataError("forward needs input_ids or inputs_embeds")
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes, image_tiled)
+        if supervised_logits_only and labels is not None:
+            loss, logits = supervised_lm_loss(
+                self.llm, inputs_embeds, labels, attention_mask=attention_mask, position_ids=position_ids, **llm_kwargs
+            )
+            return CausalLMOutputWithPast(loss=loss, logits=logits)
         return self.llm(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

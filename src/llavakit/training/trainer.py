@@ -12,7 +12,8 @@ Loss normalisation (why 1 and W processes give the same step): each micro-batch'
 the number of supervised tokens in the *whole global batch* (all micro-batches, all ranks), counted before the first
 forward, and multiplied by the world size to undo the gradient averaging of DDP/FSDP. The step's gradient is then the
 gradient of the global token-mean loss, independent of how samples are split over ranks and micro-batches. The
-division is done by transformers' loss (``num_items_in_batch``), so logits are never materialised twice.
+division is done in the loss (``num_items_in_batch``, transformers semantics), and the model computes logits for the
+supervised positions only (`llavakit.model.loss`): the answers are a small share of a LLaVA sequence.
 
 `train` runs every stage of a `TrainConfig` in order, each starting from the previous stage's export, and skips
 stages already exported (so re-running a run folder resumes it).
@@ -33,6 +34,7 @@ from torch.utils.data import DataLoader
 
 from llavakit.errors import ConfigError
 from llavakit.model.llava_next import LlavaNextModel
+from llavakit.model.loss import IGNORE_INDEX
 from llavakit.training.batches import BatchPlan, modality_grouped_order, random_order
 from llavakit.training.checkpoint import CheckpointManager, TrainerState
 from llavakit.training.config import StageConfig, TrainConfig
@@ -47,7 +49,6 @@ from llavakit.training.strategies import STRATEGIES, build_strategy
 
 # Keys of a collated batch that the model's forward takes; the rest is bookkeeping (token counts, ids).
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_sizes", "image_tiled")
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -333,7 +334,8 @@ def _token_counts(batches: list[dict[str, Any]]) -> tuple[int, int]:
 
 def _model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     inputs = {key: batch[key] for key in (*MODEL_INPUTS, "labels") if batch.get(key) is not None}
-    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in inputs.items()}
+    inputs = {key: value.to(device) if torch.is_tensor(value) else value for key, value in inputs.items()}
+    return {**inputs, "supervised_logits_only": True}
 
 
 def train(config: TrainConfig, data_factory: DataFactory | None = None) -> TrainResult:
