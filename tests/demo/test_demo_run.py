@@ -45,7 +45,7 @@ def test_outputs_are_written(demo_run):
     for name in ("metrics.json", "loss.png", "final/config.json", "final/model.safetensors"):
         assert (demo_run / name).is_file(), name
     metrics = json.loads((demo_run / "metrics.json").read_text())
-    assert set(metrics["accuracy"]) == set(metrics["accuracy_text_only"])
+    assert set(metrics["accuracy"]) == set(metrics["accuracy_text_only"]) == set(metrics["accuracy_majority_answer"])
     assert metrics["seconds"]["train"] > 0 and all(v > 0 for v in metrics["tokens_per_s"].values())
 
 

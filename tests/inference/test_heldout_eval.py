@@ -66,6 +66,17 @@ def test_report_aggregates_per_type():
     assert report.accuracy == pytest.approx(2 / 3)
 
 
+def test_majority_baseline_is_the_most_common_answer_among_questions_offering_the_same_choices():
+    truths = [("What word?", "cat"), ("What word?", "cat"), ("What word?", "dog"), ("What word?", "sun")]
+    truths += [("Is A left or right of B?", a) for a in ("left", "left", "right")]
+    truths += [("Is A above or below B?", a) for a in ("above", "below", "below", "below", "above")]
+    kinds = ["word"] * 4 + ["position"] * 8
+    examples = [Example(f"q{i}", q, a, k) for i, ((q, a), k) in enumerate(zip(truths, kinds))]
+    report = BenchmarkReport("b", True, [Prediction(example, "x", 0.0) for example in examples])
+    # word: "cat" 2 of 4; position: "left" 2 of 3 left/right questions + "below" 3 of 5 above/below questions.
+    assert report.majority_by_type() == {"position": 5 / 8, "word": 0.5}
+
+
 def test_run_benchmark_scores_a_real_model(checkpoint, images, tmp_path):
     import llavakit
 

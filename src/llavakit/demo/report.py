@@ -1,8 +1,10 @@
 """What the demo leaves behind: the printed report, ``metrics.json``, the loss-curve PNG, the final checkpoint.
 
 Every number printed is read from the `DemoResult` the run measured; nothing is estimated. The report shows, per
-question type, the held-out accuracy with images next to the text-only baseline (the same model, images removed),
-so "the model looks at the image" is a visible margin rather than a claim.
+question type, the held-out accuracy with images next to two baselines: the text-only one (the same model, images
+removed) and the majority answer (always the type's most common answer). "The model looks at the image" is then a
+visible margin over both rather than a claim; the majority column keeps a type at chance from looking good next to
+a text-only score that fell below chance.
 """
 
 from __future__ import annotations
@@ -38,10 +40,14 @@ def format_report(result: DemoResult) -> str:
     """The text printed at the end of ``llavakit demo``."""
     with_images = result.with_images.accuracy_by_type()
     text_only = result.text_only.accuracy_by_type()
+    majority = result.with_images.majority_by_type()
     counts = result.with_images.count_by_type()
-    lines = ["", "Held-out accuracy (exact match)", f"  {'type':<10}{'n':>5}{'with image':>12}{'text only':>11}"]
+    header = f"  {'type':<10}{'n':>5}{'with image':>12}{'text only':>11}{'majority':>10}"
+    lines = ["", "Held-out accuracy (exact match)", header]
     for kind in with_images:
-        lines.append(f"  {kind:<10}{counts[kind]:>5}{with_images[kind]:>12.3f}{text_only[kind]:>11.3f}")
+        lines.append(
+            f"  {kind:<10}{counts[kind]:>5}{with_images[kind]:>12.3f}{text_only[kind]:>11.3f}{majority[kind]:>10.3f}"
+        )
     lines.append(f"  {'all':<10}{len(result.with_images.predictions):>5}"
                  f"{result.with_images.accuracy:>12.3f}{result.text_only.accuracy:>11.3f}")
     seconds = result.seconds
@@ -69,6 +75,7 @@ def metrics_dict(result: DemoResult) -> dict[str, Any]:
     return {
         "accuracy": result.with_images.accuracy_by_type(),
         "accuracy_text_only": result.text_only.accuracy_by_type(),
+        "accuracy_majority_answer": result.with_images.majority_by_type(),
         "accuracy_all": result.with_images.accuracy,
         "accuracy_all_text_only": result.text_only.accuracy,
         "questions_per_type": result.with_images.count_by_type(),

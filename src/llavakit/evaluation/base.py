@@ -6,13 +6,15 @@ A benchmark is a list of `Example` values plus a scoring rule; `run_benchmark` b
 without touching this loop.
 
 ``with_images=False`` removes every image (and its placeholder) from the prompts: the *text-only baseline*, which
-measures what the model answers from the question alone. A model that truly looks at images beats it clearly.
+measures what the model answers from the question alone. A model that truly looks at images beats it clearly, and
+beats `BenchmarkReport.majority_by_type` (always the most common answer) too.
 """
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,10 +81,39 @@ class BenchmarkReport:
             counts[prediction.example.type] += 1
         return dict(sorted(counts.items()))
 
+    def majority_by_type(self) -> dict[str, float]:
+        """Per type, the exact-match accuracy of a guesser that knows only the answer distribution.
+
+        Each question is answered with the most common reference answer among the questions of its type that offer
+        the same candidate answers: a question naming some of its type's answers ("Is the red circle left or right
+        of the blue square?") is grouped with the others naming the same ones, so a two-way choice scores about 0.5,
+        not the share of the most common of all four directions. Unlike the text-only baseline (a model trained
+        with images may answer worse than chance without them) it cannot fall below chance.
+        """
+        vocabulary: dict[str, set[str]] = defaultdict(set)
+        for prediction in self.predictions:
+            vocabulary[prediction.example.type].add(_words(prediction.example.answer))
+        groups: dict[tuple[str, frozenset[str]], Counter[str]] = defaultdict(Counter)
+        for prediction in self.predictions:
+            example = prediction.example
+            question = f" {_words(example.question)} "
+            offered = frozenset(a for a in vocabulary[example.type] if f" {a} " in question)
+            groups[(example.type, offered)][example.answer] += 1
+        hits: dict[str, int] = defaultdict(int)
+        for (kind, _), answers in groups.items():
+            hits[kind] += max(answers.values())
+        counts = self.count_by_type()
+        return {kind: hits[kind] / counts[kind] for kind in counts}
+
     @property
     def accuracy(self) -> float:
         """Mean score over all examples."""
         return sum(p.score for p in self.predictions) / max(len(self.predictions), 1)
+
+
+def _words(text: str) -> str:
+    """Lower-case words of ``text`` separated by single spaces (punctuation dropped)."""
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
 
 
 class Benchmark(ABC):
