@@ -54,7 +54,7 @@ def supervised_lm_loss(
         order of `supervised_mask`.
     """
     mask = supervised_mask(labels)
-    output = llm(inputs_embeds=inputs_embeds, logits_to_keep=mask, use_cache=False, **llm_kwargs)
+    output = llm(inputs_embeds=inputs_embeds, logits_to_keep=mask, **{"use_cache": False, **llm_kwargs})
     logits = output.logits
     if logits.dim() != 2 or logits.shape[0] != int(mask.sum()):
         raise TypeError(
