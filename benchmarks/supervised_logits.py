@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="samples per step (the demo's batch)")
     parser.add_argument("--vocab", type=int, nargs="+", default=[512, 32000], help="LLM vocabulary sizes to run")
     args = parser.parse_args()
+    from llavakit.model.loss import supervised_mask
+
     torch.manual_seed(0)
     print(f"{'vocab':>7s} {'own loss ms':>12s} {'supervised ms':>14s} {'speed-up':>9s} {'supervised share':>17s}")
     for vocab in args.vocab:
@@ -74,7 +76,7 @@ def main() -> None:
                 step = time_steps(trainer, [batch], mode)
                 if index >= 2:
                     times += step
-        share = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches) / sum(b["labels"].numel() for b in batches)
+        share = sum(int(supervised_mask(b["labels"]).sum()) for b in batches) / sum(b["labels"].numel() for b in batches)
         full_ms, supervised_ms = 1000 * sum(full) / len(full), 1000 * sum(supervised) / len(supervised)
         print(f"{vocab:7d} {full_ms:12.1f} {supervised_ms:14.1f} {full_ms / supervised_ms:8.2f}x {share:17.1%}")
 

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from llavakit.errors import ConfigError
 from llavakit.model.llava_next import LlavaNextModel
-from llavakit.model.loss import IGNORE_INDEX
+from llavakit.model.loss import supervised_mask
 from llavakit.training.batches import BatchPlan, modality_grouped_order, random_order
 from llavakit.training.checkpoint import CheckpointManager, TrainerState
 from llavakit.training.config import StageConfig, TrainConfig
@@ -315,7 +315,7 @@ class Trainer:
 
 def _supervised_tokens(batch: dict[str, Any]) -> int:
     # The loss predicts token t+1 from t: the first label of each row is never a target.
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return int(supervised_mask(batch["labels"]).sum())
 
 
 def _token_counts(batches: list[dict[str, Any]]) -> tuple[int, int]:
