@@ -15,7 +15,10 @@ from llavakit.data.synth import (
     BACKGROUND,
     CELL,
     COLOURS,
+    GLYPH_SIZE,
+    PLATE_COLOUR,
     QUESTION_TYPES,
+    TEXT_GRID,
     WORDS,
     Scene,
     SynthConfig,
@@ -143,16 +146,24 @@ def test_words_are_too_small_for_the_base_view_alone():
     assert all(CELL <= x < 2 * CELL and y < CELL for x, y in text)
 
 
-def test_every_word_stays_inside_its_cell_whatever_the_jitter():
-    """A word spilling into the next cell would show in two AnyRes tiles."""
+def test_every_word_stays_inside_its_cell_on_the_patch_grid_whatever_the_jitter():
+    """A word spilling into the next cell would show in two AnyRes tiles; its plate starts on the 8 px grid, so each
+    letter fills the same patches wherever it is printed."""
+    offsets = set()
     for word in WORDS:
         for dy in range(-3, 4):
             for dx in range(-3, 4):
                 scene = Scene(height=64, width=128, shapes=(), word=word, word_cell=(1, 2), jitter=((dy, dx),))
                 image = render_scene(scene)
-                text = [(x, y) for x in range(image.width) for y in range(image.height) if image.getpixel((x, y)) != BACKGROUND]
-                assert text, word
-                assert all(2 * CELL <= x < 3 * CELL and CELL <= y < 2 * CELL for x, y in text), (word, dy, dx)
+                drawn = [(x, y) for x in range(image.width) for y in range(image.height) if image.getpixel((x, y)) != BACKGROUND]
+                assert all(2 * CELL <= x < 3 * CELL and CELL <= y < 2 * CELL for x, y in drawn), (word, dy, dx)
+                left, top = min(x for x, _ in drawn), min(y for _, y in drawn)
+                width, height = max(x for x, _ in drawn) - left + 1, max(y for _, y in drawn) - top + 1
+                assert (left % TEXT_GRID, top % TEXT_GRID) == (0, 0), (word, dy, dx)
+                assert (width, height) == (GLYPH_SIZE[0] * len(word), GLYPH_SIZE[1]), (word, dy, dx)
+                assert PLATE_COLOUR in {image.getpixel(point) for point in drawn}, (word, dy, dx)
+                offsets.add((left, top))
+    assert len(offsets) > 1, "the jitter never moved the word"
 
 
 def test_matching_manifest_is_reused_and_a_different_one_refused(small_dataset):

@@ -6,7 +6,7 @@
 trained on the synthetic training texts plus the chat template's system prompt, so every answer word is one token.
 
 Sizes (calibrated to learn the synthetic tasks within minutes on 2 CPU cores): 32 px tiles of 8 px patches
-(16 tokens per tile), a 3-layer 96-wide vision encoder read at layer -2, a 2-layer 128-wide LLM.
+(16 tokens per tile), a 3-layer 96-wide vision encoder read at layer -2, a 2-layer 128-wide LLM with 8 heads.
 """
 
 from __future__ import annotations
@@ -24,12 +24,15 @@ PATCH_SIZE = 8
 # AnyRes grids (rows, cols): the synthetic canvases are 64x64, 64x128 and 128x64, each an exact 2x2, 2x4 or 4x2 grid.
 GRIDS = ((1, 2), (2, 1), (2, 2), (2, 4), (4, 2))
 VISION_DIMS = {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 3, "num_attention_heads": 4}
+# Note: 8 heads of 16 dims. With 4 heads (2 key/value heads) the LLM learned to read the words or to tell the shapes
+# apart, never both: words 1.00 but shapes 0.22-0.28 up to finetune step 1600 (held-out, teacher-forced). With 8 heads
+# it learns both: words 1.00, shapes 0.97 (held-out exact match after 2600 steps). One run each.
 LLM_DIMS = {
     "hidden_size": 128,
     "intermediate_size": 256,
     "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
     "max_position_embeddings": 1024,
 }
 VOCAB_SIZE = 512
