@@ -1,9 +1,9 @@
 """The built-in synthetic dataset: procedurally drawn scenes a tiny model can learn to see on a CPU in minutes.
 
 A newcomer has no weights and no data, yet ``llavakit demo`` must show the real system learning to *see*. This
-module draws small scenes (coloured shapes at grid positions, some wide or tall canvases, some with a short rendered
-word small enough that only the high-resolution tiles keep it legible) and writes them in the formats the rest of
-llavakit reads::
+module draws small scenes (coloured shapes at grid positions, some wide or tall canvases, some with a short printed
+word whose 8 px letters the base view squashes to 2-4 px, so the high-resolution tiles are what show them) and writes
+them in the formats the rest of llavakit reads::
 
     OUT_DIR/
       images/train/NNNNN.png   images/heldout/NNNNN.png
