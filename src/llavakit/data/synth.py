@@ -201,7 +201,7 @@ def _draw_word(image: Image.Image, word: str, cell: tuple[int, int], jitter: tup
         image.paste(TEXT_COLOUR, (left + index * glyph_w, top), _glyph_mask(letter))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _glyph_mask(letter: str) -> Image.Image:
     """An 8-bit mask of ``letter``: Pillow's default font, bold (1 px stroke), squeezed to `GLYPH_SIZE`."""
     font = ImageFont.load_default(size=GLYPH_FONT_SIZE)
