@@ -14,13 +14,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from llavakit.data.synth import CELL, TEXT_GRID
 from llavakit.data.templates import get_template
 from llavakit.model.presets import PresetParts, build_parts
 
 PRESET = "debug-clip-llama"
 TEMPLATE = "vicuna_v1"
-TILE_SIZE = 32
-PATCH_SIZE = 8
+# The synthetic scenes are drawn for this encoder: one 32 px cell per tile, letters on the 8 px patch grid.
+TILE_SIZE = CELL
+PATCH_SIZE = TEXT_GRID
 # AnyRes grids (rows, cols): the synthetic canvases are 64x64, 64x128 and 128x64, each an exact 2x2, 2x4 or 4x2 grid.
 GRIDS = ((1, 2), (2, 1), (2, 2), (2, 4), (4, 2))
 VISION_DIMS = {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 3, "num_attention_heads": 4}
