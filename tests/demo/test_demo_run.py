@@ -11,6 +11,7 @@ import pytest
 
 from llavakit.cli.main import main
 from llavakit.data.synth import NUMBERS
+from llavakit.demo.run import QUICK_EVAL_EVERY, QUICK_STEPS
 
 pytestmark = pytest.mark.slow
 
@@ -42,11 +43,21 @@ def demo_run(tmp_path_factory):
 
 
 def test_outputs_are_written(demo_run):
-    for name in ("metrics.json", "loss.png", "final/config.json", "final/model.safetensors"):
+    for name in ("metrics.json", "loss.png", "accuracy.png", "final/config.json", "final/model.safetensors"):
         assert (demo_run / name).is_file(), name
     metrics = json.loads((demo_run / "metrics.json").read_text())
     assert set(metrics["accuracy"]) == set(metrics["accuracy_text_only"]) == set(metrics["accuracy_majority_answer"])
     assert metrics["seconds"]["train"] > 0 and all(v > 0 for v in metrics["tokens_per_s"].values())
+
+
+def test_learning_curve_is_measured_during_finetuning_and_ends_with_the_final_evaluation(demo_run):
+    metrics = json.loads((demo_run / "metrics.json").read_text())
+    curve = metrics["learning_curve"]
+    every, steps = QUICK_EVAL_EVERY, QUICK_STEPS[1]
+    assert [point["step"] for point in curve] == [*range(every, steps, every), steps]
+    assert curve[-1]["accuracy"] == metrics["accuracy"]
+    assert all(set(point["accuracy"]) == set(metrics["accuracy"]) for point in curve)
+    assert metrics["seconds"]["curve"] > 0
 
 
 def test_loss_falls_and_accuracy_beats_chance(demo_run):

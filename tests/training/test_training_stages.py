@@ -129,3 +129,19 @@ def test_evaluate_is_the_token_mean_loss(tmp_path, synth):
 
 
 _INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_sizes", "image_tiled")
+
+
+def test_hooks_see_every_step_of_every_stage_and_training_goes_on_in_train_mode(tmp_path, synth):
+    from llavakit.training.trainer import train
+
+    stages = [debug_stage(synth, "align"), debug_stage(synth, max_steps=3)]
+    events, modes = [], []
+
+    def hook(event):
+        events.append((event.stage, event.step, event.total_steps))
+        modes.append(event.model.training)
+        event.model.eval()  # an evaluating hook; the trainer must switch training back on
+
+    train(config_from_dict(debug_config(tmp_path / "run", stages)), hooks=[hook])
+    assert events == [("align", 1, 2), ("align", 2, 2), ("finetune", 1, 3), ("finetune", 2, 3), ("finetune", 3, 3)]
+    assert all(modes)

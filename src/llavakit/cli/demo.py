@@ -24,8 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "1) generate the synthetic dataset (cached in OUT/data), 2) build a tiny random CLIP-like encoder and "
             "Llama-like LLM and compose them, 3) train align then finetune with the demo-tiny recipe (the trainer "
-            "behind 'llavakit train'), 4) evaluate on the held-out split with and without images, 5) show three "
-            "held-out answers, 6) write OUT/metrics.json, OUT/loss.png and OUT/final (the checkpoint)."
+            "behind 'llavakit train'), asking the held-out questions every --eval-every steps (the learning curve), 4) "
+            "evaluate on the held-out split with and without images, 5) show three held-out answers, 6) write "
+            "OUT/metrics.json, OUT/loss.png, OUT/accuracy.png and OUT/final (the checkpoint)."
         ),
     )
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
@@ -33,6 +34,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--quick", action="store_true", help="shortened run (small data, few steps) for CI")
     parser.add_argument("--chat", action="store_true", help="open an interactive chat with the trained model")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="ask the held-out questions every N finetune steps: the learning curve in the report and OUT/accuracy.png "
+        "(default 400, 100 with --quick; 0: off)",
+    )
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. stages.1.max_steps=300"
     )
@@ -50,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         quick=args.quick,
         overrides=tuple(args.overrides),
         progress=not args.no_progress,
+        eval_every=args.eval_every,
     )
     result = run_demo(options)
     paths = write_outputs(result, args.out)

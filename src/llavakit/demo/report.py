@@ -1,4 +1,5 @@
-"""What the demo leaves behind: the printed report, ``metrics.json``, the loss-curve PNG, the final checkpoint.
+"""What the demo leaves behind: the printed report, ``metrics.json``, the loss and learning-curve PNGs, the final
+checkpoint.
 
 Every number printed is read from the `DemoResult` the run measured; nothing is estimated. The report shows, per
 question type, the held-out accuracy with images next to two baselines: the text-only one (the same model, images
@@ -50,12 +51,14 @@ def format_report(result: DemoResult) -> str:
         )
     lines.append(f"  {'all':<10}{len(result.with_images.predictions):>5}"
                  f"{result.with_images.accuracy:>12.3f}{result.text_only.accuracy:>11.3f}")
+    lines += _curve_lines(result)
     seconds = result.seconds
     throughput = ", ".join(f"{name} {value:,.0f}" for name, value in tokens_per_second(result).items())
     lines += [
         "",
         f"Training time: {seconds['train']:.1f} s ({throughput} tokens/s)",
-        f"Wall time: {seconds['total']:.1f} s (data {seconds['data']:.1f} s, evaluation {seconds['eval']:.1f} s)",
+        f"Wall time: {seconds['total']:.1f} s (data {seconds['data']:.1f} s, learning curve {seconds['curve']:.1f} s, "
+        f"evaluation {seconds['eval']:.1f} s)",
         "",
         "Held-out examples",
     ]
@@ -70,6 +73,39 @@ def format_report(result: DemoResult) -> str:
     return "\n".join(lines)
 
 
+def _curve_lines(result: DemoResult) -> list[str]:
+    """The learning curve as a table: one row per evaluated finetune step, one column per question type."""
+    if not result.curve:
+        return []
+    kinds = list(result.curve[-1].accuracy)
+    header = f"  {'step':>6}" + "".join(f"{kind:>10}" for kind in kinds)
+    lines = ["", "Learning curve (held-out accuracy with image, by finetune step)", header]
+    for point in result.curve:
+        lines.append(f"  {point.step:>6}" + "".join(f"{point.accuracy.get(kind, 0.0):>10.3f}" for kind in kinds))
+    return lines
+
+
+def plot_curve(result: DemoResult, path: Path) -> None:
+    """Save the learning curve (accuracy per question type vs finetune step) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    steps = [point.step for point in result.curve]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for kind in result.curve[-1].accuracy:
+        axis.plot(steps, [point.accuracy.get(kind, 0.0) for point in result.curve], marker="o", label=kind)
+    axis.set_xlabel("finetune step")
+    axis.set_ylabel("held-out accuracy (with image)")
+    axis.set_ylim(-0.02, 1.02)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def metrics_dict(result: DemoResult) -> dict[str, Any]:
     """The JSON-ready measurements of a run (what ``metrics.json`` holds)."""
     return {
@@ -82,6 +118,7 @@ def metrics_dict(result: DemoResult) -> dict[str, Any]:
         "seconds": result.seconds,
         "tokens_per_s": tokens_per_second(result),
         "losses": {stage.name: stage.losses for stage in result.train_result.stages},
+        "learning_curve": [{"step": point.step, "accuracy": point.accuracy} for point in result.curve],
         "dataset": result.dataset.manifest,
         "final_checkpoint": str(result.final_checkpoint),
         "config": result.config.to_dict(),
@@ -89,10 +126,12 @@ def metrics_dict(result: DemoResult) -> dict[str, Any]:
 
 
 def write_outputs(result: DemoResult, out_dir: Path) -> dict[str, Path]:
-    """Write ``metrics.json``, ``loss.png`` and a copy of the final checkpoint (``final/``) into ``out_dir``.
+    """Write ``metrics.json``, ``loss.png``, ``accuracy.png`` (with a learning curve) and a copy of the final
+    checkpoint (``final/``) into ``out_dir``.
 
     Returns:
-        The written paths by name (``metrics``, ``loss_curve``, ``checkpoint``).
+        The written paths by name (``metrics``, ``loss_curve``, ``learning_curve`` when there is one,
+        ``checkpoint``).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.json"
@@ -101,7 +140,14 @@ def write_outputs(result: DemoResult, out_dir: Path) -> dict[str, Path]:
     # Steps continue across stages so the curve shows align, then finetune, on one axis.
     steps = [(step + 1, loss) for step, loss in enumerate(result.train_result.losses)]
     plot_losses(steps, loss_path)
+    paths = {"metrics": metrics_path, "loss_curve": loss_path}
+    curve_path = out_dir / "accuracy.png"
+    # Note: a previous run's curve must not pass for this run's.
+    curve_path.unlink(missing_ok=True)
+    if result.curve:
+        plot_curve(result, curve_path)
+        paths["learning_curve"] = curve_path
     checkpoint = out_dir / "final"
     shutil.rmtree(checkpoint, ignore_errors=True)
     shutil.copytree(result.final_checkpoint, checkpoint)
-    return {"metrics": metrics_path, "loss_curve": loss_path, "checkpoint": checkpoint}
+    return {**paths, "checkpoint": checkpoint}

@@ -6,6 +6,9 @@
     load(out/train/finetune/final)    the exported llava-hf checkpoint, through `llavakit.load`
     run_benchmark(HeldoutQA) x2       with images, then the text-only baseline (images removed)
 
+With ``eval_every`` the held-out questions are also asked every that many finetune steps (a `StepHook`), so the
+report shows when each skill appears: the learning curve, with the final evaluation as its last point.
+
 Only the dataset is reused between runs; the parts and the training folder are rebuilt so every run measures a
 full training. ``quick`` shrinks data and steps for CI: it checks the machinery (the loss falls, accuracy beats
 chance), not the accuracy targets.
@@ -20,19 +23,22 @@ from pathlib import Path
 
 from llavakit.data.synth import SynthConfig, SynthDataset, generate_synth, training_corpus
 from llavakit.demo.parts import build_demo_parts
+from llavakit.errors import ConfigError
 from llavakit.evaluation.base import BenchmarkReport, run_benchmark
 from llavakit.evaluation.heldout import HeldoutQA
 from llavakit.inference.api import Assistant, load
 from llavakit.model.presets import PresetParts
 from llavakit.training.config import TrainConfig
 from llavakit.training.recipes import load_recipe
-from llavakit.training.trainer import TrainResult, train
+from llavakit.training.trainer import StepEvent, TrainResult, train
 
 RECIPE = "demo-tiny"
 FULL_DATA = SynthConfig(n_train=3000, n_heldout=300)
 QUICK_DATA = SynthConfig(n_train=256, n_heldout=40)
 # (align steps, finetune steps) of --quick: enough to start seeing colours (about a minute on 2 cores), for CI.
 QUICK_STEPS = (20, 300)
+# Finetune steps between learning-curve points: 6 points in a full run (~3 s each), 2 in --quick.
+EVAL_EVERY, QUICK_EVAL_EVERY = 400, 100
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,8 @@ class DemoOptions:
         quick: the shortened CI version (small data, few steps).
         overrides: extra ``key.sub=value`` recipe overrides (as for ``llavakit train``).
         progress: show progress bars.
+        eval_every: finetune steps between learning-curve points; None: `EVAL_EVERY` (`QUICK_EVAL_EVERY` with
+            ``quick``); 0: no curve.
     """
 
     out_dir: Path = Path("runs/demo")
@@ -52,6 +60,47 @@ class DemoOptions:
     quick: bool = False
     overrides: tuple[str, ...] = ()
     progress: bool = True
+    eval_every: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.eval_every is not None and self.eval_every < 0:
+            raise ConfigError(f"demo: eval_every must be >= 0 (0 turns the learning curve off), got {self.eval_every}")
+
+    @property
+    def curve_interval(self) -> int:
+        """Finetune steps between learning-curve points (0: none)."""
+        if self.eval_every is not None:
+            return self.eval_every
+        return QUICK_EVAL_EVERY if self.quick else EVAL_EVERY
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """Held-out accuracy with images, per question type, after ``step`` finetune steps."""
+
+    step: int
+    accuracy: dict[str, float]
+
+
+class LearningCurve:
+    """A `StepHook` asking the held-out questions every ``every`` steps of the stage named ``stage``.
+
+    The model is evaluated as it trains (greedy answers through the same `Assistant` as the final evaluation);
+    the trainer puts it back in train mode afterwards.
+    """
+
+    def __init__(self, benchmark: HeldoutQA, stage: str, every: int) -> None:
+        self.benchmark, self.stage, self.every = benchmark, stage, every
+        self.points: list[CurvePoint] = []
+        self.seconds = 0.0
+
+    def __call__(self, event: StepEvent) -> None:
+        if event.stage != self.stage or event.step % self.every or event.step == event.total_steps:
+            return
+        started = time.perf_counter()
+        report = run_benchmark(Assistant(event.model), self.benchmark, with_images=True, progress=False)
+        self.points.append(CurvePoint(event.step, report.accuracy_by_type()))
+        self.seconds += time.perf_counter() - started
 
 
 @dataclass
@@ -62,8 +111,10 @@ class DemoResult:
         dataset: the synthetic dataset used.
         train_result: per-stage losses, tokens/s and the final checkpoint.
         with_images, text_only: held-out reports (the second is the text-only baseline).
-        seconds: wall-clock seconds per phase (``data``, ``parts``, ``train``, ``eval``, ``total``).
+        seconds: wall-clock seconds per phase (``data``, ``parts``, ``train``, ``curve``, ``eval``, ``total``).
         config: the resolved training config.
+        curve: held-out accuracy during finetuning, ending with the final evaluation (empty without
+            ``eval_every``).
         assistant: the trained model, loaded through `llavakit.load` (for the chat).
     """
 
@@ -73,6 +124,7 @@ class DemoResult:
     text_only: BenchmarkReport
     config: TrainConfig
     seconds: dict[str, float] = field(default_factory=dict)
+    curve: list[CurvePoint] = field(default_factory=list)
     assistant: Assistant | None = None
 
     @property
@@ -118,15 +170,21 @@ def run_demo(options: DemoOptions) -> DemoResult:
     seconds["parts"] = time.perf_counter() - mark
 
     config = demo_config(options, dataset, parts)
+    benchmark = HeldoutQA(dataset.heldout_path, image_root=dataset.root)
+    interval = options.curve_interval
+    curve = LearningCurve(benchmark, config.stages[-1].name, interval) if interval else None
     mark = time.perf_counter()
-    train_result = train(config)
-    seconds["train"] = time.perf_counter() - mark
+    train_result = train(config, hooks=[curve] if curve else [])
+    # The curve's evaluations run inside the training loop; their time is reported apart from training's.
+    seconds["curve"] = curve.seconds if curve else 0.0
+    seconds["train"] = time.perf_counter() - mark - seconds["curve"]
 
     mark = time.perf_counter()
     assistant = load(train_result.final_checkpoint, device="cpu")
-    benchmark = HeldoutQA(dataset.heldout_path, image_root=dataset.root)
     with_images = run_benchmark(assistant, benchmark, with_images=True, progress=options.progress)
     text_only = run_benchmark(assistant, benchmark, with_images=False, progress=options.progress)
     seconds["eval"] = time.perf_counter() - mark
     seconds["total"] = time.perf_counter() - started
-    return DemoResult(dataset, train_result, with_images, text_only, config, seconds, assistant)
+    final_point = CurvePoint(train_result.stages[-1].steps, with_images.accuracy_by_type())
+    points = [*curve.points, final_point] if curve else []
+    return DemoResult(dataset, train_result, with_images, text_only, config, seconds, points, assistant)

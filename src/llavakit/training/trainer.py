@@ -6,7 +6,7 @@ Why our own loop and not HF Trainer: upstream LLaVA-NeXT copies and overrides HF
     train()  preflight (paths, batch sizes, projector shapes: no weights loaded yet) → one Trainer per stage
     build()  model → trainable parts (→ LoRA) → strategy.wrap → AdamW groups → data plan → schedule
     resume() newest complete checkpoint, if any (model, optimizer, scheduler, sampler position, RNG)
-    fit()    for each global step: train_step(micro-batches) → metrics → save() every save_every → export()
+    fit()    for each global step: train_step(micro-batches) → metrics → hooks → save() every save_every → export()
 
 Loss normalisation (why 1 and W processes give the same step): each micro-batch's summed token loss is divided by
 the number of supervised tokens in the *whole global batch* (all micro-batches, all ranks), counted before the first
@@ -69,6 +69,27 @@ class TrainData:
 DataFactory = Callable[[StageConfig, LlavaNextModel], TrainData]
 
 
+@dataclass(frozen=True)
+class StepEvent:
+    """What a step hook is given after each optimizer step.
+
+    Attributes:
+        stage: the stage's name (``align``, ``finetune``, ...).
+        step: optimizer steps done in this stage (1 after the first).
+        total_steps: the stage's step count.
+        model: the unwrapped model, as trained so far (with FSDP2 its parameters are this rank's shards).
+    """
+
+    stage: str
+    step: int
+    total_steps: int
+    model: LlavaNextModel
+
+
+# Called on every rank after each optimizer step, e.g. to evaluate (the trainer puts the model back in train mode).
+StepHook = Callable[[StepEvent], None]
+
+
 @dataclass
 class StageResult:
     """What one stage produced."""
@@ -113,6 +134,7 @@ class Trainer:
         context: this process's rank/world/device (`init_distributed`).
         data_factory: builds the stage's `TrainData` from the stage config and the model (tokenizer, spec).
         previous: the previous stage's export folder (None: the model comes from ``config.model``).
+        hooks: called after every optimizer step (see `StepHook`).
     """
 
     def __init__(
@@ -122,12 +144,14 @@ class Trainer:
         context: DistContext,
         data_factory: DataFactory,
         previous: Path | None = None,
+        hooks: Sequence[StepHook] = (),
     ) -> None:
         self.config = config
         self.stage = config.stages[stage_index]
         self.context = context
         self.data_factory = data_factory
         self.previous = previous
+        self.hooks = tuple(hooks)
         self.stage_dir = Path(config.run_dir) / self.stage.name
         self.strategy = build_strategy(config.strategy, context)
         self.state = TrainerState()
@@ -299,6 +323,7 @@ class Trainer:
             row = logger.update(metrics)
             if row:
                 tokens_per_s.append(row["tokens_per_s"])
+            self._run_hooks()
             save_every = self.config.logging.save_every
             if save_every and self.state.step % save_every == 0 and self.state.step < self.total_steps:
                 self.save()
@@ -311,6 +336,14 @@ class Trainer:
             tokens_per_s=sum(tokens_per_s) / len(tokens_per_s) if tokens_per_s else 0.0,
             steps=self.state.step,
         )
+
+    def _run_hooks(self) -> None:
+        if not self.hooks:
+            return
+        event = StepEvent(self.stage.name, self.state.step, self.total_steps, self.unwrapped)
+        for hook in self.hooks:
+            hook(event)
+        self.model.train()
 
 
 def _supervised_tokens(batch: dict[str, Any]) -> int:
@@ -338,7 +371,9 @@ def _model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, Any]
     return {**inputs, "supervised_logits_only": True}
 
 
-def train(config: TrainConfig, data_factory: DataFactory | None = None) -> TrainResult:
+def train(
+    config: TrainConfig, data_factory: DataFactory | None = None, hooks: Sequence[StepHook] = ()
+) -> TrainResult:
     """Run every stage of ``config`` in order; the library entry point behind ``llavakit train``.
 
     Each stage starts from the previous stage's export; a stage whose export already exists is skipped (re-running
@@ -347,6 +382,7 @@ def train(config: TrainConfig, data_factory: DataFactory | None = None) -> Train
     Args:
         config: the resolved run config (saved to ``run_dir/config.yaml``).
         data_factory: builds each stage's data; default `llavakit.training.data.build_train_data`.
+        hooks: called after every optimizer step of every stage (see `StepHook`), e.g. for a learning curve.
 
     Returns:
         A `TrainResult` with the final checkpoint path, per-stage losses and tokens/s.
@@ -368,6 +404,6 @@ def train(config: TrainConfig, data_factory: DataFactory | None = None) -> Train
         if (export_dir / "config.json").is_file():
             results.append(StageResult(name=stage.name, export_dir=export_dir))
         else:
-            results.append(Trainer(config, index, context, data_factory, previous).fit())
+            results.append(Trainer(config, index, context, data_factory, previous, hooks).fit())
         previous = results[-1].export_dir
     return TrainResult(run_dir=Path(config.run_dir), stages=results)
