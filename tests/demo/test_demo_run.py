@@ -91,3 +91,13 @@ def test_final_checkpoint_answers_the_same_in_transformers(demo_run):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == ours
+
+
+def test_a_negative_curve_interval_is_refused_before_any_work(tmp_path):
+    from llavakit.demo.run import DemoOptions
+    from llavakit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="eval_every must be >= 0"):
+        DemoOptions(out_dir=tmp_path, eval_every=-1)
+    assert DemoOptions(eval_every=0).curve_interval == 0
+    assert DemoOptions(quick=True).curve_interval == QUICK_EVAL_EVERY
