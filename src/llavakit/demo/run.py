@@ -185,6 +185,7 @@ def run_demo(options: DemoOptions) -> DemoResult:
     text_only = run_benchmark(assistant, benchmark, with_images=False, progress=options.progress)
     seconds["eval"] = time.perf_counter() - mark
     seconds["total"] = time.perf_counter() - started
-    final_point = CurvePoint(train_result.stages[-1].steps, with_images.accuracy_by_type())
-    points = [*curve.points, final_point] if curve else []
+    points = []
+    if curve:
+        points = [*curve.points, CurvePoint(train_result.stages[-1].steps, with_images.accuracy_by_type())]
     return DemoResult(dataset, train_result, with_images, text_only, config, seconds, points, assistant)
