@@ -18,6 +18,7 @@ from llavakit.data.synth import (
     GLYPH_SIZE,
     PLATE_COLOUR,
     QUESTION_TYPES,
+    TEXT_COLOUR,
     TEXT_GRID,
     WORDS,
     Scene,
@@ -115,24 +116,36 @@ def _colour_centroid(image, colour: tuple[int, int, int]) -> tuple[float, float]
 
 
 def test_position_answers_match_the_pixels():
-    """Each position answer agrees with where the two named shapes' colours sit in the rendered image."""
+    """Each position answer agrees with where the shape's colour and the word's white letters sit in the image."""
     rng = random.Random(5)
-    asked = 0
+    asked = {"left or right of": 0, "above or below": 0}
     for _ in range(200):
         scene = sample_scene(rng)
         for qa in scene_questions(scene, rng):
             if qa.type != "position":
                 continue
-            asked += 1
-            match = re.fullmatch(r"Is the (\w+) \w+ (left or right of|above or below) the (\w+) \w+\?", qa.question)
-            assert match, qa.question
+            match = re.fullmatch(r"Is the (shape|word) (left or right of|above or below) the (shape|word)\?", qa.question)
+            assert match and match[1] != match[3], qa.question
+            asked[match[2]] += 1
             image = render_scene(scene)
-            (xa, ya), (xb, yb) = (_colour_centroid(image, COLOURS[match[i]]) for i in (1, 3))
+            centres = {
+                "shape": _colour_centroid(image, COLOURS[scene.shapes[0].colour]),
+                "word": _colour_centroid(image, TEXT_COLOUR),
+            }
+            (xa, ya), (xb, yb) = centres[match[1]], centres[match[3]]
             if match[2] == "left or right of":
                 assert qa.answer == ("left" if xa < xb else "right")
             else:
                 assert qa.answer == ("above" if ya < yb else "below")
-    assert asked > 30
+    assert min(asked.values()) > 10, asked
+
+
+def test_position_questions_need_one_shape_and_a_word():
+    rng = random.Random(6)
+    for _ in range(200):
+        scene = sample_scene(rng)
+        asked = any(qa.type == "position" for qa in scene_questions(scene, rng))
+        assert asked == (len(scene.shapes) == 1 and scene.word is not None)
 
 
 def test_words_are_too_small_for_the_base_view_alone():
