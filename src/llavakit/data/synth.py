@@ -237,7 +237,7 @@ def _cross_points(cx: int, cy: int, half: int, bar: int) -> list[tuple[int, int]
     ]
 
 
-def scene_questions(scene: Scene, rng: random.Random) -> list[QA]:
+def scene_questions(scene: Scene) -> list[QA]:
     """One question per applicable type, in `QUESTION_TYPES` order.
 
     Colour and shape questions are asked about single-shape scenes only. Asking for "the colour of the circle"
@@ -359,7 +359,7 @@ def _finetune_records(train: list[tuple[str, Scene]], config: SynthConfig, rng: 
     """
     records = []
     for index, (path, scene) in enumerate(train):
-        questions = scene_questions(scene, rng)
+        questions = scene_questions(scene)
         rng.shuffle(questions)
         n_turns = len(questions) if rng.random() < config.multi_turn_fraction else 1
         turns = [(qa.question, qa.answer) for qa in questions[:n_turns]]
@@ -375,10 +375,10 @@ def _finetune_records(train: list[tuple[str, Scene]], config: SynthConfig, rng: 
     return records
 
 
-def _heldout_records(heldout: list[tuple[str, Scene]], rng: random.Random) -> list[dict[str, Any]]:
+def _heldout_records(heldout: list[tuple[str, Scene]]) -> list[dict[str, Any]]:
     records = []
     for index, (path, scene) in enumerate(heldout):
-        for qa in scene_questions(scene, rng):
+        for qa in scene_questions(scene):
             question_id = f"heldout-{index:05d}-{qa.type}"
             records.append({"question_id": question_id, "image": path, "question": qa.question, "answer": qa.answer, "type": qa.type})
     return records
@@ -428,7 +428,7 @@ def generate_synth(out_dir: str | Path, config: SynthConfig | None = None, overw
     heldout, _, redrawn = _write_scenes(root, "heldout", heldout_rng, config, config.n_heldout, train_hashes)
     align = [_conversation(f"synth-cap-{i:05d}", path, [("Describe the image.", scene_caption(scene))]) for i, (path, scene) in enumerate(train)]
     finetune = _finetune_records(train, config, sample_rng)
-    heldout_qa = _heldout_records(heldout, sample_rng)
+    heldout_qa = _heldout_records(heldout)
     (root / "align.json").write_text(json.dumps(align, indent=1))
     (root / "finetune.json").write_text(json.dumps(finetune, indent=1))
     (root / "heldout.jsonl").write_text("".join(json.dumps(record) + "\n" for record in heldout_qa))
