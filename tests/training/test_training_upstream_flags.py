@@ -102,7 +102,10 @@ def test_legacy_pretrain_flags_make_an_align_stage(tmp_path):
         and config.model.pretrained_projector == "p.bin"
     )
     assert config.stages[0].data.template == "vicuna_v1"
+    assert not (config.stages[0].data.group_by_length or config.stages[0].data.group_by_modality_length)
     assert config.model.image_spec == {"aspect_ratio": "square", "merge_type": "flat"}
+    grouped = config_from_upstream_flags([*args, "--group_by_length", "True"])
+    assert grouped.stages[0].data.group_by_length and not grouped.stages[0].data.group_by_modality_length
     unfrozen = config_from_upstream_flags(
         [*args[:4], "--unfreeze_mm_vision_tower", "--data_path", "d", "--output_dir", "o"]
     )

@@ -33,10 +33,13 @@ from llavakit.errors import ConfigError
 DEFAULT_MEGABATCH_MULT = 50
 
 
-def _megabatches(
+def length_sorted_batches(
     indices: list[int], lengths: Sequence[int], size: int, mult: int
 ) -> tuple[list[list[int]], list[int]]:
-    """Full mega-batches of ``size`` cut from length-sorted windows of ``mult * size``, and the leftover indices."""
+    """Full mega-batches of ``size`` cut from length-sorted windows of ``mult * size``, and the leftover indices.
+
+    Lengths are compared by absolute value, so signed ``modality_lengths`` work as they are.
+    """
     full = len(indices) // size * size
     batches = []
     for start in range(0, full, size * mult):
@@ -77,11 +80,11 @@ def grouped_global_batches(
     megabatches, leftovers = [], []
     for group in groups:
         shuffled = [group[i] for i in rng.permutation(len(group))]
-        full, rest = _megabatches(shuffled, lengths, size, megabatch_mult)
+        full, rest = length_sorted_batches(shuffled, lengths, size, megabatch_mult)
         megabatches.extend(full)
         leftovers.extend(rest)
     megabatches = [megabatches[i] for i in rng.permutation(len(megabatches))]
-    mixed, _ = _megabatches(leftovers, lengths, size, 1)
+    mixed, _ = length_sorted_batches(leftovers, lengths, size, 1)
     return [_split_even(batch, lengths, world_size) for batch in megabatches + mixed]
 
 

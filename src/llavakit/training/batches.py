@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llavakit.data.sampling import DEFAULT_MEGABATCH_MULT, length_sorted_batches
 from llavakit.errors import ConfigError
 
 # order_fn(num_samples, generator) -> a permutation of range(num_samples) as a list
@@ -101,5 +102,28 @@ def modality_grouped_order(lengths: Sequence[int], global_batch_size: int) -> Or
             full.extend(batches)
         full = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
         return [index for batch in full for index in batch] + leftovers
+
+    return order
+
+
+def length_grouped_order(
+    lengths: Sequence[int], global_batch_size: int, megabatch_mult: int = DEFAULT_MEGABATCH_MULT
+) -> OrderFn:
+    """transformers' ``group_by_length`` ordering: global batches of similar length, in random order.
+
+    The samples are shuffled, cut into windows of ``megabatch_mult`` global batches, each window sorted by length
+    (longest first) and cut into global batches, which are then shuffled (``get_length_grouped_indices``, whose
+    window is 50 batches). A padded batch costs its longest sample times its size, so this removes most padding
+    on one process, where upstream's ``group_by_modality_length`` (a window of one global batch) removes none.
+    The partial window's leftover samples come last, as the batch plan drops them.
+    """
+
+    def order(num_samples: int, generator: torch.Generator) -> list[int]:
+        if len(lengths) != num_samples:
+            raise ConfigError(f"{len(lengths)} sample lengths for {num_samples} samples")
+        shuffled = torch.randperm(num_samples, generator=generator).tolist()
+        batches, leftovers = length_sorted_batches(shuffled, lengths, global_batch_size, megabatch_mult)
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        return [index for batch in batches for index in batch] + leftovers
 
     return order

@@ -80,6 +80,7 @@ class DataSection:
         packing: pack several samples into rows of ``max_length`` tokens (isolated, no padding in between);
             batch sizes then count rows.
         group_by_modality_length: upstream's modality-grouped length sampler.
+        group_by_length: transformers' length-grouped sampler (batches of similar length, least padding).
         num_workers: DataLoader worker processes.
     """
 
@@ -89,11 +90,19 @@ class DataSection:
     max_length: int = 2048
     packing: bool = False
     group_by_modality_length: bool = False
+    group_by_length: bool = False
     num_workers: int = 0
 
     def __post_init__(self) -> None:
         if self.max_length <= 0:
             raise ConfigError(f"data.max_length must be positive, got {self.max_length}")
+        if self.group_by_length and self.group_by_modality_length:
+            raise ConfigError("choose one of data.group_by_length and data.group_by_modality_length")
+        if self.packing and (self.group_by_length or self.group_by_modality_length):
+            raise ConfigError(
+                "data.packing excludes data.group_by_length and data.group_by_modality_length: packed rows hold "
+                "no padding already, and they mix modalities"
+            )
 
 
 @dataclass

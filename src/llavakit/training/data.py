@@ -27,6 +27,7 @@ def data_config(stage: StageConfig, model: LlavaNextModel, seed: int = 0) -> Dat
         model_max_length=section.max_length,
         packing=section.packing,
         group_by_modality_length=section.group_by_modality_length,
+        group_by_length=section.group_by_length,
         seed=seed,
     )
 
@@ -38,7 +39,7 @@ def build_train_data(stage: StageConfig, model: LlavaNextModel) -> TrainData:
     run seed; the trainer reshuffles their order every epoch), and batch sizes count rows, not samples.
 
     Raises:
-        ConfigError: the model has no tokenizer, or packing is combined with the modality-grouped sampler.
+        ConfigError: the model has no tokenizer.
     """
     if model.tokenizer is None:
         raise ConfigError(
@@ -48,10 +49,6 @@ def build_train_data(stage: StageConfig, model: LlavaNextModel) -> TrainData:
     collator = build_collator(model.tokenizer)
     if not stage.data.packing:
         return TrainData(dataset, collator, dataset.modality_lengths)
-    if stage.data.group_by_modality_length:
-        raise ConfigError(
-            "data.packing and data.group_by_modality_length exclude each other: packs mix modalities"
-        )
     packed = PackedDataset(dataset, budget=stage.data.max_length)
     attention = model.llm.config._attn_implementation
     return TrainData(packed, PackingCollator(collator.pad_token_id, attn_implementation=attention), None)

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from llavakit.errors import ConfigError
 from llavakit.model.llava_next import LlavaNextModel
 from llavakit.model.loss import supervised_mask
-from llavakit.training.batches import BatchPlan, modality_grouped_order, random_order
+from llavakit.training.batches import BatchPlan, length_grouped_order, modality_grouped_order, random_order
 from llavakit.training.checkpoint import CheckpointManager, TrainerState
 from llavakit.training.config import StageConfig, TrainConfig
 from llavakit.training.distributed import DistContext, all_reduce_sum, all_reduce_sums, init_distributed
@@ -58,7 +58,8 @@ class TrainData:
     Attributes:
         dataset: map-style samples (``len`` and ``[index]``).
         collate: list of samples → batch dict (`docs/architecture.md` "data/ → Batch").
-        modality_lengths: upstream-style signed lengths (> 0 has an image) for ``group_by_modality_length``.
+        modality_lengths: upstream-style signed lengths (> 0 has an image) for ``group_by_modality_length`` and
+            ``group_by_length``.
     """
 
     dataset: Sequence[Any]
@@ -239,12 +240,13 @@ class Trainer:
             self.state.batches_in_epoch = 0
 
     def _order_fn(self) -> Callable[[int, torch.Generator], list[int]]:
-        if not self.stage.data.group_by_modality_length:
+        section = self.stage.data
+        if not (section.group_by_modality_length or section.group_by_length):
             return random_order
         if self.data.modality_lengths is None:
-            raise ConfigError(
-                "data.group_by_modality_length needs modality lengths from the dataset; none given"
-            )
+            raise ConfigError("data.group_by_(modality_)length needs sample lengths from the dataset; none given")
+        if section.group_by_length:
+            return length_grouped_order(self.data.modality_lengths, self.stage.global_batch_size)
         return modality_grouped_order(self.data.modality_lengths, self.stage.global_batch_size)
 
     def train_step(self, micro_batches: list[dict[str, Any]]) -> StepMetrics:
