@@ -80,7 +80,9 @@ class DataSection:
         packing: pack several samples into rows of ``max_length`` tokens (isolated, no padding in between);
             batch sizes then count rows.
         group_by_modality_length: upstream's modality-grouped length sampler.
-        group_by_length: transformers' length-grouped sampler (batches of similar length, least padding).
+        group_by_length: transformers' length-grouped sampler (batches of similar length, least padding). Where
+            length follows the kind of sample, its batches hold one kind each: on the demo it cut padding from 26 %
+            to 2 % but left shapes and words unlearnt (the demo-tiny recipe has the numbers).
         num_workers: DataLoader worker processes.
     """
 
