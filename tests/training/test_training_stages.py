@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from conftest import debug_config, debug_stage
+from llavakit.training.config import OptimConfig
 from llavakit.training.config_loading import config_from_dict
 from llavakit.training.data import build_train_data
 from llavakit.training.distributed import init_distributed
+from llavakit.training.optim import build_optimizer
 from llavakit.training.stages import part_of
 from llavakit.training.trainer import Trainer
 
@@ -89,6 +91,30 @@ def test_optimizer_groups_carry_part_learning_rates(tmp_path, synth):
             assert (param.ndim >= 2 and not names[id(param)].endswith(".bias")) == (kind == "decay")
     grouped = {id(p) for group in groups.values() for p in group["params"]}
     assert grouped == {id(p) for p in trainer.model.parameters() if p.requires_grad}
+
+
+def test_fused_adamw_updates_like_the_python_loop(tmp_path, synth):
+    torch.manual_seed(0)
+    params = {name: torch.nn.Parameter(torch.randn(shape)) for name, shape in (("llm.weight", (8, 4)), ("llm.bias", (4,)))}
+    grads = [{name: torch.randn_like(p) for name, p in params.items()} for _ in range(3)]
+    updated = {}
+    for fused in (True, False):
+        model = torch.nn.Module()
+        model.llm = torch.nn.Module()
+        for name, p in params.items():
+            model.llm.register_parameter(name.split(".")[1], torch.nn.Parameter(p.detach().clone()))
+        optimizer = build_optimizer(model, OptimConfig(lr=1e-2, weight_decay=0.1, fused=fused))
+        assert optimizer.defaults["fused"] is fused
+        for step in grads:
+            for name, param in model.named_parameters():
+                param.grad = step[name].clone()
+            optimizer.step()
+        updated[fused] = {name: p.detach() for name, p in model.named_parameters()}
+    for name in params:
+        torch.testing.assert_close(updated[True][name], updated[False][name])
+        assert not torch.equal(updated[True][name], params[name])
+    trainer = _built_trainer(tmp_path, synth, {"optim": {"lr": 1e-3, "fused": True}})
+    assert trainer.optimizer.defaults["fused"] is True
 
 
 def test_schedule_warms_up_then_decays_to_zero(tmp_path, synth):

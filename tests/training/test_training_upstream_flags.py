@@ -52,6 +52,7 @@ def test_seed_finetune_flags_map_onto_the_config(tmp_path, monkeypatch):
     assert (stage.global_batch_size, stage.micro_batch_size) == (1 * 16 * 4, 1)
     assert (stage.optim.lr, stage.optim.vision_tower_lr, stage.optim.projector_lr) == (1e-5, 2e-6, None)
     assert (stage.optim.warmup_ratio, stage.optim.schedule, stage.optim.weight_decay) == (0.03, "cosine", 0.0)
+    assert not stage.optim.fused  # no --optim: upstream's default, adamw_torch
     assert (
         stage.data.template == "qwen_1_5"
         and stage.data.max_length == 32768
@@ -120,6 +121,9 @@ def test_unknown_flags_and_unsupported_values_are_named(tmp_path):
         config_from_upstream_flags([*base, "--mm_use_im_start_end", "True"])
     with pytest.raises(ConfigError, match="unknown part"):
         config_from_upstream_flags([*base, "--mm_tunable_parts", "mm_vision_resampler"])
+    with pytest.raises(ConfigError, match="--optim adafactor is not supported"):
+        config_from_upstream_flags([*base, "--optim", "adafactor"])
+    assert config_from_upstream_flags([*base, "--optim", "adamw_torch_fused"]).stages[0].optim.fused
 
 
 def test_deepspeed_json_maps_to_fsdp2(tmp_path):

@@ -118,6 +118,10 @@ class OptimConfig:
         weight_decay: applied to >= 2-D weights only; biases, norms and other 1-D parameters get none.
         schedule: ``cosine`` | ``linear`` | ``constant``, after a linear warmup of ``warmup_ratio`` of the steps.
         max_grad_norm: gradient clipping (0 disables).
+        fused: torch's fused AdamW kernel (one kernel for all parameters, CPU and CUDA; upstream
+            ``--optim adamw_torch_fused``) instead of the loop over parameters (``adamw_torch``, the default of
+            LLaVA's transformers). Same update rule, other rounding. On the demo's ~90 small tensors (2 CPU cores)
+            an optimizer step took 0.8 ms instead of 3.9 ms: ~1 % of a training step there.
     """
 
     lr: float = 2e-5
@@ -129,6 +133,7 @@ class OptimConfig:
     warmup_ratio: float = 0.03
     schedule: str = "cosine"
     max_grad_norm: float = 1.0
+    fused: bool = False
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:

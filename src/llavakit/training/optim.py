@@ -75,7 +75,7 @@ def _strip_wrapper_prefixes(name: str) -> str:
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
     """AdamW over `build_param_groups` of ``model``."""
     groups = build_param_groups(model.named_parameters(), config)
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=config.fused)
 
 
 def warmup_steps(total_steps: int, warmup_ratio: float) -> int:

@@ -50,7 +50,6 @@ _NO_OP_FLAGS: dict[str, tuple[str, ...] | None] = {
     "dataloader_drop_last": ("True", "true"),  # the last partial global batch is always dropped
     "remove_unused_columns": ("False", "false"),
     "torch_compile_backend": ("inductor",),
-    "optim": ("adamw_torch", "adamw_torch_fused"),
     "mm_use_im_start_end": ("False", "false"),  # <im_start>/<im_end> wrapping is not implemented
     "mm_use_im_patch_token": ("False", "false"),
     "mm_vision_select_feature": ("patch",),
@@ -212,6 +211,7 @@ def _stage(flags: _Flags, world_size: int) -> dict[str, Any]:
             "max_grad_norm": flags.number("max_grad_norm", float, 1.0),
             "betas": [flags.number("adam_beta1", float, 0.9), flags.number("adam_beta2", float, 0.999)],
             "eps": flags.number("adam_epsilon", float, 1e-8),
+            "fused": _fused_adamw(flags.text("optim", "adamw_torch")),
         },
         "global_batch_size": micro * accumulation * world_size,
         "micro_batch_size": micro,
@@ -219,6 +219,14 @@ def _stage(flags: _Flags, world_size: int) -> dict[str, Any]:
         "max_steps": max_steps if max_steps > 0 else None,
         "gradient_checkpointing": flags.boolean("gradient_checkpointing"),
     }
+
+
+def _fused_adamw(optim: str) -> bool:
+    """``--optim``: the two torch AdamW implementations HF's Trainer offers (same update rule)."""
+    choices = {"adamw_torch": False, "adamw_torch_fused": True}
+    if optim not in choices:
+        raise ConfigError(f"--optim {optim} is not supported by llavakit train (accepted values: {', '.join(choices)})")
+    return choices[optim]
 
 
 def _model(flags: _Flags) -> dict[str, Any]:
