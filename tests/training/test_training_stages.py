@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -95,24 +97,22 @@ def test_optimizer_groups_carry_part_learning_rates(tmp_path, synth):
 
 def test_fused_adamw_updates_like_the_python_loop(tmp_path, synth):
     torch.manual_seed(0)
-    params = {name: torch.nn.Parameter(torch.randn(shape)) for name, shape in (("llm.weight", (8, 4)), ("llm.bias", (4,)))}
-    grads = [{name: torch.randn_like(p) for name, p in params.items()} for _ in range(3)]
+    base = torch.nn.Module()
+    base.llm = torch.nn.Linear(4, 8)
+    grads = [{name: torch.randn_like(p) for name, p in base.named_parameters()} for _ in range(3)]
     updated = {}
     for fused in (True, False):
-        model = torch.nn.Module()
-        model.llm = torch.nn.Module()
-        for name, p in params.items():
-            model.llm.register_parameter(name.split(".")[1], torch.nn.Parameter(p.detach().clone()))
+        model = copy.deepcopy(base)
         optimizer = build_optimizer(model, OptimConfig(lr=1e-2, weight_decay=0.1, fused=fused))
         assert optimizer.defaults["fused"] is fused
         for step in grads:
             for name, param in model.named_parameters():
                 param.grad = step[name].clone()
             optimizer.step()
-        updated[fused] = {name: p.detach() for name, p in model.named_parameters()}
-    for name in params:
+        updated[fused] = dict(model.named_parameters())
+    for name, initial in base.named_parameters():
         torch.testing.assert_close(updated[True][name], updated[False][name])
-        assert not torch.equal(updated[True][name], params[name])
+        assert not torch.equal(updated[True][name], initial)
     trainer = _built_trainer(tmp_path, synth, {"optim": {"lr": 1e-3, "fused": True}})
     assert trainer.optimizer.defaults["fused"] is True
 
