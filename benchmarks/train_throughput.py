@@ -1,13 +1,15 @@
-"""Training throughput: llavakit (packing on / off) against transformers' LlavaNextForConditionalGeneration.
+"""Training throughput: llavakit (padded, padding-free, packed) against transformers' LlavaNextForConditionalGeneration.
 
 Why: packing's value is *useful* tokens per second (padding excluded) on a realistic length mix; padded batches of
-LLaVA-665K-like data waste a large share of every forward pass. All three runs use the same tiny model (the
-``debug-clip-llama`` preset with a ``--hidden``-wide LLM, saved once and loaded by both stacks), the same samples, the same optimizer (AdamW,
-fp32, sdpa) and the same number of samples per step, in one process:
+LLaVA-665K-like data waste a large share of every forward pass. All runs use the same tiny model (the
+``debug-clip-llama`` preset with a ``--hidden``-wide LLM, saved once and loaded by both stacks), the same samples,
+the same optimizer (AdamW, fp32) and the same number of samples per step, in one process:
 
-    llavakit, packing on    rows of ``--budget`` tokens (isolated samples, no padding in between)
-    llavakit, packing off   right-padded batches of ``--batch`` samples (our Trainer and collator)
-    transformers            LlavaNextForConditionalGeneration, plainly padded batches of ``--batch`` samples
+    transformers                  LlavaNextForConditionalGeneration, plainly padded batches of ``--batch`` samples
+    llavakit padded               right-padded batches of ``--batch`` samples (our Trainer and collator), sdpa
+    llavakit padding-free varlen  the same batches, each collated into one row (``data.padding_free``), sdpa_varlen
+    llavakit packing sdpa         rows of ``--budget`` tokens (isolated samples), a 4-D block-diagonal mask
+    llavakit packing varlen       the same rows with ``sdpa_varlen`` (per-sample attention, no mask)
 
 The data mimics LLaVA-665K's mix (features.md 8.1, performance.md 3.1): ~70 % academic VQA (several short
 question/answer turns per image), ~24 % LLaVA-Instruct conversations (longer answers), ~6 % ShareGPT text-only
@@ -33,6 +35,15 @@ WORDS = (
     "the a red blue green shape circle square triangle left right top bottom small large picture shows near "
     "colour object scene image there is one two three what where which how many describe detail"
 ).split()
+
+
+# (layout, attention) of the llavakit runs.
+RUNS = (
+    ("padded", "sdpa"),
+    ("padding-free", "sdpa_varlen"),
+    ("packing", "sdpa"),
+    ("packing", "sdpa_varlen"),
+)
 
 
 @dataclass
@@ -80,11 +91,17 @@ def write_benchmark_data(root: Path, samples: int, seed: int = 0) -> Path:
     return path
 
 
-def _stage(data: Path, root: Path, packing: bool, rows_or_samples: int, budget: int) -> dict:
+def _stage(data: Path, root: Path, layout: str, rows_or_samples: int, budget: int) -> dict:
     return {
         "name": "finetune",
         "trainable": ["vision_tower", "projector", "language_model"],
-        "data": {"path": str(data), "image_folder": str(root), "max_length": budget, "packing": packing},
+        "data": {
+            "path": str(data),
+            "image_folder": str(root),
+            "max_length": budget,
+            "packing": layout == "packing",
+            "padding_free": layout == "padding-free",
+        },
         "global_batch_size": rows_or_samples,
         "micro_batch_size": rows_or_samples,
         "epochs": 1,
@@ -93,21 +110,21 @@ def _stage(data: Path, root: Path, packing: bool, rows_or_samples: int, budget: 
 
 
 def run_llavakit(
-    model_dir: Path, data: Path, root: Path, packing: bool, batch: int, budget: int
+    model_dir: Path, data: Path, root: Path, layout: str, attention: str, batch: int, budget: int
 ) -> RunResult:
-    """Train one epoch with our Trainer; throughput from its per-step metrics."""
+    """Train one epoch with our Trainer (``layout``: padded | padding-free | packing); throughput from its metrics."""
     from llavakit.training.config_loading import config_from_dict
     from llavakit.training.data import build_train_data
     from llavakit.training.distributed import init_distributed
     from llavakit.training.trainer import Trainer
 
     # Packed rows hold ~budget tokens; size the row batch so a step covers about as many samples as padded runs.
-    rows = max(1, batch // 4) if packing else batch
+    rows = max(1, batch // 4) if layout == "packing" else batch
     config = config_from_dict(
         {
             "run_dir": tempfile.mkdtemp(prefix="bench-run-"),
-            "model": {"path": str(model_dir)},
-            "stages": [_stage(data, root, packing, rows, budget)],
+            "model": {"path": str(model_dir), "attn_implementation": attention},
+            "stages": [_stage(data, root, layout, rows, budget)],
             "logging": {"report_to": "none", "progress_bar": False},
         }
     )
@@ -118,7 +135,7 @@ def run_llavakit(
     timed = metrics[1:]
     tokens = sum(m.num_tokens for m in timed)
     padding = sum(m.num_padding for m in timed)
-    name = f"llavakit packing {'on' if packing else 'off'}"
+    name = f"llavakit {layout} {attention}"
     return RunResult(name, tokens / sum(m.seconds for m in timed), padding / (tokens + padding), len(metrics))
 
 
@@ -204,14 +221,16 @@ def main() -> None:
     model_dir = model.save_pretrained(root / "model")
     results = [
         run_transformers(model_dir, data, root / "data", args.batch, args.budget),
-        run_llavakit(model_dir, data, root / "data", False, args.batch, args.budget),
-        run_llavakit(model_dir, data, root / "data", True, args.batch, args.budget),
+        *(
+            run_llavakit(model_dir, data, root / "data", layout, attention, args.batch, args.budget)
+            for layout, attention in RUNS
+        ),
     ]
     baseline = results[0].useful_tokens_per_s
-    print(f"{'run':24s} {'useful tok/s':>13s} {'padding':>8s} {'steps':>6s} {'vs transformers':>16s}")
+    print(f"{'run':32s} {'useful tok/s':>13s} {'padding':>8s} {'steps':>6s} {'vs transformers':>16s}")
     for result in results:
         print(
-            f"{result.name:24s} {result.useful_tokens_per_s:13.0f} {result.padding_fraction:8.1%} "
+            f"{result.name:32s} {result.useful_tokens_per_s:13.0f} {result.padding_fraction:8.1%} "
             f"{result.steps:6d} {result.useful_tokens_per_s / baseline:15.2f}x"
         )
 

@@ -1,7 +1,10 @@
 """The data layer against the real model: batches run, text-only batches keep every vision parameter in the graph,
-and a packed batch gives each sample the same logits and loss as running it alone (debug presets)."""
+a packed batch gives each sample the same logits and loss as running it alone, and a padding-free row (sdpa_varlen)
+the padded batch's loss and gradients (debug presets)."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -10,8 +13,9 @@ from conftest import chat, write_image, write_json
 from llavakit.data.collate import BOOKKEEPING_KEYS, build_collator
 from llavakit.data.config import DataConfig
 from llavakit.data.dataset import build_dataset
-from llavakit.data.packing import PackingCollator
+from llavakit.data.packing import PackingCollator, PaddingFreeCollator
 from llavakit.data.tokenize import IGNORE_INDEX
+from llavakit.errors import ConfigError
 
 PRESETS = ("debug-clip-llama", "debug-siglip-qwen2")
 
@@ -80,3 +84,32 @@ def test_packed_batch_equals_samples_one_by_one(model_and_data):
                 total, count = total + alone.loss * n, count + n
                 start += length
     torch.testing.assert_close(out.loss, total / count, atol=2e-5, rtol=1e-4)
+
+
+def test_padding_free_batch_gives_the_padded_batchs_loss_and_gradients(model_and_data):
+    model, dataset = model_and_data
+    model.train()
+    examples = [dataset[i] for i in range(len(dataset))]
+    padded = build_collator(model.tokenizer)(examples)
+    varlen = copy.deepcopy(model)
+    varlen.llm.set_attn_implementation("sdpa_varlen")
+    rows = PackingCollator(model.tokenizer.pad_token_id, attn_implementation="sdpa_varlen")
+    row = PaddingFreeCollator(rows)(examples)
+    assert row["input_ids"].shape == (1, int(padded["attention_mask"].sum())) and row["num_padding"] == 0
+    losses, grads = [], []
+    for net, batch in ((model, padded), (varlen, row)):
+        net.zero_grad(set_to_none=True)
+        loss = net(**model_inputs(batch)).loss
+        loss.backward()
+        losses.append(loss)
+        grads.append({name: p.grad for name, p in net.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and any(name.startswith("vision") for name in grads[0])
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_padding_free_needs_varlen_attention(model_and_data):
+    model, _ = model_and_data
+    with pytest.raises(ConfigError, match="padding_free needs varlen attention"):
+        PaddingFreeCollator(PackingCollator(model.tokenizer.pad_token_id, attn_implementation="sdpa"))

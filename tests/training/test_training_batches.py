@@ -85,3 +85,31 @@ def test_length_grouping_conflicts_are_config_errors(tmp_path, synth):
     packed = debug_stage(synth, data={"group_by_length": True, "packing": True})
     with pytest.raises(ConfigError, match="data.packing excludes data.group_by_length"):
         config_from_dict(debug_config(tmp_path / "packed", [packed]))
+    free = debug_stage(synth, data={"packing": True, "padding_free": True})
+    with pytest.raises(ConfigError, match="choose one of data.packing and data.padding_free"):
+        config_from_dict(debug_config(tmp_path / "free", [free]))
+
+
+def _first_steps(tmp_path, synth, name: str, attention: str, **data) -> tuple[list, list[list[str]]]:
+    stage = debug_stage(synth, global_batch_size=8, micro_batch_size=4, max_steps=3, data=data)
+    config = config_from_dict(debug_config(tmp_path / name, [stage], model={"attn_implementation": attention}))
+    trainer = Trainer(config, 0, init_distributed(needs_process_group=False), build_train_data)
+    trainer.build()
+    stream = trainer.micro_batches()
+    metrics, ids = [], []
+    for _ in range(3):
+        batches = [next(stream), next(stream)]
+        ids.append([sample for batch in batches for sample in batch["sample_ids"]])
+        metrics.append(trainer.train_step(batches))
+    return metrics, ids
+
+
+def test_padding_free_trains_the_padded_batches_with_no_padding(tmp_path, synth):
+    padded, padded_ids = _first_steps(tmp_path, synth, "padded", "sdpa")
+    free, free_ids = _first_steps(tmp_path, synth, "free", "sdpa_varlen", padding_free=True)
+    assert free_ids == padded_ids
+    assert all(m.num_padding == 0 for m in free) and all(m.num_padding > 0 for m in padded)
+    assert [m.num_tokens for m in free] == [m.num_tokens for m in padded]
+    for ours, reference in zip(free, padded, strict=True):
+        assert ours.loss == pytest.approx(reference.loss, rel=1e-4)
+        assert ours.grad_norm == pytest.approx(reference.grad_norm, rel=1e-3)

@@ -11,8 +11,9 @@ Isolation, so a packed batch gives each sample the logits and loss it would get 
 - ``attn_implementation="sdpa"`` / ``"eager"``: a 4-D block-diagonal causal ``attention_mask [R, 1, T, T]``
   (boolean "may attend" for sdpa, additive 0 / dtype-min floats for eager); transformers passes 4-D masks through
   unchanged (``masking_utils._preprocess_mask_arguments``);
-- ``"flash_attention_2"``: no mask; transformers derives varlen boundaries from the restarting ``position_ids``
-  (it does so only without a KV cache: call the model with ``use_cache=False``, as training does);
+- ``"flash_attention_2"`` / ``"sdpa_varlen"`` (`llavakit.model.attention`): no mask; the attention derives each
+  sample's boundaries from the restarting ``position_ids`` and computes ``sum(l_i^2)`` scores, not ``T^2`` (it does
+  so only without a KV cache: call the model with ``use_cache=False``, as training does);
 - the first label of every sample is -100, since the causal shift would otherwise predict it from the previous
   sample's last token (alone, that label is never used either).
 """
@@ -32,7 +33,9 @@ from llavakit.data.collate import collate_images
 from llavakit.data.tokenize import IGNORE_INDEX
 from llavakit.errors import ConfigError, DataError
 
-ATTENTION_MASKS = ("sdpa", "eager", "flash_attention_2")
+ATTENTION_MASKS = ("sdpa", "eager", "flash_attention_2", "sdpa_varlen")
+# Implementations that read sample boundaries from position_ids and need no mask.
+VARLEN_ATTENTION = ("flash_attention_2", "sdpa_varlen")
 DEFAULT_WINDOW = 2048
 
 
@@ -114,7 +117,7 @@ class PackingCollator:
 
     Attributes:
         pad_token_id: id of the trailing padding of short rows.
-        attn_implementation: ``sdpa`` | ``eager`` | ``flash_attention_2`` (decides the mask form).
+        attn_implementation: one of `ATTENTION_MASKS` (decides the mask form).
         mask_dtype: float dtype of the additive ``eager`` mask (the model's compute dtype).
     """
 
@@ -175,8 +178,8 @@ class PackingCollator:
         positions[start:] = torch.arange(len(positions) - start)
 
     def _attention(self, segment_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``attention_mask [R,1,T,T]`` for sdpa/eager; nothing for flash-attention (position_ids suffice)."""
-        if self.attn_implementation == "flash_attention_2":
+        """``attention_mask [R,1,T,T]`` for sdpa/eager; nothing for varlen attention (position_ids suffice)."""
+        if self.attn_implementation in VARLEN_ATTENTION:
             return {}
         width = segment_ids.shape[1]
         same = segment_ids[:, :, None] == segment_ids[:, None, :]
@@ -188,6 +191,33 @@ class PackingCollator:
             additive = torch.zeros(mask.shape, dtype=self.mask_dtype)
             mask = additive.masked_fill(~mask, torch.finfo(self.mask_dtype).min)
         return {"attention_mask": mask}
+
+
+@dataclass(frozen=True)
+class PaddingFreeCollator:
+    """Collates each micro-batch, as the sampler drew it, into one packed row: no padding at all.
+
+    TRL's ``padding_free``. The batch holds the same samples as the padded collate's, so loss and gradients are the
+    same up to float rounding; only the work changes. Padded, a batch costs ``B * max(l)`` tokens in every linear
+    layer and ``B * max(l)^2`` attention scores; as one row with varlen attention, ``sum(l)`` and ``sum(l^2)`` (the
+    demo's batches: 26 % fewer tokens; `benchmarks/padding_free.py` measures the step).
+
+    Attributes:
+        packing: the row collator; its ``attn_implementation`` must be one of `VARLEN_ATTENTION`, since with a
+            ``[1, 1, T, T]`` mask the row would cost ``T^2`` scores, more than the padded batch.
+    """
+
+    packing: PackingCollator
+
+    def __post_init__(self) -> None:
+        if self.packing.attn_implementation not in VARLEN_ATTENTION:
+            raise ConfigError(
+                f"data.padding_free needs varlen attention (model.attn_implementation one of {VARLEN_ATTENTION}), "
+                f"got {self.packing.attn_implementation!r}: with a mask the row costs T^2 attention scores"
+            )
+
+    def __call__(self, examples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+        return self.packing([examples])
 
 
 def padding_fraction(row_lengths: Sequence[int], width: int | None = None) -> float:

@@ -32,6 +32,7 @@ from llavakit.anyres import features as anyres_features
 from llavakit.anyres import geometry
 from llavakit.anyres.spec import ImageSpec
 from llavakit.errors import ConfigError, DataError
+from llavakit.model import attention
 from llavakit.model.config import LlavaKitConfig
 from llavakit.model.family import family_for, set_pad_token
 from llavakit.model.loss import supervised_lm_loss
@@ -41,6 +42,8 @@ from llavakit.model.vision import VISION_BACKBONES, VisionEncoder, build_vision_
 
 # LLaVA-1.6's five grids (1×2, 2×1, 2×2, 3×1, 1×3 tiles) as (rows, cols); scaled by the tile size.
 LLAVA_16_GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
+# Every way of building a model accepts attn_implementation="sdpa_varlen"; transformers must know it first.
+attention.register()
 
 
 class LlavaNextModel(nn.Module):
@@ -103,7 +106,8 @@ class LlavaNextModel(nn.Module):
             select_layer: vision hidden-state index (-2 in every published recipe).
             vision_encoder: registry id; default: chosen from the vision checkpoint's ``model_type``.
             dtype: parameter dtype (default float32).
-            attn_implementation: ``sdpa`` (default), ``eager`` or ``flash_attention_2``.
+            attn_implementation: ``sdpa`` (default), ``eager``, ``flash_attention_2`` or ``sdpa_varlen``
+                (`llavakit.model.attention`).
             llm_kwargs: extra keywords for the LLM's ``AutoModelForCausalLM.from_pretrained`` only (they override
                 ``dtype``/``attn_implementation``), e.g. ``quantization_config`` + ``device_map`` for QLoRA. Quantised
                 (integer) weights are not floating point, so the final `cast_parameters` leaves them as loaded.

@@ -24,7 +24,7 @@ STAGE_KINDS = ("align", "mid", "finetune")
 SCHEDULES = ("cosine", "linear", "constant")
 STRATEGIES = ("single", "ddp", "fsdp2")
 MIXED_PRECISION = ("no", "bf16")
-ATTENTION = ("sdpa", "eager", "flash_attention_2")
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "sdpa_varlen")
 REPORTERS = ("tensorboard", "wandb", "none")
 
 
@@ -41,6 +41,8 @@ class ModelConfig:
             (upstream ``--pretrain_mm_mlp_adapter``).
         projector, template, select_layer: override the preset's/encoder's defaults when set (fresh models only).
         image_spec: `llavakit.anyres.ImageSpec` fields overriding the preset/encoder defaults.
+        attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2`` or ``sdpa_varlen`` (PyTorch SDPA that runs
+            packed and padding-free rows sample by sample, `llavakit.model.attention`).
     """
 
     preset: str | None = None
@@ -79,6 +81,8 @@ class DataSection:
         max_length: token cap per sample after image expansion (upstream ``model_max_length``).
         packing: pack several samples into rows of ``max_length`` tokens (isolated, no padding in between);
             batch sizes then count rows.
+        padding_free: collate each micro-batch into one row of its samples (TRL's ``padding_free``): the same
+            batches, no padding; needs ``model.attn_implementation`` ``sdpa_varlen`` or ``flash_attention_2``.
         group_by_modality_length: upstream's modality-grouped length sampler.
         group_by_length: transformers' length-grouped sampler (batches of similar length, least padding). Where
             length follows the kind of sample, its batches hold one kind each: on the demo it cut padding from 26 %
@@ -91,6 +95,7 @@ class DataSection:
     template: str | None = None
     max_length: int = 2048
     packing: bool = False
+    padding_free: bool = False
     group_by_modality_length: bool = False
     group_by_length: bool = False
     num_workers: int = 0
@@ -105,6 +110,8 @@ class DataSection:
                 "data.packing excludes data.group_by_length and data.group_by_modality_length: packed rows hold "
                 "no padding already, and they mix modalities"
             )
+        if self.packing and self.padding_free:
+            raise ConfigError("choose one of data.packing and data.padding_free: packed rows hold no padding already")
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 from llavakit.data.collate import build_collator
 from llavakit.data.config import DataConfig
 from llavakit.data.dataset import build_dataset
-from llavakit.data.packing import PackedDataset, PackingCollator
+from llavakit.data.packing import PackedDataset, PackingCollator, PaddingFreeCollator
 from llavakit.errors import ConfigError
 from llavakit.model.llava_next import LlavaNextModel
 from llavakit.training.config import StageConfig
@@ -36,7 +36,8 @@ def build_train_data(stage: StageConfig, model: LlavaNextModel) -> TrainData:
     """Scan the stage's data with the model's tokenizer and image spec.
 
     With ``data.packing`` the items are packed rows of up to ``data.max_length`` tokens (planned once, with the
-    run seed; the trainer reshuffles their order every epoch), and batch sizes count rows, not samples.
+    run seed; the trainer reshuffles their order every epoch), and batch sizes count rows, not samples. With
+    ``data.padding_free`` the items stay samples and each micro-batch is collated into one row.
 
     Raises:
         ConfigError: the model has no tokenizer.
@@ -47,8 +48,9 @@ def build_train_data(stage: StageConfig, model: LlavaNextModel) -> TrainData:
         )
     dataset = build_dataset(data_config(stage, model), model.tokenizer, model.config.image_spec)
     collator = build_collator(model.tokenizer)
+    rows = PackingCollator(collator.pad_token_id, attn_implementation=model.llm.config._attn_implementation)
+    if stage.data.padding_free:
+        return TrainData(dataset, PaddingFreeCollator(rows), dataset.modality_lengths)
     if not stage.data.packing:
         return TrainData(dataset, collator, dataset.modality_lengths)
-    packed = PackedDataset(dataset, budget=stage.data.max_length)
-    attention = model.llm.config._attn_implementation
-    return TrainData(packed, PackingCollator(collator.pad_token_id, attn_implementation=attention), None)
+    return TrainData(PackedDataset(dataset, budget=stage.data.max_length), rows, None)
