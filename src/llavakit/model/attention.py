@@ -77,33 +77,23 @@ def varlen_attention_forward(
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     length = query.shape[2]
-    # Mistral and Qwen2 pass their window as a keyword; masks, which carry it for sdpa, are not built here.
+    # Why split, not slicing: a slice's backward writes its gradient into a zero tensor of the whole input, once per
+    # sample and tensor; split's backward is one concatenation.
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     rows = []
-    for row, row_starts in enumerate(starts):
-        bounds = list(zip(row_starts, [*row_starts[1:], length], strict=True))
-        longest = max(end - start for start, end in bounds)
-        if window is not None and longest > window:
+    for row_starts, *row_tensors in zip(starts, query.split(1), key.split(1), value.split(1), strict=True):
+        lengths = [end - start for start, end in zip(row_starts, [*row_starts[1:], length], strict=True)]
+        if window is not None and max(lengths) > window:
             raise ValueError(
-                f"sdpa_varlen: a packed sample of {longest} tokens exceeds the sliding window {window}; use "
+                f"sdpa_varlen: a packed sample of {max(lengths)} tokens exceeds the sliding window {window}; use "
                 "attn_implementation='sdpa' for this model"
             )
-        rows.append(
-            torch.cat(
-                [
-                    torch.nn.functional.scaled_dot_product_attention(
-                        query[row : row + 1, :, start:end],
-                        key[row : row + 1, :, start:end],
-                        value[row : row + 1, :, start:end],
-                        dropout_p=dropout,
-                        scale=scaling,
-                        is_causal=True,
-                    )
-                    for start, end in bounds
-                ],
-                dim=2,
-            )
-        )
+        samples = zip(*(tensor.split(lengths, dim=2) for tensor in row_tensors), strict=True)
+        outputs = [
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True)
+            for q, k, v in samples
+        ]
+        rows.append(torch.cat(outputs, dim=2))
     return torch.cat(rows).transpose(1, 2).contiguous(), None
 
 
