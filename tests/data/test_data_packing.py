@@ -12,7 +12,13 @@ from conftest import chat, write_image, write_json
 from llavakit.anyres.geometry import count_visual_tokens
 from llavakit.data.config import DataConfig
 from llavakit.data.dataset import build_dataset
-from llavakit.data.packing import PackedDataset, PackingCollator, padding_fraction, plan_packs
+from llavakit.data.packing import (
+    PackedDataset,
+    PackingCollator,
+    PaddingFreeCollator,
+    padding_fraction,
+    plan_packs,
+)
 from llavakit.data.tokenize import IGNORE_INDEX
 from llavakit.errors import ConfigError
 
@@ -137,3 +143,13 @@ def test_packed_dataset_through_a_dataloader(tmp_path, tokenizers, tiny_spec):
         sizes = batch["image_sizes"].tolist() if "image_sizes" in batch else []
         expected = sum(count_visual_tokens(tuple(size), tiny_spec) for size in sizes)
         assert int((batch["input_ids"] == image_id).sum()) == expected
+
+
+def test_padding_free_collates_one_row_and_needs_varlen_attention():
+    batch = PaddingFreeCollator(PackingCollator(pad_token_id=0, attn_implementation="sdpa_varlen"))(
+        fake_examples([4, 3, 5])
+    )
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4]]
+    assert "attention_mask" not in batch and batch["num_padding"] == 0 and batch["num_samples"] == 3
+    with pytest.raises(ConfigError, match="padding_free needs varlen attention"):
+        PaddingFreeCollator(PackingCollator(pad_token_id=0, attn_implementation="sdpa"))

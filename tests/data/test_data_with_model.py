@@ -15,7 +15,6 @@ from llavakit.data.config import DataConfig
 from llavakit.data.dataset import build_dataset
 from llavakit.data.packing import PackingCollator, PaddingFreeCollator
 from llavakit.data.tokenize import IGNORE_INDEX
-from llavakit.errors import ConfigError
 
 PRESETS = ("debug-clip-llama", "debug-siglip-qwen2")
 
@@ -108,8 +107,3 @@ def test_padding_free_batch_gives_the_padded_batchs_loss_and_gradients(model_and
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-4, msg=name)
 
-
-def test_padding_free_needs_varlen_attention(model_and_data):
-    model, _ = model_and_data
-    with pytest.raises(ConfigError, match="padding_free needs varlen attention"):
-        PaddingFreeCollator(PackingCollator(model.tokenizer.pad_token_id, attn_implementation="sdpa"))

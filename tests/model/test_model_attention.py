@@ -118,14 +118,48 @@ def test_padded_generation_is_sdpas():
         torch.testing.assert_close(varlen_scores, sdpa_scores)
 
 
-def test_sliding_window_shorter_than_a_sample_is_an_error():
-    model = tiny_llm("mistral", "sdpa_varlen", sliding_window=4)
-    batch = PackingCollator(pad_token_id=0, attn_implementation="sdpa_varlen")([examples([6, 3])])
-    with pytest.raises(ValueError, match="sliding window 4"):
-        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+def _logits(model, **inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
 
 
-def test_sample_starts():
-    assert attention.sample_starts(torch.tensor([[0, 1, 2, 0, 1, 0]])) == [[0, 3, 5]]
-    assert attention.sample_starts(torch.tensor([[0, 1], [0, 0]])) == [[0], [0, 1]]
-    assert attention.sample_starts(torch.tensor([4, 5, 0, 1])) == [[0, 2]]
+def test_sliding_window_shorter_than_the_row_is_sdpas_mask():
+    # A window of 4: a lone 10-token sample, and a packed row whose samples are longer than the window.
+    models = [tiny_llm("mistral", attn, sliding_window=4).eval() for attn in ("sdpa", "sdpa_varlen")]
+    lone = torch.randint(1, VOCAB, (1, 10), generator=torch.Generator().manual_seed(4))
+    row = PackingCollator(pad_token_id=0, attn_implementation="sdpa_varlen")([examples([6, 7])])
+    for inputs in ({"input_ids": lone}, {"input_ids": row["input_ids"], "position_ids": row["position_ids"]}):
+        reference, ours = (_logits(model, **inputs, use_cache=False) for model in models)
+        torch.testing.assert_close(ours, reference)
+
+
+def test_cached_continuation_without_a_mask_is_sdpas():
+    ids = torch.randint(1, VOCAB, (1, 10), generator=torch.Generator().manual_seed(5))
+    for attn in ("sdpa", "sdpa_varlen"):
+        model = tiny_llm("llama", attn).eval()
+        with torch.no_grad():
+            cache = model(input_ids=ids[:, :6], use_cache=True).past_key_values
+            chunked = model(input_ids=ids[:, 6:], past_key_values=cache, use_cache=True).logits
+        torch.testing.assert_close(chunked[0], _logits(model, input_ids=ids)[0, 6:], atol=1e-5, rtol=1e-4)
+
+
+def test_shared_position_ids_split_every_row():
+    # position_ids [1, T] for a batch of 2 rows, as transformers accepts: both rows hold the samples 0..3 and 0..2.
+    ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(6))
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2]])
+    reference, ours = (
+        _logits(tiny_llm("llama", attn).eval(), input_ids=ids, position_ids=positions, use_cache=False)
+        for attn in ("sdpa", "sdpa_varlen")
+    )
+    torch.testing.assert_close(ours, reference)
+    alone = _logits(tiny_llm("llama", "sdpa").eval(), input_ids=ids[:, 4:])
+    torch.testing.assert_close(ours[:, 4:], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_sample_lengths():
+    assert attention.sample_lengths(torch.tensor([[0, 1, 2, 0, 1, 0]]), 1) == [[3, 2, 1]]
+    assert attention.sample_lengths(torch.tensor([[0, 1], [0, 0]]), 2) == [[2], [1, 1]]
+    assert attention.sample_lengths(torch.tensor([4, 5, 0, 1]), 1) == [[2, 2]]
+    # transformers' rule for sdpa: any jump other than +1 starts a sample, not only a return to 0.
+    assert attention.sample_lengths(torch.tensor([[0, 1, 2, 3, 10, 11]]), 1) == [[4, 2]]
+    assert attention.sample_lengths(torch.tensor([[0, 1, 0]]), 2) == [[2, 1], [2, 1]]

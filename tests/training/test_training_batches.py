@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from conftest import debug_config, debug_stage
+from llavakit.data import packing
 from llavakit.errors import ConfigError
+from llavakit.training import config as training_config
 from llavakit.training.batches import length_grouped_order, modality_grouped_order, random_order
 from llavakit.training.config_loading import config_from_dict
 from llavakit.training.data import build_train_data
@@ -113,3 +115,10 @@ def test_padding_free_trains_the_padded_batches_with_no_padding(tmp_path, synth)
     for ours, reference in zip(free, padded, strict=True):
         assert ours.loss == pytest.approx(reference.loss, rel=1e-4)
         assert ours.grad_norm == pytest.approx(reference.grad_norm, rel=1e-3)
+
+
+def test_padding_free_with_masked_attention_fails_before_any_weight_loads(tmp_path, synth):
+    free = debug_stage(synth, data={"padding_free": True})
+    with pytest.raises(ConfigError, match=r"stages \['finetune'\] set data.padding_free.*got 'sdpa'"):
+        config_from_dict(debug_config(tmp_path / "sdpa", [free]))
+    assert training_config.VARLEN_ATTENTION == packing.VARLEN_ATTENTION

@@ -12,8 +12,8 @@ Isolation, so a packed batch gives each sample the logits and loss it would get 
   (boolean "may attend" for sdpa, additive 0 / dtype-min floats for eager); transformers passes 4-D masks through
   unchanged (``masking_utils._preprocess_mask_arguments``);
 - ``"flash_attention_2"`` / ``"sdpa_varlen"`` (`llavakit.model.attention`): no mask; the attention derives each
-  sample's boundaries from the restarting ``position_ids`` and computes ``sum(l_i^2)`` scores, not ``T^2`` (it does
-  so only without a KV cache: call the model with ``use_cache=False``, as training does);
+  sample's boundaries from the restarting ``position_ids`` and computes ``sum(l_i^2)`` scores, not ``T^2`` (call
+  the model with ``use_cache=False``, as training does: transformers reads the boundaries only without a cache);
 - the first label of every sample is -100, since the causal shift would otherwise predict it from the previous
   sample's last token (alone, that label is never used either).
 """
@@ -200,7 +200,7 @@ class PaddingFreeCollator:
     TRL's ``padding_free``. The batch holds the same samples as the padded collate's, so loss and gradients are the
     same up to float rounding; only the work changes. Padded, a batch costs ``B * max(l)`` tokens in every linear
     layer and ``B * max(l)^2`` attention scores; as one row with varlen attention, ``sum(l)`` and ``sum(l^2)`` (the
-    demo's batches: 26 % fewer tokens; `benchmarks/padding_free.py` measures the step).
+    demo's batches: 26 % fewer tokens; `benchmarks/train_throughput.py` measures both).
 
     Attributes:
         packing: the row collator; its ``attn_implementation`` must be one of `VARLEN_ATTENTION`, since with a

@@ -6,12 +6,15 @@ it computes and masks all ``T^2`` scores (and SDPA's fused kernels cannot skip m
 computes ``sum(l_i^2)`` but needs CUDA and the flash-attn package. This implementation computes ``sum(l_i^2)`` with
 PyTorch's own SDPA on any device: each sample's block is one causal SDPA call.
 
-Sample boundaries come from the restarting ``position_ids`` (every position 0 starts a sample), the rule
-transformers applies to flash-attention. Everything that is not a packed row (a 2-D padding mask, a KV cache, one
-query token, a bidirectional module) is exactly transformers' ``sdpa``, so one loaded model serves training,
-batched generation and evaluation.
+Sample boundaries come from ``position_ids``, by transformers' own packed-sequence rule for sdpa: a position that is
+not one more than the previous one starts a sample. The split happens only where transformers would build no mask
+but a causal one over the whole row: no 2-D padding mask, no cached tokens before the row, no sliding window shorter
+than the row, no mask overlay. In every other case the mask function builds sdpa's mask and the attention is
+transformers' ``sdpa`` itself, so one loaded model serves training, batched generation and evaluation. One
+difference remains on purpose: a row whose positions restart is split even where transformers' sdpa, given an
+all-ones padding mask or an empty cache object, lets its samples see each other.
 
-Registering is an import side effect (`register`, called by ``llavakit.model``): transformers then accepts
+Registering is an import side effect of ``llavakit.model.llava_next`` (`register`): transformers then accepts
 ``attn_implementation="sdpa_varlen"`` wherever it accepts ``"sdpa"``. Checkpoints do not record the choice.
 """
 
@@ -27,21 +30,23 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 NAME = "sdpa_varlen"
 
 
-def sample_starts(position_ids: torch.Tensor) -> list[list[int]]:
-    """Where each row's samples start: the indices of position 0 (row start included).
+def sample_lengths(position_ids: torch.Tensor, batch_size: int) -> list[list[int]]:
+    """Each row's sample lengths: a new sample starts wherever a position is not the previous one plus one.
 
     Args:
-        position_ids: ``[B, T]`` (or ``[T]``), restarting at 0 for every sample.
+        position_ids: ``[B, T]``, ``[1, T]`` (shared by every row, as transformers allows) or ``[T]``.
+        batch_size: ``B``.
 
     Returns:
-        Per row, the sorted start indices; a row that does not start at position 0 still starts a sample at 0.
+        Per row, the lengths of its samples in order (they sum to ``T``).
     """
-    rows = position_ids.reshape(-1, position_ids.shape[-1])
-    starts = []
-    for row in rows:
-        found = (row == 0).nonzero().flatten().tolist()
-        starts.append(found if found[:1] == [0] else [0, *found])
-    return starts
+    rows = position_ids.reshape(-1, position_ids.shape[-1]).expand(batch_size, -1)
+    starts = (rows[:, 1:] - rows[:, :-1] != 1).nonzero().tolist()
+    bounds: list[list[int]] = [[0] for _ in range(batch_size)]
+    for row, index in starts:
+        bounds[row].append(index + 1)
+    length = rows.shape[1]
+    return [[end - start for start, end in zip(b, [*b[1:], length], strict=True)] for b in bounds]
 
 
 def varlen_attention_forward(
@@ -54,14 +59,9 @@ def varlen_attention_forward(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' attention-interface signature; ``query/key/value [B, H, T, D]`` -> ``([B, T, H, D], None)``.
-
-    Raises:
-        ValueError: a sliding-window module whose packed sample is longer than the window (the per-sample causal
-            call would ignore the window); use ``sdpa``.
-    """
+    """transformers' attention-interface signature; ``query/key/value [B, H, T, D]`` -> ``([B, T, H, D], None)``."""
     position_ids = kwargs.get("position_ids")
-    packed = (
+    splittable = (
         attention_mask is None
         and position_ids is not None
         and getattr(module, "is_causal", True)
@@ -69,26 +69,18 @@ def varlen_attention_forward(
         and query.shape[2] > 1
         and query.shape[2] == key.shape[2]
     )
-    starts = sample_starts(position_ids) if packed else []
-    if not packed or all(len(row) == 1 for row in starts):
+    lengths = sample_lengths(position_ids, query.shape[0]) if splittable else []
+    if not splittable or all(len(row) == 1 for row in lengths):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    length = query.shape[2]
-    # Why split, not slicing: a slice's backward writes its gradient into a zero tensor of the whole input, once per
-    # sample and tensor; split's backward is one concatenation.
-    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     rows = []
-    for row_starts, *row_tensors in zip(starts, query.split(1), key.split(1), value.split(1), strict=True):
-        lengths = [end - start for start, end in zip(row_starts, [*row_starts[1:], length], strict=True)]
-        if window is not None and max(lengths) > window:
-            raise ValueError(
-                f"sdpa_varlen: a packed sample of {max(lengths)} tokens exceeds the sliding window {window}; use "
-                "attn_implementation='sdpa' for this model"
-            )
-        samples = zip(*(tensor.split(lengths, dim=2) for tensor in row_tensors), strict=True)
+    for row_lengths, *row_tensors in zip(lengths, query.split(1), key.split(1), value.split(1), strict=True):
+        # Why split, not slicing: a slice's backward writes its gradient into a zero tensor of the whole input,
+        # once per sample and tensor; split's backward is one concatenation.
+        samples = zip(*(tensor.split(row_lengths, dim=2) for tensor in row_tensors), strict=True)
         outputs = [
             torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True)
             for q, k, v in samples
@@ -97,11 +89,21 @@ def varlen_attention_forward(
     return torch.cat(rows).transpose(1, 2).contiguous(), None
 
 
-def varlen_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor | None:
-    """The mask interface: no mask without a 2-D padding mask (the attention reads ``position_ids``), else sdpa's."""
-    if attention_mask is None:
-        return None
-    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+def varlen_mask(**kwargs: Any) -> torch.Tensor | None:
+    """The mask interface (transformers calls it with keywords): None where the attention may split rows itself.
+
+    That is a plain causal row: no padding mask, nothing cached before it, no sliding window shorter than it
+    (``local_size``), no or/and mask overlay (``use_vmap``). Otherwise sdpa's own mask, so the attention is sdpa's.
+    """
+    q_length, window = kwargs["q_length"], kwargs.get("local_size")
+    plain = (
+        kwargs.get("attention_mask") is None
+        and not kwargs.get("use_vmap", False)
+        and kwargs.get("q_offset", 0) == 0
+        and kwargs["kv_length"] == q_length
+        and (window is None or q_length <= window)
+    )
+    return None if plain else sdpa_mask(**kwargs)
 
 
 def register() -> None:

@@ -25,6 +25,9 @@ SCHEDULES = ("cosine", "linear", "constant")
 STRATEGIES = ("single", "ddp", "fsdp2")
 MIXED_PRECISION = ("no", "bf16")
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "sdpa_varlen")
+# The implementations that isolate packed samples by position_ids with no T x T mask, as data.padding_free needs
+# (`llavakit.data.packing.VARLEN_ATTENTION`; repeated here so that checking a config imports no torch).
+VARLEN_ATTENTION = ("flash_attention_2", "sdpa_varlen")
 REPORTERS = ("tensorboard", "wandb", "none")
 
 
@@ -315,6 +318,12 @@ class TrainConfig:
         names = [stage.name for stage in self.stages]
         if len(set(names)) != len(names):
             raise ConfigError(f"stage names must be unique (they name the run sub-folders), got {names}")
+        padding_free = [stage.name for stage in self.stages if stage.data.padding_free]
+        if padding_free and self.model.attn_implementation not in VARLEN_ATTENTION:
+            raise ConfigError(
+                f"stages {padding_free} set data.padding_free, which needs model.attn_implementation one of "
+                f"{VARLEN_ATTENTION} (got {self.model.attn_implementation!r})"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-ready dict (tuples become lists)."""

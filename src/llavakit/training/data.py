@@ -48,9 +48,9 @@ def build_train_data(stage: StageConfig, model: LlavaNextModel) -> TrainData:
         )
     dataset = build_dataset(data_config(stage, model), model.tokenizer, model.config.image_spec)
     collator = build_collator(model.tokenizer)
+    if not (stage.data.packing or stage.data.padding_free):
+        return TrainData(dataset, collator, dataset.modality_lengths)
     rows = PackingCollator(collator.pad_token_id, attn_implementation=model.llm.config._attn_implementation)
     if stage.data.padding_free:
         return TrainData(dataset, PaddingFreeCollator(rows), dataset.modality_lengths)
-    if not stage.data.packing:
-        return TrainData(dataset, collator, dataset.modality_lengths)
     return TrainData(PackedDataset(dataset, budget=stage.data.max_length), rows, None)

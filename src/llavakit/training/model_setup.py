@@ -225,15 +225,18 @@ def _from_parts_kwargs(config: TrainConfig, context: DistContext) -> dict[str, A
 
 
 def resolve_attention(requested: str) -> str:
-    """``flash_attention_2`` when asked for and installed; otherwise (asked but missing) ``sdpa``, with a warning.
+    """``flash_attention_2`` when asked for and installed; otherwise (asked but missing) ``sdpa_varlen``, warning.
 
-    Upstream's scripts default to flash-attention; the seed scripts must run on machines without it (CPU CI), and
-    the two kernels compute the same attention, so this is the documented selection, not a silent change of results.
+    Upstream's scripts default to flash-attention; the seed scripts must run on machines without it (CPU CI).
+    ``sdpa_varlen`` computes the same attention as flash-attention, on padded batches and on packed rows split by
+    ``position_ids`` alike, at flash-attention's ``sum(l_i^2)`` cost on packed rows (plain ``sdpa`` needs a
+    ``T x T`` mask there, and ``data.padding_free`` refuses it), so this is the documented selection, not a silent
+    change of results.
     """
     if requested != "flash_attention_2" or is_flash_attn_2_available():
         return requested
-    warnings.warn("flash_attention_2 requested but flash-attn is not installed: using sdpa", stacklevel=2)
-    return "sdpa"
+    warnings.warn("flash_attention_2 requested but flash-attn is not installed: using sdpa_varlen", stacklevel=2)
+    return "sdpa_varlen"
 
 
 def _preset_kwargs(name: str, run_dir: Path, context: DistContext) -> dict[str, Any]:
