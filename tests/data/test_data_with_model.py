@@ -106,4 +106,3 @@ def test_padding_free_batch_gives_the_padded_batchs_loss_and_gradients(model_and
     assert grads[0].keys() == grads[1].keys() and any(name.startswith("vision") for name in grads[0])
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-4, msg=name)
-
