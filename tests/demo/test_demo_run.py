@@ -55,6 +55,8 @@ def test_learning_curve_is_measured_during_finetuning_and_ends_with_the_final_ev
     curve = metrics["learning_curve"]
     every, steps = QUICK_EVAL_EVERY, QUICK_STEPS[1]
     assert [point["step"] for point in curve] == [*range(every, steps, every), steps]
+    # --quick has fewer held-out questions than the curve asks for: it asks them all.
+    assert metrics["learning_curve_questions"] == sum(metrics["questions_per_type"].values())
     assert curve[-1]["accuracy"] == metrics["accuracy"]
     assert all(set(point["accuracy"]) == set(metrics["accuracy"]) for point in curve)
     assert metrics["seconds"]["curve"] > 0

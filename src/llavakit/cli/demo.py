@@ -39,8 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="ask the held-out questions every N finetune steps: the learning curve in the report and OUT/accuracy.png "
-        "(default 400, 100 with --quick; 0: off)",
+        help="ask the first 320 held-out questions every N finetune steps: the learning curve in the report and "
+        "OUT/accuracy.png (default 400, 100 with --quick; 0: off)",
     )
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. stages.1.max_steps=300"

@@ -79,7 +79,8 @@ def _curve_lines(result: DemoResult) -> list[str]:
         return []
     kinds = list(result.curve[-1].accuracy)
     header = f"  {'step':>6}" + "".join(f"{kind:>10}" for kind in kinds)
-    lines = ["", "Learning curve (held-out accuracy with image, by finetune step)", header]
+    title = f"Learning curve (accuracy with image on the first {result.curve_questions} held-out questions, by finetune step)"
+    lines = ["", title, header]
     for point in result.curve:
         lines.append(f"  {point.step:>6}" + "".join(f"{point.accuracy.get(kind, 0.0):>10.3f}" for kind in kinds))
     return lines
@@ -97,7 +98,7 @@ def plot_curve(result: DemoResult, path: Path) -> None:
     for kind in result.curve[-1].accuracy:
         axis.plot(steps, [point.accuracy.get(kind, 0.0) for point in result.curve], marker="o", label=kind)
     axis.set_xlabel("finetune step")
-    axis.set_ylabel("held-out accuracy (with image)")
+    axis.set_ylabel(f"accuracy with image, first {result.curve_questions} held-out questions")
     axis.set_ylim(-0.02, 1.02)
     axis.grid(alpha=0.3)
     axis.legend()
@@ -119,6 +120,7 @@ def metrics_dict(result: DemoResult) -> dict[str, Any]:
         "tokens_per_s": tokens_per_second(result),
         "losses": {stage.name: stage.losses for stage in result.train_result.stages},
         "learning_curve": [{"step": point.step, "accuracy": point.accuracy} for point in result.curve],
+        "learning_curve_questions": result.curve_questions,
         "dataset": result.dataset.manifest,
         "final_checkpoint": str(result.final_checkpoint),
         "config": result.config.to_dict(),
