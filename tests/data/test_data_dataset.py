@@ -236,3 +236,34 @@ def test_image_corrupt_after_its_header_fails_at_load_with_sample_id(folder, tok
         dataset[0]
     skipping = build_dataset(config(path, folder, skip_policy="skip"), tokenizers["llama"], tiny_spec)
     assert skipping[0] is None
+
+
+def test_cached_samples_are_built_once_and_equal_uncached_ones(folder, tokenizers, tiny_spec, monkeypatch):
+    import llavakit.data.dataset as dataset_module
+
+    path = write_json(folder / "d.json", good_samples())
+    plain = build_dataset(config(path, folder), tokenizers["llama"], tiny_spec)
+    cached = build_dataset(config(path, folder, cache_samples=True), tokenizers["llama"], tiny_spec)
+    loads = []
+    original = dataset_module.load_pixels
+    monkeypatch.setattr(dataset_module, "load_pixels", lambda *args: loads.append(args[0]) or original(*args))
+    first = [cached[i] for i in range(3)]
+    assert len(loads) == 3  # one image, none, two images
+    again = [cached[i] for i in range(3)]
+    assert len(loads) == 3 and all(a is b for a, b in zip(first, again))
+    for item, reference in zip(first, (plain[i] for i in range(3))):
+        assert item.keys() == reference.keys()
+        for key, value in reference.items():
+            if torch.is_tensor(value):
+                assert torch.equal(item[key], value)
+            else:
+                assert item[key] == value
+    assert len(loads) == 6  # the plain dataset decodes every time
+
+
+def test_cached_samples_refuse_dataloader_workers():
+    from llavakit.training.config import DataSection
+
+    with pytest.raises(ConfigError, match="cache_samples needs data.num_workers 0"):
+        DataSection(path="d.json", cache_samples=True, num_workers=2)
+    assert DataSection(path="d.json", cache_samples=True).cache_samples

@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     from llavakit.demo.report import format_report, write_outputs
     from llavakit.demo.run import DemoOptions, run_demo
 
+    if args.no_progress:
+        _hide_library_progress_bars()
     options = DemoOptions(
         out_dir=args.out,
         seed=args.seed,
@@ -72,6 +74,15 @@ def run(args: argparse.Namespace) -> int:
 
         return run_chat(result.assistant, interactive_lines(sys.stdin, sys.stdout), sys.stdout)
     return 0
+
+
+def _hide_library_progress_bars() -> None:
+    """transformers' and the hub's own bars (writing and loading weights), which --no-progress hides too."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    disable_progress_bars()
+    transformers_logging.disable_progress_bar()
 
 
 def _first_image(result: DemoResult) -> str:

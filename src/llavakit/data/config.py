@@ -33,6 +33,8 @@ class DataConfig:
         max_tokens_per_pack: token budget of one packed row; 0 means ``model_max_length``.
         group_by_modality_length: single-modality, length-grouped global batches (upstream sampler).
         group_by_length: length-grouped batches regardless of modality.
+        cache_samples: build each sample (tokens and pixels) once and keep it in memory (see
+            `llavakit.data.dataset`); for small datasets only: it holds every sample's pixels.
         seed: seed of mixture sampling and of the samplers.
     """
 
@@ -48,6 +50,7 @@ class DataConfig:
     max_tokens_per_pack: int = 0
     group_by_modality_length: bool = False
     group_by_length: bool = False
+    cache_samples: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -91,6 +91,9 @@ class DataSection:
             length follows the kind of sample, its batches hold one kind each: on the demo it cut padding from 26 %
             to 2 % but left shapes and words unlearnt (the demo-tiny recipe has the numbers).
         num_workers: DataLoader worker processes.
+        cache_samples: build each sample once and serve it from memory afterwards: for small datasets trained for
+            many epochs (the demo); it holds every sample's pixels. Needs ``num_workers`` 0 (workers restart every
+            epoch, so their caches would be rebuilt each time).
     """
 
     path: str = ""
@@ -102,6 +105,7 @@ class DataSection:
     group_by_modality_length: bool = False
     group_by_length: bool = False
     num_workers: int = 0
+    cache_samples: bool = False
 
     def __post_init__(self) -> None:
         if self.max_length <= 0:
@@ -115,6 +119,11 @@ class DataSection:
             )
         if self.packing and self.padding_free:
             raise ConfigError("choose one of data.packing and data.padding_free: packed rows hold no padding already")
+        if self.cache_samples and self.num_workers:
+            raise ConfigError(
+                "data.cache_samples needs data.num_workers 0: DataLoader workers restart every epoch and would "
+                "rebuild their caches each time"
+            )
 
 
 @dataclass

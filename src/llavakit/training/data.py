@@ -28,6 +28,7 @@ def data_config(stage: StageConfig, model: LlavaNextModel, seed: int = 0) -> Dat
         packing=section.packing,
         group_by_modality_length=section.group_by_modality_length,
         group_by_length=section.group_by_length,
+        cache_samples=section.cache_samples,
         seed=seed,
     )
 
