@@ -261,6 +261,23 @@ def test_cached_samples_are_built_once_and_equal_uncached_ones(folder, tokenizer
     assert len(loads) == 6  # the plain dataset decodes every time
 
 
+def test_collating_cached_samples_leaves_them_unchanged(folder, tokenizers, tiny_spec):
+    from llavakit.data.packing import PackingCollator
+
+    path = write_json(folder / "d.json", good_samples())
+    cached = build_dataset(config(path, folder, cache_samples=True), tokenizers["llama"], tiny_spec)
+    items = [cached[i] for i in range(3)]
+    before = [{k: v.clone() if torch.is_tensor(v) else v for k, v in item.items()} for item in items]
+    pad_id = tokenizers["llama"].pad_token_id
+    collators = [build_collator(tokenizers["llama"]), lambda batch: PackingCollator(pad_id)([batch])]
+    for collate in collators:
+        first, second = collate(items), collate(items)
+        assert torch.equal(first["input_ids"], second["input_ids"]) and torch.equal(first["labels"], second["labels"])
+    for item, reference in zip(items, before):
+        for key, value in reference.items():
+            assert torch.equal(item[key], value) if torch.is_tensor(value) else item[key] == value
+
+
 def test_cached_samples_refuse_dataloader_workers():
     from llavakit.training.config import DataSection
 

@@ -27,7 +27,7 @@ def test_the_last_curve_point_scores_only_the_curves_questions():
     assert final_curve_point(report, questions=10, step=1).accuracy == report.accuracy_by_type()
 
 
-def test_the_curves_questions_are_a_part_of_the_full_runs_holding_every_type(tmp_path):
+def test_the_curve_asks_a_prefix_of_a_full_size_held_out_split_holding_every_type(tmp_path):
     dataset = generate_synth(tmp_path, replace(FULL_DATA, n_train=2))
     every = HeldoutQA(dataset.heldout_path).examples()
     asked = HeldoutQA(dataset.heldout_path, limit=CURVE_QUESTIONS).examples()

@@ -122,3 +122,21 @@ def test_padding_free_with_masked_attention_fails_before_any_weight_loads(tmp_pa
     with pytest.raises(ConfigError, match=r"stages \['finetune'\] set data.padding_free.*got 'sdpa'"):
         config_from_dict(debug_config(tmp_path / "sdpa", [free]))
     assert training_config.VARLEN_ATTENTION == packing.VARLEN_ATTENTION
+
+
+def test_cached_samples_train_the_same_steps_from_memory(tmp_path, synth):
+    plain, plain_ids = _first_steps(tmp_path, synth, "plain", "sdpa")
+    stage = debug_stage(synth, global_batch_size=8, micro_batch_size=4, max_steps=3, data={"cache_samples": True})
+    config = config_from_dict(debug_config(tmp_path / "cached", [stage], model={"attn_implementation": "sdpa"}))
+    trainer = Trainer(config, 0, init_distributed(needs_process_group=False), build_train_data)
+    trainer.build()
+    stream = trainer.micro_batches()
+    cached, cached_ids = [], []
+    for _ in range(3):
+        batches = [next(stream), next(stream)]
+        cached_ids.append([sample for batch in batches for sample in batch["sample_ids"]])
+        cached.append(trainer.train_step(batches))
+    assert cached_ids == plain_ids
+    assert [m.loss for m in cached] == pytest.approx([m.loss for m in plain], rel=1e-6)
+    dataset = trainer.data.dataset
+    assert dataset[0] is dataset[0]  # served from memory

@@ -8,7 +8,9 @@ shortened CI version; ``--chat`` then opens the interactive chat on the trained 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "1) generate the synthetic dataset (cached in OUT/data), 2) build a tiny random CLIP-like encoder and "
             "Llama-like LLM and compose them, 3) train align then finetune with the demo-tiny recipe (the trainer "
-            "behind 'llavakit train'), asking the held-out questions every --eval-every steps (the learning curve), 4) "
+            "behind 'llavakit train'), asking a third of the held-out questions every --eval-every steps (the learning "
+            "curve), 4) "
             "evaluate on the held-out split with and without images, 5) show three held-out answers, 6) write "
             "OUT/metrics.json, OUT/loss.png, OUT/accuracy.png and OUT/final (the checkpoint)."
         ),
@@ -39,8 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="ask the first 320 held-out questions every N finetune steps: the learning curve in the report and "
-        "OUT/accuracy.png (default 400, 100 with --quick; 0: off)",
+        help="ask a third of the held-out questions (all with --quick) every N finetune steps: the learning curve "
+        "in the report and OUT/accuracy.png (default 400, 100 with --quick; 0: off)",
     )
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. stages.1.max_steps=300"
@@ -53,8 +56,6 @@ def run(args: argparse.Namespace) -> int:
     from llavakit.demo.report import format_report, write_outputs
     from llavakit.demo.run import DemoOptions, run_demo
 
-    if args.no_progress:
-        _hide_library_progress_bars()
     options = DemoOptions(
         out_dir=args.out,
         seed=args.seed,
@@ -63,8 +64,9 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         eval_every=args.eval_every,
     )
-    result = run_demo(options)
-    paths = write_outputs(result, args.out)
+    with _library_progress_bars(shown=not args.no_progress):
+        result = run_demo(options)
+        paths = write_outputs(result, args.out)
     print(format_report(result))
     for name, path in paths.items():
         print(f"{name}: {path}")
@@ -76,13 +78,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _hide_library_progress_bars() -> None:
-    """transformers' and the hub's own bars (writing and loading weights), which --no-progress hides too."""
-    from huggingface_hub.utils import disable_progress_bars
+@contextlib.contextmanager
+def _library_progress_bars(shown: bool) -> Iterator[None]:
+    """Hide transformers' and the hub's own bars (writing and loading weights) with --no-progress, then restore."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
     from transformers.utils import logging as transformers_logging
 
+    if shown:
+        yield
+        return
+    hub_was_enabled = not are_progress_bars_disabled()
+    transformers_was_enabled = transformers_logging.is_progress_bar_enabled()
     disable_progress_bars()
     transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hub_was_enabled:
+            enable_progress_bars()
+        if transformers_was_enabled:
+            transformers_logging.enable_progress_bar()
 
 
 def _first_image(result: DemoResult) -> str:

@@ -79,11 +79,19 @@ def _curve_lines(result: DemoResult) -> list[str]:
         return []
     kinds = list(result.curve[-1].accuracy)
     header = f"  {'step':>6}" + "".join(f"{kind:>10}" for kind in kinds)
-    title = f"Learning curve (accuracy with image on the first {result.curve_questions} held-out questions, by finetune step)"
+    title = f"Learning curve (accuracy with image on {_curve_questions(result)}, by finetune step)"
     lines = ["", title, header]
     for point in result.curve:
         lines.append(f"  {point.step:>6}" + "".join(f"{point.accuracy.get(kind, 0.0):>10.3f}" for kind in kinds))
     return lines
+
+
+def _curve_questions(result: DemoResult) -> str:
+    """Which held-out questions the curve asks, in words."""
+    total = len(result.with_images.predictions)
+    if result.curve_questions >= total:
+        return f"all {total} held-out questions"
+    return f"the first {result.curve_questions} of {total} held-out questions"
 
 
 def plot_curve(result: DemoResult, path: Path) -> None:
@@ -98,7 +106,7 @@ def plot_curve(result: DemoResult, path: Path) -> None:
     for kind in result.curve[-1].accuracy:
         axis.plot(steps, [point.accuracy.get(kind, 0.0) for point in result.curve], marker="o", label=kind)
     axis.set_xlabel("finetune step")
-    axis.set_ylabel(f"accuracy with image, first {result.curve_questions} held-out questions")
+    axis.set_ylabel(f"accuracy with image, {_curve_questions(result)}")
     axis.set_ylim(-0.02, 1.02)
     axis.grid(alpha=0.3)
     axis.legend()

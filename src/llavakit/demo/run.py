@@ -38,7 +38,7 @@ FULL_DATA = SynthConfig(n_train=3000, n_heldout=300)
 QUICK_DATA = SynthConfig(n_train=256, n_heldout=40)
 # (align steps, finetune steps) of --quick: enough to start seeing colours (about a minute on 2 cores), for CI.
 QUICK_STEPS = (20, 300)
-# Finetune steps between learning-curve points: 4 points in a full run, 2 in --quick.
+# Finetune steps between learning-curve points: 4 points during a full run (then the final one), 2 in --quick.
 EVAL_EVERY, QUICK_EVAL_EVERY = 400, 100
 # Note: the curve asks the first 320 of the full run's 944 held-out questions (its first ~100 images, every question
 # type): each point then costs ~2.5 s instead of ~7 s (measured), and the final evaluation still asks them all.
@@ -95,6 +95,7 @@ class LearningCurve:
 
     def __init__(self, benchmark: HeldoutQA, stage: str, every: int) -> None:
         self.benchmark, self.stage, self.every = benchmark, stage, every
+        self.questions = len(benchmark.examples())
         self.points: list[CurvePoint] = []
         self.seconds = 0.0
 
@@ -109,7 +110,8 @@ class LearningCurve:
 
 def final_curve_point(report: BenchmarkReport, questions: int, step: int) -> CurvePoint:
     """The curve's last point: ``report``'s accuracy on its first ``questions`` examples (the curve's questions)."""
-    return CurvePoint(step, BenchmarkReport(report.name, report.with_images, report.predictions[:questions]).accuracy_by_type())
+    asked = BenchmarkReport(report.name, report.with_images, report.predictions[:questions])
+    return CurvePoint(step, asked.accuracy_by_type())
 
 
 @dataclass
@@ -199,6 +201,6 @@ def run_demo(options: DemoOptions) -> DemoResult:
     seconds["total"] = time.perf_counter() - started
     points, asked = [], 0
     if curve:
-        asked = len(curve_benchmark.examples())
+        asked = curve.questions
         points = [*curve.points, final_curve_point(with_images, asked, train_result.stages[-1].steps)]
     return DemoResult(dataset, train_result, with_images, text_only, config, seconds, points, asked, assistant)
