@@ -92,7 +92,8 @@ def test_length_grouping_conflicts_are_config_errors(tmp_path, synth):
         config_from_dict(debug_config(tmp_path / "free", [free]))
 
 
-def _first_steps(tmp_path, synth, name: str, attention: str, **data) -> tuple[list, list[list[str]]]:
+def _first_steps(tmp_path, synth, name: str, attention: str, **data) -> tuple[list, list[list[str]], Trainer]:
+    """The first 3 steps' metrics and sample ids, and the trainer that took them."""
     stage = debug_stage(synth, global_batch_size=8, micro_batch_size=4, max_steps=3, data=data)
     config = config_from_dict(debug_config(tmp_path / name, [stage], model={"attn_implementation": attention}))
     trainer = Trainer(config, 0, init_distributed(needs_process_group=False), build_train_data)
@@ -103,12 +104,12 @@ def _first_steps(tmp_path, synth, name: str, attention: str, **data) -> tuple[li
         batches = [next(stream), next(stream)]
         ids.append([sample for batch in batches for sample in batch["sample_ids"]])
         metrics.append(trainer.train_step(batches))
-    return metrics, ids
+    return metrics, ids, trainer
 
 
 def test_padding_free_trains_the_padded_batches_with_no_padding(tmp_path, synth):
-    padded, padded_ids = _first_steps(tmp_path, synth, "padded", "sdpa")
-    free, free_ids = _first_steps(tmp_path, synth, "free", "sdpa_varlen", padding_free=True)
+    padded, padded_ids, _ = _first_steps(tmp_path, synth, "padded", "sdpa")
+    free, free_ids, _ = _first_steps(tmp_path, synth, "free", "sdpa_varlen", padding_free=True)
     assert free_ids == padded_ids
     assert all(m.num_padding == 0 for m in free) and all(m.num_padding > 0 for m in padded)
     assert [m.num_tokens for m in free] == [m.num_tokens for m in padded]
@@ -125,17 +126,8 @@ def test_padding_free_with_masked_attention_fails_before_any_weight_loads(tmp_pa
 
 
 def test_cached_samples_train_the_same_steps_from_memory(tmp_path, synth):
-    plain, plain_ids = _first_steps(tmp_path, synth, "plain", "sdpa")
-    stage = debug_stage(synth, global_batch_size=8, micro_batch_size=4, max_steps=3, data={"cache_samples": True})
-    config = config_from_dict(debug_config(tmp_path / "cached", [stage], model={"attn_implementation": "sdpa"}))
-    trainer = Trainer(config, 0, init_distributed(needs_process_group=False), build_train_data)
-    trainer.build()
-    stream = trainer.micro_batches()
-    cached, cached_ids = [], []
-    for _ in range(3):
-        batches = [next(stream), next(stream)]
-        cached_ids.append([sample for batch in batches for sample in batch["sample_ids"]])
-        cached.append(trainer.train_step(batches))
+    plain, plain_ids, _ = _first_steps(tmp_path, synth, "plain", "sdpa")
+    cached, cached_ids, trainer = _first_steps(tmp_path, synth, "cached", "sdpa", cache_samples=True)
     assert cached_ids == plain_ids
     assert [m.loss for m in cached] == pytest.approx([m.loss for m in plain], rel=1e-6)
     dataset = trainer.data.dataset

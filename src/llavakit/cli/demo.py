@@ -27,8 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "1) generate the synthetic dataset (cached in OUT/data), 2) build a tiny random CLIP-like encoder and "
             "Llama-like LLM and compose them, 3) train align then finetune with the demo-tiny recipe (the trainer "
             "behind 'llavakit train'), asking a third of the held-out questions every --eval-every steps (the learning "
-            "curve), 4) "
-            "evaluate on the held-out split with and without images, 5) show three held-out answers, 6) write "
+            "curve), 4) evaluate on the held-out split with and without images, 5) show three held-out answers, 6) write "
             "OUT/metrics.json, OUT/loss.png, OUT/accuracy.png and OUT/final (the checkpoint)."
         ),
     )
