@@ -10,7 +10,7 @@ import pytest
 import upstream_conversation as upstream
 
 from llavakit.data.schema import ASSISTANT, USER, Conversation, Turn
-from llavakit.data.templates import TEMPLATES, get_template
+from llavakit.data.templates import TEMPLATES, check_system_prompt, get_template
 from llavakit.data.tokenize import IGNORE_INDEX, SampleEncoder
 from llavakit.errors import ConfigError, DataError
 
@@ -233,3 +233,51 @@ def test_render_for_display_marks_supervised_spans(tokenizers):
     encoder = SampleEncoder(tokenizers["llama"], get_template("vicuna_v1"))
     shown = encoder.render_for_display(encoder.encode(conversation(final_user=False), [5]))
     assert f"⟦ {ANSWER_1}</s>⟧" in shown and f"⟦ {ANSWER_2}</s>⟧" in shown and "<image×5>" in shown
+
+
+@pytest.mark.parametrize("template_id", ["vicuna_v1", "llava_v1", "llama_2", "mistral_instruct"])
+@pytest.mark.parametrize("for_generation", [True, False])
+def test_configured_system_prompt_equals_upstream_with_its_system_replaced(template_id, for_generation, tokenizers):
+    conv = upstream.conv_templates[template_id].copy()
+    conv.system = "Answer the questions."
+    conv.tokenizer = tokenizers["llama"]
+    messages = [QUESTION_1, ANSWER_1, QUESTION_2] + ([None] if for_generation else [ANSWER_2])
+    for number, message in enumerate(messages):
+        conv.append_message(conv.roles[number % 2], message)
+    template = get_template(template_id, system_prompt="Answer the questions.")
+    ours = template.render(conversation(final_user=for_generation), for_generation=for_generation)
+    assert "".join(s.text for s in ours) == conv.get_prompt()
+
+
+def test_a_sample_system_turn_wins_over_the_configured_system_prompt():
+    conv = Conversation((Turn(USER, "hi"), Turn(ASSISTANT, "yes")), system="Be brief.")
+    template = get_template("vicuna_v1", system_prompt="Answer the questions.")
+    assert "".join(s.text for s in template.render(conv)).startswith("Be brief. USER: hi")
+
+
+def test_configured_system_prompt_reaches_the_tokenizer_chat_template(tokenizers):
+    tokenizer = tokenizers["qwen2"]
+    conv = Conversation((Turn(USER, QUESTION_1), Turn(ASSISTANT, ANSWER_1)))
+    ours = get_template("tokenizer", system_prompt="Answer the questions.").render(conv, tokenizer=tokenizer)
+    messages = [
+        {"role": "system", "content": "Answer the questions."},
+        {"role": "user", "content": QUESTION_1},
+        {"role": "assistant", "content": ANSWER_1},
+    ]
+    assert "".join(s.text for s in ours) == tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+@pytest.mark.parametrize(
+    ("template_id", "quirks", "refused"),
+    [("plain", True, True), ("gemma_instruct", True, True), ("qwen_2", True, True), ("qwen_2", False, False)],
+)
+def test_a_system_prompt_training_would_ignore_is_refused(template_id, quirks, refused):
+    template = get_template(template_id, upstream_quirks=quirks, system_prompt="Answer the questions.")
+    if refused:
+        with pytest.raises(ConfigError, match=f"template '{template_id}' ignores a configured system_prompt"):
+            check_system_prompt(template)
+    else:
+        check_system_prompt(template)
+        conv = Conversation((Turn(USER, "hi"), Turn(ASSISTANT, "yes")))
+        text = "".join(s.text for s in template.render(conv))
+        assert text.startswith("<|im_start|>system\nAnswer the questions.<|im_end|>")

@@ -12,6 +12,7 @@ import pytest
 
 from llavakit.cli.main import main
 from llavakit.data.synth import NUMBERS
+from llavakit.demo.parts import SYSTEM_PROMPT
 from llavakit.demo.run import QUICK_EVAL_EVERY, QUICK_STEPS
 from llavakit.evaluation.heldout import HeldoutQA
 
@@ -94,6 +95,8 @@ def test_final_checkpoint_answers_the_same_in_transformers(demo_run):
     for example in examples:
         turn = Turn(USER, f"<image>\n{example.question}")
         prompt = "".join(s.text for s in assistant.template.render(Conversation((turn,)), for_generation=True))
+        # The system prompt the finetune stage trained with, saved in the checkpoint.
+        assert prompt.startswith(f"{SYSTEM_PROMPT} USER: <image>")
         requests.append((prompt, str(example.images[0])))
     ours = [assistant.chat(image, ex.question, max_new_tokens=8)[0] for (_, image), ex in zip(requests, examples)]
     done = subprocess.run(

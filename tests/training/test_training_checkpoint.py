@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from conftest import debug_config, debug_stage
+from llavakit.data.schema import USER, Conversation, Turn
+from llavakit.inference.prompts import Request
 from llavakit.model.llava_next import LlavaNextModel
 from llavakit.model.projector import read_upstream_projector_file
 from llavakit.training.config_loading import config_from_dict
@@ -99,3 +101,15 @@ def test_finetune_starts_from_upstream_projector_file(tmp_path, synth, preset_pa
     trainer.build()
     for key, tensor in read_upstream_projector_file(align.stages[0].projector_file).items():
         assert torch.equal(tensor, trainer.unwrapped.projector.state_dict()[key])
+
+
+def test_the_trained_system_prompt_is_saved_and_served(tmp_path, synth):
+    import llavakit
+
+    stage = debug_stage(synth, max_steps=1, data={"template": "vicuna_v1", "system_prompt": "Answer the questions."})
+    result = train(config_from_dict(debug_config(tmp_path / "run", [stage])))
+    saved = json.loads((result.final_checkpoint / "config.json").read_text())
+    assert saved["llavakit"]["system_prompt"] == "Answer the questions."
+    assistant = llavakit.load(result.final_checkpoint, device="cpu")
+    ids = assistant.prompts.encode(Request(Conversation((Turn(USER, "hi"),)))).input_ids
+    assert assistant.tokenizer.decode(ids, skip_special_tokens=True) == "Answer the questions. USER: hi ASSISTANT:"

@@ -77,3 +77,43 @@ def test_projector_only_stage_writes_upstream_file_by_default():
     assert StageConfig(name="align", trainable=("projector",)).writes_projector
     assert not StageConfig(trainable=("projector", "language_model")).writes_projector
     assert TrainConfig().stages[0].name == "finetune"
+
+
+def test_a_system_prompt_on_the_plain_template_is_refused_at_load():
+    data = {"model": {"preset": "debug-clip-llama"}, "stages": [{"name": "align", "data": {"template": "plain"}}]}
+    data["stages"][0]["data"]["system_prompt"] = "Answer the questions."
+    with pytest.raises(ConfigError, match="template 'plain' ignores a configured system_prompt"):
+        config_from_dict(data)
+
+
+def test_stages_record_and_inherit_the_system_prompt_with_their_template():
+    from types import SimpleNamespace
+
+    from llavakit.training.data import data_config
+    from llavakit.training.model_setup import apply_stage_settings
+
+    config = config_from_dict(
+        {
+            "model": {"preset": "debug-clip-llama"},
+            "stages": [
+                {"name": "align", "data": {"template": "plain"}},
+                {"name": "mid", "data": {"template": "llava_v1", "system_prompt": "Answer the questions."}},
+                {"name": "finetune"},
+            ],
+        }
+    )
+    model = SimpleNamespace(config=SimpleNamespace(template="vicuna_v1", system_prompt=None))
+    seen = []
+    for stage in config.stages:
+        apply_stage_settings(model, stage)
+        data = data_config(stage, model)
+        seen.append((data.template, data.system_prompt, model.config.template, model.config.system_prompt))
+    assert seen == [
+        ("plain", None, "vicuna_v1", None),
+        ("llava_v1", "Answer the questions.", "llava_v1", "Answer the questions."),
+        ("llava_v1", "Answer the questions.", "llava_v1", "Answer the questions."),
+    ]
+    # A stage naming a template without a system prompt trains with that template's own.
+    plain_vicuna = {"model": {"preset": "debug-clip-llama"}, "stages": [{"data": {"template": "vicuna_v1"}}]}
+    apply_stage_settings(model, config_from_dict(plain_vicuna).stages[0])
+    assert (model.config.template, model.config.system_prompt) == ("vicuna_v1", None)

@@ -47,6 +47,9 @@ def _register_inspect(actions: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--template", default="vicuna_v1", help="chat template id (default: vicuna_v1)")
     parser.add_argument(
+        "--system-prompt", default=None, help="replace the template's default system prompt (as data.system_prompt)"
+    )
+    parser.add_argument(
         "--image-spec",
         help="JSON file with an ImageSpec dict, or a checkpoint config.json holding llavakit.image_spec "
         "(default: the LLaVA-1.6 CLIP-336 AnyRes spec)",
@@ -72,6 +75,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         data_path=args.data,
         image_folder=args.image_folder,
         template=args.template,
+        system_prompt=args.system_prompt,
         model_max_length=args.model_max_length,
         show=args.show,
         max_error_fraction=args.max_error_fraction,

@@ -97,6 +97,7 @@ def run_info(args: argparse.Namespace) -> int:
         "projector": config.projector,
         "llm": {k: config.text_config.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "tie_word_embeddings")},
         "template": config.template,
+        "system_prompt": config.system_prompt,
         "image_token_id": config.image_token_id,
         "image_spec": config.image_spec.to_dict(),
         "loads_in_transformers": config.transformers_class() or f"no: {config.transformers_incompatibility()}",

@@ -24,6 +24,8 @@ class DataConfig:
         image_folder: folder that relative ``image`` paths are resolved against.
         template: chat template id (`llavakit.data.templates.TEMPLATES`), saved in the checkpoint.
         upstream_quirks: reproduce upstream training masks of the template (see its module); False fixes them.
+        system_prompt: replaces the template's default system prompt (samples' own system turns still win);
+            None keeps the default. Saved in the checkpoint with the template id.
         model_max_length: token cap per sample after image expansion.
         truncation_policy: a sample whose cut would go through an image's tokens is ``drop``-ped, or its images are
             ``downscale``-d to a single tile (last image first) until it fits; counted either way.
@@ -42,6 +44,7 @@ class DataConfig:
     image_folder: str = ""
     template: str = "vicuna_v1"
     upstream_quirks: bool = True
+    system_prompt: str | None = None
     model_max_length: int = 4096
     truncation_policy: str = "drop"
     skip_policy: str = "error"

@@ -34,7 +34,7 @@ from llavakit.data.issues import IssueLog
 from llavakit.data.mixture import read_data_records
 from llavakit.data.prepare import SampleTooLong, encode_fitted, prepare_record
 from llavakit.data.schema import Sample
-from llavakit.data.templates import ChatTemplate, get_template
+from llavakit.data.templates import ChatTemplate, check_system_prompt, get_template
 from llavakit.data.tokenize import SampleEncoder
 from llavakit.errors import DataError, ImageError
 
@@ -171,12 +171,16 @@ def build_dataset(
         config: data settings.
         tokenizer: transformers tokenizer with ``<image>``.
         image_spec: the model's preprocessing spec.
-        template: overrides ``config.template`` / ``config.upstream_quirks`` when given.
+        template: overrides ``config.template`` / ``config.upstream_quirks`` / ``config.system_prompt`` when given.
 
     Raises:
+        ConfigError: ``config.system_prompt`` is set for a template that ignores it in training.
         DataError / ImageError: the first bad sample under ``skip_policy="error"``, or too many skipped samples.
     """
-    template = template or get_template(config.template, config.upstream_quirks)
+    if template is None:
+        template = get_template(config.template, config.upstream_quirks, config.system_prompt)
+        if config.system_prompt is not None:
+            check_system_prompt(template)
     encoder = SampleEncoder(tokenizer, template)
     issues = IssueLog(config.skip_policy, config.max_skip_fraction)
     stats = DatasetStats(issues)

@@ -40,6 +40,7 @@ class InspectOptions:
         data_path: ``.json`` / ``.jsonl`` / ``.yaml`` mixture.
         image_folder: root of relative image paths.
         template: chat template id.
+        system_prompt: replaces the template's default system prompt (as ``data.system_prompt`` in training).
         model_max_length: token cap after image expansion.
         show: number of rendered samples to include, supervised spans marked ⟦ ⟧.
         max_error_fraction: the report fails above this fraction of bad samples.
@@ -50,6 +51,7 @@ class InspectOptions:
     data_path: str
     image_folder: str
     template: str = "vicuna_v1"
+    system_prompt: str | None = None
     model_max_length: int = 4096
     show: int = 0
     max_error_fraction: float = 0.0
@@ -111,7 +113,7 @@ class InspectReport:
 
 def inspect_data(options: InspectOptions, tokenizer: Any, image_spec: ImageSpec) -> InspectReport:
     """Stream ``options.data_path`` and build an `InspectReport` (never raises on bad samples: it counts them)."""
-    encoder = SampleEncoder(tokenizer, get_template(options.template))
+    encoder = SampleEncoder(tokenizer, get_template(options.template, system_prompt=options.system_prompt))
     report = InspectReport(options, IssueLog("skip", max_fraction=1.0, max_examples=REPORTED_EXAMPLES))
     records = read_data_records(options.data_path, report.issues, options.seed)
     for record in tqdm(records, desc="inspecting", unit=" samples"):

@@ -55,7 +55,7 @@ class Assistant:
             raise CheckpointError("the model has no tokenizer: load a checkpoint saved with its tokenizer files")
         self.model = model.eval()
         self.tokenizer = model.tokenizer
-        self.template = get_template(model.config.template)
+        self.template = get_template(model.config.template, system_prompt=model.config.system_prompt)
         self.prompts = PromptBuilder(self.tokenizer, self.template, model.config.image_spec)
         self.stop_ids = stop_token_ids(self.tokenizer, self.template)
         self.defaults = defaults or SamplingParams()

@@ -2,7 +2,7 @@
 
 On disk it is the ``config.json`` of a transformers ``LlavaNextConfig`` (``model_type: llava_next``) with one extra
 section, ``"llavakit"``, holding what transformers has no field for: the vision-encoder and projector ids, the chat
-template id and the full image preprocessing spec. Training, evaluation and serving all read these back, so a
+template id (and the system prompt it was trained with) and the full image preprocessing spec. Training, evaluation and serving all read these back, so a
 checkpoint is preprocessed and prompted the same way everywhere.
 
 ``anyres_max_N`` checkpoints are written as ``model_type: llava_onevision`` (transformers' class with the same
@@ -35,6 +35,7 @@ class LlavaKitConfig:
         select_layer: vision hidden-state index (recipes use -2).
         image_spec: preprocessing and feature-merge spec.
         template: chat template id used in training; inference reuses it.
+        system_prompt: the system prompt training replaced the template's default with (None: the default).
         image_token_id: vocabulary id of ``<image>``.
         pad_token_id: id used to pad batches.
         padding_side: side training batches are padded on.
@@ -47,6 +48,7 @@ class LlavaKitConfig:
     select_layer: int = -2
     image_spec: ImageSpec = field(default_factory=ImageSpec)
     template: str = "vicuna_v1"
+    system_prompt: str | None = None
     image_token_id: int = 32000
     pad_token_id: int | None = None
     padding_side: str = "right"
@@ -104,6 +106,7 @@ class LlavaKitConfig:
             "select_layer": self.select_layer,
             "image_spec": self.image_spec.to_dict(),
             "template": self.template,
+            "system_prompt": self.system_prompt,
             "padding_side": self.padding_side,
         }
 
@@ -166,6 +169,7 @@ class LlavaKitConfig:
                 select_layer=int(section["select_layer"]),
                 image_spec=ImageSpec.from_dict(section["image_spec"]),
                 template=section["template"],
+                system_prompt=section.get("system_prompt"),
                 image_token_id=int(data["image_token_index"]),
                 pad_token_id=data.get("pad_token_id"),
                 padding_side=section.get("padding_side", "right"),

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from llavakit.data.templates import check_system_prompt, get_template
 from llavakit.errors import ConfigError
 
 TRAINABLE_PARTS = ("vision_tower", "projector", "language_model")
@@ -81,6 +82,9 @@ class DataSection:
         path: LLaVA JSON/JSONL file or YAML mixture.
         image_folder: root for relative ``image`` paths; required when the data has images.
         template: chat template id for this stage (``plain`` for align); None = the model's own template.
+        system_prompt: replaces the default system prompt of the stage's template; None = that template's default
+            (or, on the model's own template, the system prompt recorded with it). A conversation template and its
+            system prompt are saved in the checkpoint together and reused by evaluation and serving.
         max_length: token cap per sample after image expansion (upstream ``model_max_length``).
         packing: pack several samples into rows of ``max_length`` tokens (isolated, no padding in between);
             batch sizes then count rows.
@@ -99,6 +103,7 @@ class DataSection:
     path: str = ""
     image_folder: str | None = None
     template: str | None = None
+    system_prompt: str | None = None
     max_length: int = 2048
     packing: bool = False
     padding_free: bool = False
@@ -119,6 +124,8 @@ class DataSection:
             )
         if self.packing and self.padding_free:
             raise ConfigError("choose one of data.packing and data.padding_free: packed rows hold no padding already")
+        if self.system_prompt is not None and self.template is not None:
+            check_system_prompt(get_template(self.template))
         if self.cache_samples and self.num_workers:
             raise ConfigError(
                 "data.cache_samples needs data.num_workers 0: DataLoader workers restart every epoch and would "

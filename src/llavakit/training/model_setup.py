@@ -186,7 +186,7 @@ def apply_stage_settings(model: LlavaNextModel, stage: StageConfig) -> None:
     """Apply a stage's image-spec changes and chat template to the model config (saved with its export).
 
     The ``plain`` template of align stages is not recorded: inference uses the conversation template of the
-    stages that teach the model to chat.
+    stages that teach the model to chat, with the system prompt they trained with.
 
     Raises:
         ConfigError: the stage changes ``merge_type`` to or from ``spatial_unpad`` (that adds or removes the
@@ -203,6 +203,9 @@ def apply_stage_settings(model: LlavaNextModel, stage: StageConfig) -> None:
         model.config.image_spec = new
     if stage.data.template and stage.data.template != "plain":
         model.config.template = stage.data.template
+        model.config.system_prompt = stage.data.system_prompt
+    elif stage.data.template is None and stage.data.system_prompt is not None:
+        model.config.system_prompt = stage.data.system_prompt
 
 
 def _from_parts_kwargs(config: TrainConfig, context: DistContext) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from llavakit.data.templates.llama2 import LLAMA_2, MISTRAL_INSTRUCT
 from llavakit.data.templates.llama3 import LLAVA_LLAMA_3
 from llavakit.data.templates.plain import PLAIN
 from llavakit.data.templates.vicuna import LLAVA_V1, VICUNA_V0, VICUNA_V1
+from llavakit.errors import ConfigError
 from llavakit.registry import Registry
 
 TEMPLATES: Registry[ChatTemplate] = Registry("chat template")
@@ -38,9 +39,27 @@ for _template in (
     TEMPLATES.register(_template.id, _template)
 
 
-def get_template(template_id: str, upstream_quirks: bool = True) -> ChatTemplate:
-    """The registered template ``template_id``; ``upstream_quirks=False`` selects the fixed training behaviour."""
-    return replace(TEMPLATES.get(template_id), upstream_quirks=upstream_quirks)
+def get_template(template_id: str, upstream_quirks: bool = True, system_prompt: str | None = None) -> ChatTemplate:
+    """The registered template ``template_id``.
+
+    Args:
+        template_id: registry id.
+        upstream_quirks: False selects the fixed training behaviour.
+        system_prompt: replaces the template's default system prompt (a sample's own system turn still wins);
+            None keeps the default.
+    """
+    template = replace(TEMPLATES.get(template_id), upstream_quirks=upstream_quirks)
+    return template if system_prompt is None else replace(template, system=system_prompt)
 
 
-__all__ = ["TEMPLATES", "ChatTemplate", "Segment", "get_template"]
+def check_system_prompt(template: ChatTemplate) -> None:
+    """Raise `ConfigError` where a configured system prompt would not reach training (`ignores_system_prompt`)."""
+    reason = template.ignores_system_prompt()
+    if reason is not None:
+        raise ConfigError(
+            f"template {template.id!r} ignores a configured system_prompt in training ({reason}); remove "
+            "system_prompt, or give the samples system turns of their own"
+        )
+
+
+__all__ = ["TEMPLATES", "ChatTemplate", "Segment", "check_system_prompt", "get_template"]

@@ -59,6 +59,11 @@ class ChatTemplate(ABC):
         """Token strings whose labels are kept wherever they occur (an upstream quirk of some families)."""
         return ()
 
+    def ignores_system_prompt(self) -> str | None:
+        """Why training would not render a configured ``system_prompt`` (replacing ``system``), or None where it
+        does for every sample without a system turn of its own."""
+        return None
+
     def system_prompt(self, conversation: Conversation) -> str:
         """The sample's system prompt, or this template's default."""
         return self.system if conversation.system is None else conversation.system

@@ -81,6 +81,11 @@ class QwenTemplate(ChatTemplate):
     def always_trained_tokens(self) -> tuple[str, ...]:
         return (IM_START, IM_END, "\n") if self.upstream_quirks else ()
 
+    def ignores_system_prompt(self) -> str | None:
+        if self.upstream_quirks:
+            return f"with upstream_quirks it trains with upstream's hard-coded {QWEN_TRAINING_SYSTEM!r}"
+        return None
+
 
 CHATML_DIRECT = MptTemplate(id="chatml_direct", system="Answer the questions.", stop_strings=(IM_END,))
 QWEN_1_5 = QwenTemplate(id="qwen_1_5", system=QWEN_TRAINING_SYSTEM, stop_strings=(IM_END,))

@@ -39,5 +39,8 @@ class GemmaTemplate(ChatTemplate):
             segments.append(Segment("<start_of_turn>model\n", False))
         return segments
 
+    def ignores_system_prompt(self) -> str | None:
+        return "Gemma has no system role"
+
 
 GEMMA_INSTRUCT = GemmaTemplate(id="gemma_instruct", stop_strings=(END_OF_TURN,))

@@ -31,7 +31,9 @@ class TokenizerChatTemplate(ChatTemplate):
             raise ConfigError(
                 "template 'tokenizer' needs a tokenizer with a chat_template; pick a named template"
             )
-        messages = [] if conversation.system is None else [{"role": "system", "content": conversation.system}]
+        # self.system is empty unless a system_prompt is configured; without one the tokenizer's template decides.
+        system = conversation.system if conversation.system is not None else (self.system or None)
+        messages = [] if system is None else [{"role": "system", "content": system}]
         segments, rendered = [], ""
         for turn in conversation.turns:
             if turn.role == "assistant":

@@ -41,5 +41,8 @@ class PlainTemplate(ChatTemplate):
             segments.append(Segment(turns[1].text + self.sep, True))
         return segments
 
+    def ignores_system_prompt(self) -> str | None:
+        return "the plain format has no system prompt"
+
 
 PLAIN = PlainTemplate(id="plain")
