@@ -103,3 +103,10 @@ def test_convert_cli_round_trip(preset_model, preset_parts, tmp_path):
     vision = str(preset_parts("debug-clip-llama").vision_dir)
     assert main(["convert", "from-original", str(tmp_path / "orig"), str(tmp_path / "back"), "--vision", vision]) == 0
     _assert_same_outputs(LlavaNextModel.from_pretrained(tmp_path / "back"), model)
+
+
+def test_export_warns_that_the_original_layout_drops_the_system_prompt(preset_model, tmp_path, monkeypatch):
+    model = preset_model("debug-clip-llama")
+    monkeypatch.setattr(model.config, "system_prompt", "Answer the questions.")
+    with pytest.warns(UserWarning, match="cannot record the system prompt .*'Answer the questions.'"):
+        export_original(model, tmp_path / "original")

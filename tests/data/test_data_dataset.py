@@ -284,3 +284,13 @@ def test_cached_samples_refuse_dataloader_workers():
     with pytest.raises(ConfigError, match="cache_samples needs data.num_workers 0"):
         DataSection(path="d.json", cache_samples=True, num_workers=2)
     assert DataSection(path="d.json", cache_samples=True).cache_samples
+
+
+def test_the_configured_system_prompt_is_trained(folder, tokenizers, tiny_spec):
+    path = write_json(folder / "d.json", [chat("Hello there", "Hi.", sample_id="text")])
+    tokenizer = tokenizers["llama"]
+    item = build_dataset(config(path, folder, system_prompt="Answer the questions."), tokenizer, tiny_spec)[0]
+    text = tokenizer.decode(item["input_ids"], skip_special_tokens=True)
+    assert text == "Answer the questions. USER: Hello there ASSISTANT: Hi."
+    with pytest.raises(ConfigError, match="data.system_prompt: template 'plain' ignores"):
+        build_dataset(config(path, folder, template="plain", system_prompt="Answer."), tokenizer, tiny_spec)

@@ -76,3 +76,12 @@ def test_inspect_reports_json_line(tmp_path, setup, capsys):
 def test_unknown_template_exits_with_error(setup, capsys):
     assert run(setup, "--template", "nope") == 2
     assert "unknown chat template 'nope'" in capsys.readouterr().err
+
+
+def test_inspect_renders_with_the_system_prompt_it_is_given(setup, capsys):
+    assert run(setup, "--show", "1", "--system-prompt", "Answer the questions.", "--max-error-fraction", "0.5") == 0
+    out = capsys.readouterr().out
+    assert "template vicuna_v1, system prompt 'Answer the questions.'" in out
+    assert "Answer the questions. USER:" in out
+    assert run(setup, "--template", "plain", "--system-prompt", "Answer.") == 2
+    assert "--system-prompt: template 'plain' ignores" in capsys.readouterr().err

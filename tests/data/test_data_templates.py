@@ -268,14 +268,20 @@ def test_configured_system_prompt_reaches_the_tokenizer_chat_template(tokenizers
 
 
 @pytest.mark.parametrize(
-    ("template_id", "quirks", "refused"),
-    [("plain", True, True), ("gemma_instruct", True, True), ("qwen_2", True, True), ("qwen_2", False, False)],
+    ("template_id", "quirks", "system", "refused"),
+    [
+        ("plain", True, "Answer the questions.", "no system prompt; remove"),
+        ("gemma_instruct", True, "Answer the questions.", "no system role; remove"),
+        ("qwen_2", True, "Answer the questions.", "hard-codes 'You are a helpful assistant.'; remove"),
+        ("tokenizer", True, "", "the tokenizer's chat_template picks its default"),
+        ("qwen_2", False, "Answer the questions.", None),
+    ],
 )
-def test_a_system_prompt_training_would_ignore_is_refused(template_id, quirks, refused):
-    template = get_template(template_id, upstream_quirks=quirks, system_prompt="Answer the questions.")
+def test_a_system_prompt_training_would_ignore_is_refused(template_id, quirks, system, refused):
+    template = get_template(template_id, upstream_quirks=quirks, system_prompt=system)
     if refused:
-        with pytest.raises(ConfigError, match=f"template '{template_id}' ignores a configured system_prompt"):
-            check_system_prompt(template)
+        with pytest.raises(ConfigError, match=f"stages.1: template '{template_id}' ignores .*{refused}"):
+            check_system_prompt(template, "stages.1")
     else:
         check_system_prompt(template)
         conv = Conversation((Turn(USER, "hi"), Turn(ASSISTANT, "yes")))

@@ -117,3 +117,12 @@ def test_a_negative_curve_interval_is_refused_before_any_work(tmp_path):
         DemoOptions(out_dir=tmp_path, eval_every=-1)
     assert DemoOptions(eval_every=0).curve_interval == 0
     assert DemoOptions(quick=True).curve_interval == QUICK_EVAL_EVERY
+
+
+def test_the_demo_tokenizer_learns_the_recipe_s_chat_texts():
+    from llavakit.demo import parts
+    from llavakit.demo.run import RECIPE
+    from llavakit.training.recipes import recipe_dict
+
+    finetune = recipe_dict(RECIPE)["stages"][-1]["data"]
+    assert (finetune["template"], finetune["system_prompt"]) == (parts.TEMPLATE, parts.SYSTEM_PROMPT)

@@ -79,13 +79,6 @@ def test_projector_only_stage_writes_upstream_file_by_default():
     assert TrainConfig().stages[0].name == "finetune"
 
 
-def test_a_system_prompt_on_the_plain_template_is_refused_at_load():
-    data = {"model": {"preset": "debug-clip-llama"}, "stages": [{"name": "align", "data": {"template": "plain"}}]}
-    data["stages"][0]["data"]["system_prompt"] = "Answer the questions."
-    with pytest.raises(ConfigError, match="template 'plain' ignores a configured system_prompt"):
-        config_from_dict(data)
-
-
 def test_stages_record_and_inherit_the_system_prompt_with_their_template():
     from types import SimpleNamespace
 

@@ -70,3 +70,32 @@ def test_unsupported_lora_combinations(tmp_path, synth, no_weight_loading):
         _run(tmp_path, synth, lora={"enabled": False, "bits": 4})
     with pytest.raises(ConfigError, match="lora with strategy fsdp2"):
         _run(tmp_path, synth, lora={"enabled": True}, strategy={"name": "fsdp2"})
+
+
+SYSTEM = {"system_prompt": "Answer the questions."}
+
+
+@pytest.mark.parametrize(
+    ("model", "stages", "message"),
+    [
+        # Set on the align stage's plain template.
+        ({}, [("align", {"template": "plain", **SYSTEM})], r"stages.0 \(align\): data.system_prompt: template 'plain'"),
+        # Inherited: the finetune stage trains with the Qwen preset's own template.
+        (
+            {"preset": "debug-siglip-qwen2"},
+            [("align", {}), ("finetune", SYSTEM)],
+            r"stages.1 \(finetune\): data.system_prompt: template 'qwen_2' .*hard-codes 'You are a helpful",
+        ),
+        # Inherited from an earlier stage's template.
+        (
+            {},
+            [("mid", {"template": "gemma_instruct"}), ("finetune", SYSTEM)],
+            r"stages.1 \(finetune\): data.system_prompt: template 'gemma_instruct' .*no system role",
+        ),
+    ],
+)
+def test_a_system_prompt_the_template_would_ignore_is_refused(tmp_path, synth, no_weight_loading, model, stages, message):
+    config = debug_config(tmp_path / "run", [debug_stage(synth, name, data=data) for name, data in stages])
+    config["model"].update(model)
+    with pytest.raises(ConfigError, match=message):
+        train(config_from_dict(config))

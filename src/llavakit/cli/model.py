@@ -32,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--pinpoints", default=None, help="upstream form, e.g. '(1x1),...,(3x3)' or '[(336,672),...]' (W,H)")
     build.add_argument("--merge-type", default="spatial_unpad", help="flat | spatial | spatial_unpad")
     build.add_argument("--template", default=None, help="chat template id (default: the LLM family's)")
+    build.add_argument("--system-prompt", default=None, help="replace the template's default system prompt")
     build.set_defaults(func=run_build)
 
     preset = actions.add_parser("preset", help="Write a tiny offline debug model.")
@@ -68,6 +69,7 @@ def run_build(args: argparse.Namespace) -> int:
     model = LlavaNextModel.from_parts(
         vision=args.vision, llm=args.llm, projector=args.projector, template=args.template,
         select_layer=args.select_layer, image_spec=replace(spec, **changes), vision_encoder=backbone.id,
+        system_prompt=args.system_prompt,
     )
     print(f"saved {model.save_pretrained(args.out)}")
     return 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -187,9 +188,19 @@ def _add_image_token(model: LlavaNextModel, tokenizer: Any) -> None:
 
 
 def export_original(model: LlavaNextModel, path: str | Path) -> Path:
-    """Write ``model`` in the original LLaVA layout (config with ``mm_*`` fields, original keys, tokenizer)."""
+    """Write ``model`` in the original LLaVA layout (config with ``mm_*`` fields, original keys, tokenizer).
+
+    The layout has no field for a system prompt: a model trained with its own (``config.system_prompt``) is exported
+    with a warning, since upstream code prompts it with the template's default unless ``conv.system`` is set.
+    """
     from safetensors.torch import save_file
 
+    if model.config.system_prompt is not None:
+        warnings.warn(
+            f"{path}: the original LLaVA layout cannot record the system prompt this model was trained with "
+            f"({model.config.system_prompt!r}); set conv.system to it in upstream code",
+            stacklevel=2,
+        )
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state, seen = {}, set()

@@ -180,7 +180,7 @@ def build_dataset(
     if template is None:
         template = get_template(config.template, config.upstream_quirks, config.system_prompt)
         if config.system_prompt is not None:
-            check_system_prompt(template)
+            check_system_prompt(template, "data.system_prompt")
     encoder = SampleEncoder(tokenizer, template)
     issues = IssueLog(config.skip_policy, config.max_skip_fraction)
     stats = DatasetStats(issues)

@@ -23,7 +23,7 @@ from llavakit.data.formats import Record
 from llavakit.data.issues import IssueLog
 from llavakit.data.mixture import read_data_records
 from llavakit.data.prepare import SampleTooLong, count_tiles, prepare_record
-from llavakit.data.templates import get_template
+from llavakit.data.templates import check_system_prompt, get_template
 from llavakit.data.tokenize import SampleEncoder
 from llavakit.errors import ConfigError
 
@@ -89,8 +89,9 @@ class InspectReport:
     def render(self) -> str:
         """The report as text."""
         text_only = self.num_samples - self.num_with_images
+        system = "" if self.options.system_prompt is None else f", system prompt {self.options.system_prompt!r}"
         lines = [
-            f"data: {self.options.data_path}  (template {self.options.template}, "
+            f"data: {self.options.data_path}  (template {self.options.template}{system}, "
             f"model_max_length {self.options.model_max_length})",
             f"samples: {self.num_samples}  with images: {self.num_with_images} (multi-image: {self.num_multi_image})"
             f"  text-only: {text_only}",
@@ -113,7 +114,10 @@ class InspectReport:
 
 def inspect_data(options: InspectOptions, tokenizer: Any, image_spec: ImageSpec) -> InspectReport:
     """Stream ``options.data_path`` and build an `InspectReport` (never raises on bad samples: it counts them)."""
-    encoder = SampleEncoder(tokenizer, get_template(options.template, system_prompt=options.system_prompt))
+    template = get_template(options.template, system_prompt=options.system_prompt)
+    if options.system_prompt is not None:
+        check_system_prompt(template, "--system-prompt")
+    encoder = SampleEncoder(tokenizer, template)
     report = InspectReport(options, IssueLog("skip", max_fraction=1.0, max_examples=REPORTED_EXAMPLES))
     records = read_data_records(options.data_path, report.issues, options.seed)
     for record in tqdm(records, desc="inspecting", unit=" samples"):

@@ -160,6 +160,9 @@ class LlavaKitConfig:
 
     @classmethod
     def _from_section(cls, data: dict[str, Any], section: dict[str, Any], source: str) -> LlavaKitConfig:
+        system_prompt = section.get("system_prompt")
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise CheckpointError(f"{source}: llavakit.system_prompt must be a string or null, got {system_prompt!r}")
         try:
             return cls(
                 vision_encoder=section["vision_encoder"],
@@ -169,7 +172,7 @@ class LlavaKitConfig:
                 select_layer=int(section["select_layer"]),
                 image_spec=ImageSpec.from_dict(section["image_spec"]),
                 template=section["template"],
-                system_prompt=section.get("system_prompt"),
+                system_prompt=system_prompt,
                 image_token_id=int(data["image_token_index"]),
                 pad_token_id=data.get("pad_token_id"),
                 padding_side=section.get("padding_side", "right"),

@@ -91,6 +91,7 @@ class LlavaNextModel(nn.Module):
         dtype: torch.dtype | None = None,
         attn_implementation: str | None = None,
         llm_kwargs: dict[str, Any] | None = None,
+        system_prompt: str | None = None,
     ) -> LlavaNextModel:
         """Build a fresh model from a vision encoder and an LLM (hub ids or local folders) and a new projector.
 
@@ -103,6 +104,8 @@ class LlavaNextModel(nn.Module):
             projector: projector id.
             image_spec: preprocessing spec; default: anyres with LLaVA-1.6's five grids at the encoder's size.
             template: chat template id; default: the LLM family's.
+            system_prompt: replaces the template's default system prompt (None keeps it); training stages that use
+                the model's template inherit it.
             select_layer: vision hidden-state index (-2 in every published recipe).
             vision_encoder: registry id; default: chosen from the vision checkpoint's ``model_type``.
             dtype: parameter dtype (default float32).
@@ -132,6 +135,7 @@ class LlavaNextModel(nn.Module):
             select_layer=select_layer,
             image_spec=spec,
             template=template or family.default_template,
+            system_prompt=system_prompt,
             image_token_id=image_token_id,
             pad_token_id=tokenizer.pad_token_id,
             padding_side=family.padding_side,

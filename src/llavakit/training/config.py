@@ -17,7 +17,6 @@ from typing import Any
 
 import yaml
 
-from llavakit.data.templates import check_system_prompt, get_template
 from llavakit.errors import ConfigError
 
 TRAINABLE_PARTS = ("vision_tower", "projector", "language_model")
@@ -124,8 +123,6 @@ class DataSection:
             )
         if self.packing and self.padding_free:
             raise ConfigError("choose one of data.packing and data.padding_free: packed rows hold no padding already")
-        if self.system_prompt is not None and self.template is not None:
-            check_system_prompt(get_template(self.template))
         if self.cache_samples and self.num_workers:
             raise ConfigError(
                 "data.cache_samples needs data.num_workers 0: DataLoader workers restart every epoch and would "

@@ -37,6 +37,7 @@ from transformers.utils import is_flash_attn_2_available
 
 from llavakit.anyres.geometry import parse_pinpoints
 from llavakit.anyres.spec import ImageSpec
+from llavakit.data.templates import check_system_prompt, get_template
 from llavakit.errors import CheckpointError, ConfigError
 from llavakit.model.llava_next import LlavaNextModel, default_image_spec
 from llavakit.model.projector import load_upstream_projector_state, read_upstream_projector_file
@@ -54,10 +55,11 @@ def preflight(config: TrainConfig, world_size: int) -> None:
         world_size: processes of the run (torchrun's ``WORLD_SIZE``), known before any process group exists.
 
     Raises:
-        ConfigError: a data path is missing, a batch does not divide the world size, an unsupported LoRA setup or
-            a missing reporter package.
+        ConfigError: a data path is missing, a batch does not divide the world size, a stage's data.system_prompt
+            that its template would not train with, an unsupported LoRA setup or a missing reporter package.
         CheckpointError: the projector file does not fit the vision encoder and LLM sizes.
     """
+    _check_system_prompts(config)
     for index, stage in enumerate(config.stages):
         where = f"stages.{index} ({stage.name})"
         data = stage.data
@@ -180,6 +182,35 @@ def _reload_quantised(
     if context.is_main:
         shutil.rmtree(folder)
     return quantised
+
+
+def _check_system_prompts(config: TrainConfig) -> None:
+    """Refuse a stage's ``data.system_prompt`` that the template it trains with would ignore, where that template is
+    known before loading (as `apply_stage_settings` will set it); otherwise the dataset refuses it when built."""
+    template = _initial_template(config)
+    for index, stage in enumerate(config.stages):
+        data = stage.data
+        stage_template = data.template or template
+        if data.system_prompt is not None and stage_template is not None:
+            where = f"stages.{index} ({stage.name}): data.system_prompt"
+            check_system_prompt(get_template(stage_template, system_prompt=data.system_prompt), where)
+        if data.template and data.template != "plain":
+            template = data.template
+
+
+def _initial_template(config: TrainConfig) -> str | None:
+    """The first stage's model template where it is known without loading weights (None: the LLM's family decides)."""
+    from llavakit.model.checkpoint import read_config
+    from llavakit.model.presets import PRESETS
+
+    model = config.model
+    if model.template:
+        return model.template
+    if model.preset:
+        return PRESETS.get(model.preset).template
+    if model.path and Path(model.path).is_dir():
+        return read_config(Path(model.path)).template
+    return None
 
 
 def apply_stage_settings(model: LlavaNextModel, stage: StageConfig) -> None:

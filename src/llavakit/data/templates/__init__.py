@@ -52,14 +52,12 @@ def get_template(template_id: str, upstream_quirks: bool = True, system_prompt: 
     return template if system_prompt is None else replace(template, system=system_prompt)
 
 
-def check_system_prompt(template: ChatTemplate) -> None:
-    """Raise `ConfigError` where a configured system prompt would not reach training (`ignores_system_prompt`)."""
+def check_system_prompt(template: ChatTemplate, where: str = "system_prompt") -> None:
+    """Raise `ConfigError` naming ``where`` if ``template`` (holding a configured system prompt) would not train
+    with it (`ChatTemplate.ignores_system_prompt`)."""
     reason = template.ignores_system_prompt()
     if reason is not None:
-        raise ConfigError(
-            f"template {template.id!r} ignores a configured system_prompt in training ({reason}); remove "
-            "system_prompt, or give the samples system turns of their own"
-        )
+        raise ConfigError(f"{where}: template {template.id!r} ignores a configured system prompt in training: {reason}")
 
 
 __all__ = ["TEMPLATES", "ChatTemplate", "Segment", "check_system_prompt", "get_template"]

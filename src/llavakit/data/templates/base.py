@@ -60,8 +60,8 @@ class ChatTemplate(ABC):
         return ()
 
     def ignores_system_prompt(self) -> str | None:
-        """Why training would not render a configured ``system_prompt`` (replacing ``system``), or None where it
-        does for every sample without a system turn of its own."""
+        """Why training would not render a configured system prompt (held in ``system``), and the fix; None where
+        every sample without a system turn of its own is trained with it."""
         return None
 
     def system_prompt(self, conversation: Conversation) -> str:

@@ -83,7 +83,10 @@ class QwenTemplate(ChatTemplate):
 
     def ignores_system_prompt(self) -> str | None:
         if self.upstream_quirks:
-            return f"with upstream_quirks it trains with upstream's hard-coded {QWEN_TRAINING_SYSTEM!r}"
+            return (
+                f"upstream's Qwen training hard-codes {QWEN_TRAINING_SYSTEM!r}; remove the setting, or give the samples "
+                "system turns of their own (those are kept)"
+            )
         return None
 
 

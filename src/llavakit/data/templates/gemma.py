@@ -40,7 +40,7 @@ class GemmaTemplate(ChatTemplate):
         return segments
 
     def ignores_system_prompt(self) -> str | None:
-        return "Gemma has no system role"
+        return "Gemma has no system role; remove the setting"
 
 
 GEMMA_INSTRUCT = GemmaTemplate(id="gemma_instruct", stop_strings=(END_OF_TURN,))

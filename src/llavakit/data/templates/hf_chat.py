@@ -47,6 +47,11 @@ class TokenizerChatTemplate(ChatTemplate):
         self._extend(segments, rendered, final, trainable=False)
         return segments
 
+    def ignores_system_prompt(self) -> str | None:
+        if not self.system:
+            return "an empty system prompt sends no system message, so the tokenizer's chat_template picks its default"
+        return None
+
     @staticmethod
     def _apply(tokenizer: Any, messages: list[dict[str, str]], generation: bool) -> str:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)

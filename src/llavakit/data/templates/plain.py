@@ -42,7 +42,7 @@ class PlainTemplate(ChatTemplate):
         return segments
 
     def ignores_system_prompt(self) -> str | None:
-        return "the plain format has no system prompt"
+        return "the plain (projector-pretraining) format has no system prompt; remove the setting from this stage"
 
 
 PLAIN = PlainTemplate(id="plain")
