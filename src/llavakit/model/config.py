@@ -2,8 +2,8 @@
 
 On disk it is the ``config.json`` of a transformers ``LlavaNextConfig`` (``model_type: llava_next``) with one extra
 section, ``"llavakit"``, holding what transformers has no field for: the vision-encoder and projector ids, the chat
-template id (and the system prompt it was trained with) and the full image preprocessing spec. Training, evaluation and serving all read these back, so a
-checkpoint is preprocessed and prompted the same way everywhere.
+template id (and the system prompt it was trained with) and the full image preprocessing spec. Training, evaluation
+and serving all read these back, so a checkpoint is preprocessed and prompted the same way everywhere.
 
 ``anyres_max_N`` checkpoints are written as ``model_type: llava_onevision`` (transformers' class with the same
 feature downsampling). A checkpoint whose settings transformers cannot reproduce (``flat`` merge, a ``linear``

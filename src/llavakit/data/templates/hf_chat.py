@@ -49,7 +49,10 @@ class TokenizerChatTemplate(ChatTemplate):
 
     def ignores_system_prompt(self) -> str | None:
         if not self.system:
-            return "an empty system prompt sends no system message, so the tokenizer's chat_template picks its default"
+            return (
+                "an empty one sends no system message, so the tokenizer's chat_template picks its default; set a "
+                "non-empty system prompt, or none"
+            )
         return None
 
     @staticmethod
