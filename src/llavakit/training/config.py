@@ -129,6 +129,14 @@ class DataSection:
                 "rebuild their caches each time"
             )
 
+    def chat_template(self, model_template: str | None, model_system: str | None) -> tuple[str | None, str | None]:
+        """The (template id, system prompt) this stage trains with, given the model's: its own template with its own
+        system prompt (None: that template's default), or else the model's template with the model's system prompt
+        unless the stage sets one. A conversation template other than ``plain`` is what the model then records."""
+        if self.template is None:
+            return model_template, self.system_prompt if self.system_prompt is not None else model_system
+        return self.template, self.system_prompt
+
 
 @dataclass
 class OptimConfig:

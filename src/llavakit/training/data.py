@@ -21,12 +21,12 @@ def data_config(stage: StageConfig, model: LlavaNextModel, seed: int = 0) -> Dat
     """The `DataConfig` of ``stage``: its data section, the stage template or else the model's (with the system
     prompt recorded for it)."""
     section = stage.data
-    inherited = model.config.system_prompt if section.template is None else None
+    template, system_prompt = section.chat_template(model.config.template, model.config.system_prompt)
     return DataConfig(
         data_path=section.path,
         image_folder=section.image_folder or "",
-        template=section.template or model.config.template,
-        system_prompt=section.system_prompt if section.system_prompt is not None else inherited,
+        template=template,
+        system_prompt=system_prompt,
         model_max_length=section.max_length,
         packing=section.packing,
         group_by_modality_length=section.group_by_modality_length,

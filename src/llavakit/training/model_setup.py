@@ -187,15 +187,14 @@ def _reload_quantised(
 def _check_system_prompts(config: TrainConfig) -> None:
     """Refuse a stage's ``data.system_prompt`` that the template it trains with would ignore, where that template is
     known before loading (as `apply_stage_settings` will set it); otherwise the dataset refuses it when built."""
-    template = _initial_template(config)
+    template, system_prompt = _initial_template(config), None
     for index, stage in enumerate(config.stages):
-        data = stage.data
-        stage_template = data.template or template
-        if data.system_prompt is not None and stage_template is not None:
+        stage_template, stage_system = stage.data.chat_template(template, system_prompt)
+        if stage.data.system_prompt is not None and stage_template is not None:
             where = f"stages.{index} ({stage.name}): data.system_prompt"
-            check_system_prompt(get_template(stage_template, system_prompt=data.system_prompt), where)
-        if data.template and data.template != "plain":
-            template = data.template
+            check_system_prompt(get_template(stage_template, system_prompt=stage_system), where)
+        if stage_template != "plain":
+            template, system_prompt = stage_template, stage_system
 
 
 def _initial_template(config: TrainConfig) -> str | None:
@@ -232,11 +231,9 @@ def apply_stage_settings(model: LlavaNextModel, stage: StageConfig) -> None:
                 "exists only with spatial_unpad; choose the merge type in model.image_spec of the first stage"
             )
         model.config.image_spec = new
-    if stage.data.template and stage.data.template != "plain":
-        model.config.template = stage.data.template
-        model.config.system_prompt = stage.data.system_prompt
-    elif stage.data.template is None and stage.data.system_prompt is not None:
-        model.config.system_prompt = stage.data.system_prompt
+    template, system_prompt = stage.data.chat_template(model.config.template, model.config.system_prompt)
+    if template != "plain":
+        model.config.template, model.config.system_prompt = template, system_prompt
 
 
 def _from_parts_kwargs(config: TrainConfig, context: DistContext) -> dict[str, Any]:
