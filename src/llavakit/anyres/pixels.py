@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from llavakit.anyres.geometry import letterbox_size, select_best_resolution
+from llavakit.anyres.geometry import Size, letterbox_size, select_best_resolution
 from llavakit.anyres.spec import RESAMPLE_FILTERS, ImageSpec
 from llavakit.errors import ImageError
 
@@ -77,6 +77,20 @@ def load_image(
             f"{label}: the image data is corrupt or truncated ({exc}); re-download or re-encode it"
         ) from exc
     return _to_rgb(image, alpha)
+
+
+def image_size(
+    source: ImageSource, *, min_side: int = DEFAULT_MIN_SIDE, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Size:
+    """(height, width) of an image from its header alone (no pixel decoding), checked like `load_image`.
+
+    Planning code (evaluation batches sorted by length) needs every image's token count before decoding any;
+    `load_image` still decodes and may then find the pixel data truncated.
+    """
+    label = _describe(source)
+    image = source if isinstance(source, Image.Image) else _open(source, label)
+    _check_dimensions(image.size, label, min_side, max_pixels)
+    return image.height, image.width
 
 
 def _describe(source: ImageSource) -> str:

@@ -163,6 +163,7 @@ def run_benchmark(
         requests = [build_request(example, with_images) for example in chunk]
         answers = assistant.generate_requests(requests, max_new_tokens=max_new_tokens, do_sample=False)
         report.predictions.extend(
-            Prediction(example, answer, benchmark.score(answer, example)) for example, answer in zip(chunk, answers)
+            Prediction(example, answer, benchmark.score(answer, example))
+            for example, answer in zip(chunk, answers)
         )
     return report

@@ -43,7 +43,9 @@ class HeldoutQA(Benchmark):
 
     name = "heldout"
 
-    def __init__(self, path: str | Path, image_root: str | Path | None = None, limit: int | None = None) -> None:
+    def __init__(
+        self, path: str | Path, image_root: str | Path | None = None, limit: int | None = None
+    ) -> None:
         self.path = Path(path)
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         self.limit = limit
@@ -51,7 +53,9 @@ class HeldoutQA(Benchmark):
     def examples(self) -> list[Example]:
         """Parse the file; `DataError` names the line of a malformed record."""
         if not self.path.is_file():
-            raise DataError(f"QA file {self.path} does not exist; generate it with 'llavakit data synth OUT_DIR'")
+            raise DataError(
+                f"QA file {self.path} does not exist; generate it with 'llavakit data synth OUT_DIR'"
+            )
         examples = []
         for number, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), start=1):
             if line.strip():
@@ -71,7 +75,9 @@ class HeldoutQA(Benchmark):
             raise DataError(f"{location}: expected a JSON object, got {type(record).__name__}")
         missing = [name for name in REQUIRED_FIELDS if not isinstance(record.get(name), str)]
         if missing:
-            raise DataError(f"{location}: missing or non-string field(s) {missing}; every record needs {REQUIRED_FIELDS}")
+            raise DataError(
+                f"{location}: missing or non-string field(s) {missing}; every record needs {REQUIRED_FIELDS}"
+            )
         images = record.get("image") or []
         images = [images] if isinstance(images, str) else images
         return Example(

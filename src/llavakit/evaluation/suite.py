@@ -1,0 +1,95 @@
+"""``llavakit eval``: load a checkpoint once, run several benchmarks, write one ``metrics.json`` and print tables.
+
+Output layout (``--out DIR``)::
+
+    DIR/metrics.json                 every benchmark's metrics, question and failure counts
+    DIR/<benchmark>/predictions.jsonl
+    DIR/<benchmark>/metrics.json
+    DIR/<benchmark>/<submission files>   (benchmarks scored by a server, e.g. MMBench test)
+
+Under torchrun every rank loads the model on its own device and answers its share of each benchmark (see
+`llavakit.evaluation.runner`); rank 0 writes the results.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llavakit.errors import ConfigError
+from llavakit.evaluation.registry import get_benchmark
+from llavakit.evaluation.runner import EvalOptions, EvalResult, evaluate
+from llavakit.evaluation.sources import load_benchmark_data
+from llavakit.inference.api import Assistant, load
+from llavakit.training.distributed import init_distributed
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    """One ``llavakit eval`` run.
+
+    Attributes:
+        model: checkpoint folder.
+        benchmarks: benchmark ids, in order.
+        data: benchmark id → data source (Hub id, parquet file/folder, TSV); absent: the benchmark's Hub dataset.
+        out: output folder.
+        limit: evaluate the first N questions of each benchmark (None: all).
+        options: batch size, answer length, progress.
+    """
+
+    model: Path
+    benchmarks: tuple[str, ...]
+    out: Path
+    data: Mapping[str, str] = field(default_factory=dict)
+    limit: int | None = None
+    options: EvalOptions = EvalOptions()
+
+    def __post_init__(self) -> None:
+        if not self.benchmarks:
+            raise ConfigError("name at least one benchmark (--benchmark mme,pope,...)")
+        unknown = [name for name in self.data if name not in self.benchmarks]
+        if unknown:
+            raise ConfigError(
+                f"--data names benchmark(s) {unknown} that are not in --benchmark {list(self.benchmarks)}"
+            )
+
+
+def run_suite(config: SuiteConfig, assistant: Assistant | None = None) -> list[EvalResult]:
+    """Evaluate ``config.model`` on every benchmark; returns the results (complete on rank 0).
+
+    Benchmark ids and data sources are checked before the model loads, so a typo costs no loading time.
+    """
+    benchmarks = [get_benchmark(name) for name in config.benchmarks]
+    context = init_distributed(needs_process_group=False)
+    sources = [load_benchmark_data(b, config.data.get(b.id)).limited(config.limit) for b in benchmarks]
+    assistant = assistant or load(config.model, device=context.device)
+    results = [
+        evaluate(assistant, data, config.out / data.benchmark.id, config.options, context) for data in sources
+    ]
+    if context.is_main:
+        write_summary(config, results)
+    return results
+
+
+def write_summary(config: SuiteConfig, results: Sequence[EvalResult]) -> Path:
+    """``out/metrics.json``: per benchmark its metrics, counts and failed question ids."""
+    summary = {
+        "model": str(config.model),
+        "benchmarks": {
+            result.benchmark: {
+                "metrics": result.metrics,
+                "questions": result.questions,
+                "generated": result.generated,
+                "failed": len(result.failed),
+                "failed_ids": sorted(result.failed),
+                "submissions": [str(path) for path in result.submissions],
+            }
+            for result in results
+        },
+    }
+    path = config.out / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
