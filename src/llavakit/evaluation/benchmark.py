@@ -94,6 +94,13 @@ class Benchmark(ABC):
             "of parquet files or a .parquet file) with --data"
         )
 
+    def read_jsonl(self, path: Path) -> list[dict[str, Any]]:
+        """Rows from a JSONL file (LLaVA's question-file layout), for benchmarks defined over one."""
+        raise DataError(
+            f"benchmark {self.id!r} does not read JSONL question files: pass the lmms-lab dataset (a Hub id, a "
+            "folder of parquet files or a .parquet file) with --data"
+        )
+
     def write_submission(self, rows: Sequence[Row], out_dir: Path) -> list[Path]:
         """Files for an evaluation server (rows carry ``prediction``); none by default."""
         return []

@@ -8,6 +8,7 @@
   or ``en/dev-0000.parquet``; files are chosen by the benchmark's subset folder and split prefix), or a folder written
   by `datasets.Dataset.save_to_disk`;
 - a ``.tsv`` file in VLMEvalKit's layout (base64 ``image`` column), renamed to lmms-lab's columns by the benchmark;
+- a ``.jsonl`` question file, for benchmarks defined over one (LLaVA's evaluation layout, the demo's held-out QA);
 - any other string: a Hub dataset id.
 
 Image columns are read undecoded (bytes or paths): a corrupt image then fails its own question, counted and listed
@@ -93,12 +94,14 @@ def load_benchmark_data(benchmark: Benchmark, source: str | Path | None = None) 
         path = Path(source)
         if path.suffix == ".tsv":
             data = _from_tsv(benchmark, path)
+        elif path.suffix == ".jsonl" and path.is_file():
+            data = BenchmarkData(benchmark, str(path), benchmark.read_jsonl(path))
         elif path.suffix == ".parquet" or path.is_dir():
             data = _from_local(benchmark, path)
         elif path.exists() or path.suffix:
             raise DataError(
                 f"{path}: not a data source of benchmark {benchmark.id!r}: pass a Hub dataset id, a .parquet file, "
-                "a folder of parquet files (a Hub snapshot) or a VLMEvalKit .tsv file"
+                "a folder of parquet files (a Hub snapshot), a VLMEvalKit .tsv file or a .jsonl question file"
             )
         else:
             data = _from_hub(benchmark, str(source))
