@@ -45,3 +45,18 @@ def preset_model(preset_parts):
         return LlavaNextModel.from_parts(**preset_parts(name).from_parts_kwargs()).eval()
 
     return build
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """A saved ``debug-clip-llama`` checkpoint folder (random weights, vicuna_v1 template, AnyRes 32 px tiles)."""
+    import torch
+
+    from llavakit.model.llava_next import LlavaNextModel
+    from llavakit.model.presets import build_parts
+
+    root = tmp_path_factory.mktemp("checkpoint")
+    parts = build_parts("debug-clip-llama", root / "parts")
+    torch.manual_seed(0)
+    model = LlavaNextModel.from_parts(**parts.from_parts_kwargs())
+    return model.save_pretrained(root / "ckpt")

@@ -1,4 +1,4 @@
-"""A tiny random checkpoint on disk (built once per module) and small synthetic images to ask about."""
+"""Small synthetic images to ask about (the tiny ``checkpoint`` fixture is in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -6,21 +6,6 @@ import pytest
 from PIL import Image
 
 from llavakit.data.synth import SynthConfig, generate_synth
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A saved ``debug-clip-llama`` checkpoint folder (random weights, vicuna_v1 template, AnyRes 32 px tiles)."""
-    import torch
-
-    from llavakit.model.llava_next import LlavaNextModel
-    from llavakit.model.presets import build_parts
-
-    root = tmp_path_factory.mktemp("inference")
-    parts = build_parts("debug-clip-llama", root / "parts")
-    torch.manual_seed(0)
-    model = LlavaNextModel.from_parts(**parts.from_parts_kwargs())
-    return model.save_pretrained(root / "ckpt")
 
 
 @pytest.fixture(scope="module")

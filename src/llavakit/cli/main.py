@@ -20,6 +20,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("convert", "convert", "Convert between original LLaVA and llava-hf checkpoints."),
     ("data", "data", "Inspect and prepare training data (LLaVA JSON/JSONL/YAML mixtures)."),
     ("train", "train", "Train a model stage by stage (recipes, YAML configs or upstream train_mem.py flags)."),
+    ("eval", "eval", "Evaluate a checkpoint on standard benchmarks (MME, MMBench, POPE, ...) or score predictions."),
     ("chat", "chat", "Chat with a trained model about images (multi-turn, interactive or piped)."),
     ("demo", "demo", "Train and evaluate a tiny model on built-in synthetic data, end to end, on a CPU."),
 ]

@@ -7,8 +7,8 @@ A record written by ``llavakit eval``::
 and, for a question whose image could not be used, ``"prediction": null`` plus ``"error": "..."``. Files from
 elsewhere need only ``question_id`` and ``prediction`` (`read_predictions`).
 
-A run killed mid-write can leave a truncated last line; `read_predictions(..., tolerate_truncated_tail=True)`
-(resuming) drops that one line and says so; anywhere else a malformed line is an error naming it.
+A run killed mid-write can leave a truncated last line; `drop_truncated_tail` (resuming) cuts that one line off
+the file and says so, before more answers are appended; anywhere else a malformed line is an error naming it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,24 @@ from llavakit.errors import DataError
 logger = logging.getLogger(__name__)
 
 
-def read_predictions(path: Path, tolerate_truncated_tail: bool = False) -> dict[str, dict[str, Any]]:
+def drop_truncated_tail(path: Path) -> None:
+    """Cut an unfinished last line (no newline, not JSON: a killed write) off ``path``."""
+    content = path.read_bytes()
+    if not content or content.endswith(b"\n"):
+        return
+    cut = content.rfind(b"\n") + 1
+    try:
+        json.loads(content[cut:])
+    except ValueError:
+        logger.warning("%s: dropped a truncated last line (an interrupted run)", path)
+        with path.open("r+b") as handle:
+            handle.truncate(cut)
+        return
+    with path.open("ab") as handle:
+        handle.write(b"\n")
+
+
+def read_predictions(path: Path) -> dict[str, dict[str, Any]]:
     """Records of ``path`` by ``question_id`` (as a string).
 
     Raises:
@@ -43,9 +60,6 @@ def read_predictions(path: Path, tolerate_truncated_tail: bool = False) -> dict[
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            if tolerate_truncated_tail and number == len(lines):
-                logger.warning("%s:%d: dropped a truncated last line (an interrupted run)", path, number)
-                continue
             raise DataError(f"{path}:{number}: malformed JSON ({err.msg}, column {err.colno})") from None
         key = _check_record(record, f"{path}:{number}")
         if key in records:

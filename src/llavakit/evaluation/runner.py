@@ -33,7 +33,13 @@ from llavakit.data.prepare import default_tiling
 from llavakit.data.schema import USER, Conversation, Turn
 from llavakit.errors import DataError, ImageError
 from llavakit.evaluation.benchmark import Benchmark
-from llavakit.evaluation.predictions import append_records, match_predictions, read_predictions, write_records
+from llavakit.evaluation.predictions import (
+    append_records,
+    drop_truncated_tail,
+    match_predictions,
+    read_predictions,
+    write_records,
+)
 from llavakit.evaluation.registry import score
 from llavakit.evaluation.sources import BenchmarkData
 from llavakit.inference.api import Assistant
@@ -121,6 +127,8 @@ def evaluate(
     ids = _row_ids(data)
     if rank == 0:
         _merge_shards(out_dir)
+        if (out_dir / PREDICTIONS).is_file():
+            drop_truncated_tail(out_dir / PREDICTIONS)
     barrier_if(context)
     done = _done(out_dir / PREDICTIONS)
     pending, failures = _plan(assistant, data, ids, done)
@@ -149,7 +157,7 @@ def barrier_if(context: DistContext | None) -> None:
 
 def _done(path: Path) -> dict[str, Any]:
     """Predictions of an earlier (interrupted) run, by question id."""
-    return read_predictions(path, tolerate_truncated_tail=True) if path.is_file() else {}
+    return read_predictions(path) if path.is_file() else {}
 
 
 def _row_ids(data: BenchmarkData) -> list[str]:
@@ -262,7 +270,8 @@ def _merge_shards(out_dir: Path) -> None:
     main = out_dir / PREDICTIONS
     records = _done(main)
     for shard in shards:
-        records.update(read_predictions(shard, tolerate_truncated_tail=True))
+        drop_truncated_tail(shard)
+        records.update(read_predictions(shard))
     write_records(main, sorted(records.values(), key=lambda r: r.get("row", 0)))
     for shard in shards:
         shard.unlink()
@@ -272,7 +281,7 @@ def _finish(data: BenchmarkData, ids: list[str], out_dir: Path, result: EvalResu
     """Put predictions in row order, add parsed answers, score, and write metrics and submission files."""
     benchmark = data.benchmark
     path = out_dir / PREDICTIONS
-    records = read_predictions(path, tolerate_truncated_tail=True)
+    records = read_predictions(path)
     predictions = match_predictions(ids, records, str(path), benchmark.id)
     rows = data.rows_without_images()
     scored = [{**row, "prediction": predictions[key]} for row, key in zip(rows, ids)]

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llavakit.errors import ConfigError
-from llavakit.evaluation.registry import get_benchmark
+from llavakit.evaluation.predictions import match_predictions, read_predictions
+from llavakit.evaluation.registry import get_benchmark, score
 from llavakit.evaluation.runner import EvalOptions, EvalResult, evaluate
 from llavakit.evaluation.sources import load_benchmark_data
 from llavakit.inference.api import Assistant, load
@@ -56,15 +57,22 @@ class SuiteConfig:
             )
 
 
-def run_suite(config: SuiteConfig, assistant: Assistant | None = None) -> list[EvalResult]:
+def run_suite(
+    config: SuiteConfig, assistant: Assistant | None = None, device: str | None = None
+) -> list[EvalResult]:
     """Evaluate ``config.model`` on every benchmark; returns the results (complete on rank 0).
 
     Benchmark ids and data sources are checked before the model loads, so a typo costs no loading time.
+
+    Args:
+        config: what to run.
+        assistant: an already loaded model (None: load ``config.model``).
+        device: where to load it (None: this rank's CUDA device, else the CPU).
     """
     benchmarks = [get_benchmark(name) for name in config.benchmarks]
     context = init_distributed(needs_process_group=False)
     sources = [load_benchmark_data(b, config.data.get(b.id)).limited(config.limit) for b in benchmarks]
-    assistant = assistant or load(config.model, device=context.device)
+    assistant = assistant or load(config.model, device=device or context.device)
     results = [
         evaluate(assistant, data, config.out / data.benchmark.id, config.options, context) for data in sources
     ]
@@ -93,3 +101,19 @@ def write_summary(config: SuiteConfig, results: Sequence[EvalResult]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
+
+
+def score_file(
+    benchmark: str, predictions: Path, data: str | None = None, limit: int | None = None
+) -> dict[str, float]:
+    """Metrics of a predictions file (JSONL of ``{"question_id", "prediction"}``) against ``benchmark``'s data.
+
+    Every question of the data (its first ``limit``) needs exactly one prediction; unknown, missing and duplicate
+    ids are errors naming them.
+    """
+    bench = get_benchmark(benchmark)
+    source = load_benchmark_data(bench, data).limited(limit)
+    rows = source.rows_without_images()
+    ids = [bench.row_id(row, index) for index, row in enumerate(rows)]
+    matched = match_predictions(ids, read_predictions(predictions), str(predictions), bench.id)
+    return score(bench, [{**row, "prediction": matched[key]} for row, key in zip(rows, ids)])
