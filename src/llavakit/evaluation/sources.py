@@ -91,28 +91,33 @@ def load_benchmark_data(benchmark: Benchmark, source: str | Path | None = None) 
             raise DataError(f"benchmark {benchmark.id!r} has no default dataset: pass --data")
         data = _from_hub(benchmark, benchmark.dataset)
     else:
-        path = Path(source)
-        if path.suffix == ".tsv":
-            data = _from_tsv(benchmark, path)
-        elif path.suffix == ".jsonl" and path.is_file():
-            data = BenchmarkData(benchmark, str(path), benchmark.read_jsonl(path))
-        elif path.suffix == ".parquet" or path.is_dir():
-            data = _from_local(benchmark, path)
-        elif path.exists() or path.suffix:
-            raise DataError(
-                f"{path}: not a data source of benchmark {benchmark.id!r}: pass a Hub dataset id, a .parquet file, "
-                "a folder of parquet files (a Hub snapshot), a VLMEvalKit .tsv file or a .jsonl question file"
-            )
-        else:
-            data = _from_hub(benchmark, str(source))
+        data = _from_path_or_id(benchmark, source)
     _check_columns(data)
     return data
 
 
+def _from_path_or_id(benchmark: Benchmark, source: str | Path) -> BenchmarkData:
+    path = Path(source)
+    if path.suffix in (".tsv", ".jsonl", ".parquet") and not path.is_file():
+        raise DataError(f"data source {path} does not exist")
+    if path.suffix == ".tsv":
+        return _from_tsv(benchmark, path)
+    if path.suffix == ".jsonl":
+        return BenchmarkData(benchmark, str(path), benchmark.read_jsonl(path))
+    if path.suffix == ".parquet" or path.is_dir():
+        return _from_local(benchmark, path)
+    if path.exists():
+        raise DataError(
+            f"{path}: not a data source of benchmark {benchmark.id!r}: pass a Hub dataset id, a .parquet file, "
+            "a folder of parquet files (a Hub snapshot), a VLMEvalKit .tsv file or a .jsonl question file"
+        )
+    return _from_hub(benchmark, str(source))
+
+
 def _check_columns(data: BenchmarkData) -> None:
-    present = set(data.table[0].keys()) if isinstance(data.table, list) else set(data.table.column_names)
     if not len(data):
         raise DataError(f"{data.source}: no rows for benchmark {data.benchmark.id!r}")
+    present = set(data.table[0].keys()) if isinstance(data.table, list) else set(data.table.column_names)
     missing = [column for column in data.benchmark.columns if column not in present]
     if missing:
         raise DataError(
@@ -149,8 +154,6 @@ def _from_hub(benchmark: Benchmark, dataset_id: str) -> BenchmarkData:
 def _from_local(benchmark: Benchmark, path: Path) -> BenchmarkData:
     import datasets
 
-    if not path.exists():
-        raise DataError(f"data source {path} does not exist")
     if path.is_dir() and (path / "state.json").is_file():
         table = datasets.load_from_disk(str(path))
         if isinstance(table, datasets.DatasetDict):
@@ -191,8 +194,6 @@ def _split_files(benchmark: Benchmark, folder: Path) -> list[Path]:
 
 
 def _from_tsv(benchmark: Benchmark, path: Path) -> BenchmarkData:
-    if not path.is_file():
-        raise DataError(f"data source {path} does not exist")
     csv.field_size_limit(sys.maxsize)  # base64 images exceed csv's 128 KiB default field limit
     with path.open(encoding="utf-8", newline="") as handle:
         records = list(csv.DictReader(handle, delimiter="\t"))
