@@ -12,7 +12,7 @@ from llavakit.training import config as training_config
 from llavakit.training.batches import length_grouped_order, modality_grouped_order, random_order
 from llavakit.training.config_loading import config_from_dict
 from llavakit.training.data import build_train_data
-from llavakit.training.distributed import init_distributed
+from llavakit.distributed import init_distributed
 from llavakit.training.trainer import Trainer
 
 

@@ -14,7 +14,7 @@ from llavakit.model.llava_next import LlavaNextModel
 from llavakit.model.projector import read_upstream_projector_file
 from llavakit.training.config_loading import config_from_dict
 from llavakit.training.data import build_train_data
-from llavakit.training.distributed import init_distributed
+from llavakit.distributed import init_distributed
 from llavakit.training.trainer import Trainer, train
 
 

@@ -17,7 +17,7 @@ from llavakit.model.llava_next import LlavaNextModel
 from llavakit.training import lora
 from llavakit.training.config_loading import config_from_dict
 from llavakit.training.data import build_train_data
-from llavakit.training.distributed import init_distributed
+from llavakit.distributed import init_distributed
 from llavakit.training.trainer import Trainer, train
 
 bnb = pytest.importorskip("bitsandbytes", reason='QLoRA needs bitsandbytes: pip install -e ".[quant]"')

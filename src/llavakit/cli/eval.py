@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     from llavakit.evaluation.report import print_metrics
     from llavakit.evaluation.runner import EvalOptions
     from llavakit.evaluation.suite import SuiteConfig, run_suite
-    from llavakit.training.distributed import init_distributed
+    from llavakit.distributed import init_distributed
 
     if not args.model or not args.benchmark:
         args.parser.error("--model and --benchmark are required (or use an action: score, list)")

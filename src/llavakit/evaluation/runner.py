@@ -44,7 +44,7 @@ from llavakit.evaluation.registry import score
 from llavakit.evaluation.sources import BenchmarkData
 from llavakit.inference.api import Assistant
 from llavakit.inference.prompts import Request, user_text
-from llavakit.training.distributed import DistContext, barrier
+from llavakit.distributed import DistContext, barrier
 
 logger = logging.getLogger(__name__)
 PREDICTIONS = "predictions.jsonl"

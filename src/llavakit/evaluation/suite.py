@@ -24,7 +24,7 @@ from llavakit.evaluation.registry import get_benchmark, score
 from llavakit.evaluation.runner import EvalOptions, EvalResult, evaluate
 from llavakit.evaluation.sources import load_benchmark_data
 from llavakit.inference.api import Assistant, load
-from llavakit.training.distributed import init_distributed
+from llavakit.distributed import init_distributed
 
 
 @dataclass(frozen=True)

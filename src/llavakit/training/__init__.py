@@ -7,7 +7,8 @@ Entry points: `llavakit.training.trainer.train` (all stages of a `TrainConfig`, 
 Layout (one concept per module): ``config`` / ``config_loading`` (what a run is, how it is read), ``recipes``,
 ``upstream_flags``, ``model_setup`` (preflight checks, where a stage's model comes from), ``stages`` (trainable
 parts → ``requires_grad``), ``optim`` (parameter groups, schedule), ``batches`` (resumable sample order), ``data``
-(bridge to `llavakit.data`), ``distributed`` + ``strategies/`` (single, DDP, FSDP2; applied from outside the model),
+(bridge to `llavakit.data`), ``strategies/`` (single, DDP, FSDP2 over `llavakit.distributed`; applied from
+outside the model),
 ``checkpoint`` (DCP, atomic, rotation), ``export`` (llava-hf folder + ``mm_projector.bin``), ``lora``, ``metrics``,
 ``trainer``. Submodules are imported on use so ``import llavakit.training`` stays cheap.
 """

@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 
 from llavakit.model.llava_next import LlavaNextModel
 from llavakit.model.projector import upstream_projector_state
-from llavakit.training.distributed import DistContext, barrier
+from llavakit.distributed import DistContext, barrier
 from llavakit.training.lora import merge_lora
 
 UPSTREAM_PROJECTOR_FILE = "mm_projector.bin"

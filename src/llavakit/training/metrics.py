@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from llavakit.errors import ConfigError
 from llavakit.training.config import LoggingConfig
-from llavakit.training.distributed import DistContext
+from llavakit.distributed import DistContext
 
 # Dense bf16 peak TFLOP/s per GPU (vendor datasheets), matched by substring of the CUDA device name.
 _PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "RTX 4090": 165.0}

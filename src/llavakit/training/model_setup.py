@@ -43,7 +43,7 @@ from llavakit.model.llava_next import LlavaNextModel, default_image_spec
 from llavakit.model.projector import load_upstream_projector_state, read_upstream_projector_file
 from llavakit.model.vision import backbone_for_model_type
 from llavakit.training.config import StageConfig, TrainConfig
-from llavakit.training.distributed import DistContext, barrier
+from llavakit.distributed import DistContext, barrier
 from llavakit.training.lora import is_quantised, quantization_config, require_bitsandbytes
 
 

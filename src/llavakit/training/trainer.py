@@ -38,7 +38,7 @@ from llavakit.model.loss import supervised_mask
 from llavakit.training.batches import BatchPlan, length_grouped_order, modality_grouped_order, random_order
 from llavakit.training.checkpoint import CheckpointManager, TrainerState
 from llavakit.training.config import StageConfig, TrainConfig
-from llavakit.training.distributed import DistContext, all_reduce_sum, all_reduce_sums, init_distributed
+from llavakit.distributed import DistContext, all_reduce_sum, all_reduce_sums, init_distributed
 from llavakit.training.export import export_model
 from llavakit.training.lora import apply_lora, restrict_llm_to_lora
 from llavakit.training.metrics import MetricsLogger, StepMetrics

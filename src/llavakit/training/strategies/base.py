@@ -16,7 +16,7 @@ from torch import nn
 
 from llavakit.registry import Registry
 from llavakit.training.config import StrategyConfig
-from llavakit.training.distributed import DistContext
+from llavakit.distributed import DistContext
 
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
 

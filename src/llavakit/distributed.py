@@ -1,7 +1,7 @@
-"""Process-group setup from torchrun's standard variables, and the few collectives the trainer needs.
+"""Process-group setup from torchrun's standard variables, and the few collectives training and evaluation need.
 
-Why: the model never imports distributed code; the trainer and the strategies get one `DistContext` telling them
-their rank, world size and device. Launching is plain torchrun (single node or multi-node through ``--nnodes``,
+Why: the model never imports distributed code; the trainer, the strategies and the evaluation runner get one
+`DistContext` telling them their rank, world size and device. Launching is plain torchrun (single node or multi-node through ``--nnodes``,
 ``--node_rank``, ``--master_addr``), which sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``. Sharded strategies
 also work in one process without torchrun (a world of one over an in-memory store), so a seed script that asks for
 ZeRO-3 runs unchanged on a laptop.
