@@ -79,3 +79,14 @@ def test_bad_requests_fail_with_clear_errors(assistant, images, tmp_path):
         assistant.generate(["What colour?"], images=[[images[0]]])
     with pytest.raises(ConfigError, match="temperature"):
         assistant.generate(["hi"], temperature=0.0, do_sample=True)
+
+
+def test_load_names_a_missing_folder_and_an_unfetchable_hub_id(tmp_path):
+    from llavakit.errors import CheckpointError
+    from llavakit.inference.api import load
+
+    with pytest.raises(CheckpointError, match="checkpoint folder .* does not exist"):
+        load(tmp_path / "missing" / "ckpt")
+    # offline (tests/conftest.py), a Hub id that is not in the cache is named with the download command
+    with pytest.raises(CheckpointError, match="hf download llava-hf/no-such-model"):
+        load("llava-hf/no-such-model")

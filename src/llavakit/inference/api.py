@@ -134,7 +134,8 @@ def load(
     """Load a checkpoint folder (llavakit or llava-hf layout) as an `Assistant`.
 
     Args:
-        path: checkpoint folder (``config.json``, ``model.safetensors``, tokenizer files).
+        path: checkpoint folder (``config.json``, ``model.safetensors``, tokenizer files), or a Hub model id
+            (``llava-hf/llava-v1.6-vicuna-7b-hf``), downloaded to the Hub cache on first use.
         device: e.g. ``"cpu"`` or ``"cuda"``; default: CUDA when available, else CPU.
         dtype: parameter dtype; default: the checkpoint's.
         sampling: default `SamplingParams` fields for every call.
@@ -142,9 +143,31 @@ def load(
     Raises:
         CheckpointError: the folder is missing files or does not match its config.
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint folder {path} does not exist: pass the folder holding config.json")
+    path = resolve_checkpoint(path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = LlavaNextModel.from_pretrained(path, dtype=dtype, device=device)
     return Assistant(model, SamplingParams(**sampling))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A local checkpoint folder: ``path`` itself, or the Hub snapshot of model id ``path`` (``owner/name``).
+
+    Raises:
+        CheckpointError: neither a folder nor a Hub model that can be fetched (offline: not in the Hub cache).
+    """
+    folder = Path(path)
+    if folder.is_dir():
+        return folder
+    text = str(path)
+    if folder.exists() or text.count("/") != 1 or text.startswith((".", "/")):
+        raise CheckpointError(f"checkpoint folder {folder} does not exist: pass the folder holding config.json")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text))
+    except Exception as err:  # the Hub client raises many types (offline, 404, gated)
+        raise CheckpointError(
+            f"{text!r} is neither a checkpoint folder nor a Hub model that can be fetched ({type(err).__name__}: "
+            f"{err}); pass the folder holding config.json, or download it first (`hf download {text} --local-dir DIR`)"
+        ) from None
+
