@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval", help="Evaluate a checkpoint on standard benchmarks.", description=DESCRIPTION
     )
-    parser.add_argument("--model", help="checkpoint folder (llavakit or llava-hf layout)")
+    parser.add_argument("--model", help="checkpoint folder (llavakit or llava-hf layout) or a Hub model id")
     parser.add_argument("--benchmark", help="comma-separated benchmark ids, e.g. mme,pope,mmbench_en_dev")
     parser.add_argument(
         "--data",
