@@ -94,6 +94,10 @@ class Benchmark(ABC):
             "of parquet files or a .parquet file) with --data"
         )
 
+    def complete_rows(self, rows: Sequence[Row]) -> list[dict[str, Any]]:
+        """Rows a VLMEvalKit TSV lacks and the Hub dataset has (MMBench's circular copies); none by default."""
+        return list(rows)
+
     def read_jsonl(self, path: Path) -> list[dict[str, Any]]:
         """Rows from a JSONL file (LLaVA's question-file layout), for benchmarks defined over one."""
         raise DataError(

@@ -204,7 +204,7 @@ def _from_tsv(benchmark: Benchmark, path: Path) -> BenchmarkData:
     for number, record in enumerate(records, start=2):
         record["image"] = _tsv_image(record.get("image"), by_index, f"{path}:{number}")
         rows.append(benchmark.from_vlmevalkit(record))
-    return BenchmarkData(benchmark, str(path), rows)
+    return BenchmarkData(benchmark, str(path), benchmark.complete_rows(rows))
 
 
 def _tsv_image(value: str | None, by_index: dict[str | None, str | None], location: str) -> bytes | None:
