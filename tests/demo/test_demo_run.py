@@ -14,7 +14,7 @@ from llavakit.cli.main import main
 from llavakit.data.synth import NUMBERS
 from llavakit.demo.parts import SYSTEM_PROMPT
 from llavakit.demo.run import QUICK_EVAL_EVERY, QUICK_STEPS
-from llavakit.evaluation.heldout import HeldoutQA
+from llavakit.evaluation.heldout import HELDOUT
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,11 @@ def test_outputs_are_written(demo_run):
     for name in ("metrics.json", "loss.png", "accuracy.png", "final/config.json", "final/model.safetensors"):
         assert (demo_run / name).is_file(), name
     metrics = json.loads((demo_run / "metrics.json").read_text())
-    assert set(metrics["accuracy"]) == set(metrics["accuracy_text_only"]) == set(metrics["accuracy_majority_answer"])
+    assert (
+        set(metrics["accuracy"])
+        == set(metrics["accuracy_text_only"])
+        == set(metrics["accuracy_majority_answer"])
+    )
     assert metrics["seconds"]["train"] > 0 and all(v > 0 for v in metrics["tokens_per_s"].values())
 
 
@@ -66,12 +70,29 @@ def test_learning_curve_is_measured_during_finetuning_on_a_prefix_of_the_held_ou
     assert [point["step"] for point in curve] == [*range(every, steps, every), steps]
     assert metrics["learning_curve_questions"] == CURVE_PREFIX < sum(metrics["questions_per_type"].values())
     data = next((demo_run / "data").iterdir())
-    asked = Counter(example.type for example in HeldoutQA(data / "heldout.jsonl", limit=CURVE_PREFIX).examples())
+    asked = Counter(row["type"] for row in HELDOUT.read_jsonl(data / "heldout.jsonl")[:CURVE_PREFIX])
     for point in curve:
         assert set(point["accuracy"]) == set(asked)
         # Each score is a share of that type's questions among the asked ones.
         assert all(round(accuracy * asked[kind], 6) % 1 == 0 for kind, accuracy in point["accuracy"].items())
     assert metrics["seconds"]["curve"] > 0
+    # The curve went through the finetune stage's eval section: its evaluations are logged with the training metrics.
+    eval_log = (demo_run / "train" / "finetune" / "eval.jsonl").read_text().splitlines()
+    logged = [json.loads(line) for line in eval_log]
+    assert [row["step"] for row in logged] == [point["step"] for point in curve[:-1]]
+    counts = [row["metrics"]["heldout"]["accuracy/count"] for row in logged]
+    assert counts == [point["accuracy"]["count"] for point in curve[:-1]]
+
+
+def test_the_final_evaluation_went_through_the_runner(demo_run):
+    metrics = json.loads((demo_run / "metrics.json").read_text())
+    for name, key in (("heldout", "accuracy"), ("heldout_text_only", "accuracy_text_only")):
+        summary = json.loads((demo_run / "eval" / name / "metrics.json").read_text())
+        assert summary["benchmark"] == name and summary["failed"] == 0
+        per_type = {k.removeprefix("accuracy/"): v for k, v in summary["metrics"].items() if "/" in k}
+        assert per_type == metrics[key]
+        lines = (demo_run / "eval" / name / "predictions.jsonl").read_text().splitlines()
+        assert len(lines) == sum(metrics["questions_per_type"].values())
 
 
 def test_loss_falls_and_accuracy_beats_chance(demo_run):
@@ -86,19 +107,23 @@ def test_loss_falls_and_accuracy_beats_chance(demo_run):
 def test_final_checkpoint_answers_the_same_in_transformers(demo_run):
     import llavakit
     from llavakit.data.schema import USER, Conversation, Turn
-    from llavakit.evaluation.heldout import HeldoutQA
 
     assistant = llavakit.load(demo_run / "final", device="cpu")
     data = next((demo_run / "data").iterdir())
-    examples = HeldoutQA(data / "heldout.jsonl", data).examples()[:6]
+    examples = HELDOUT.read_jsonl(data / "heldout.jsonl")[:6]
     requests = []
     for example in examples:
-        turn = Turn(USER, f"<image>\n{example.question}")
-        prompt = "".join(s.text for s in assistant.template.render(Conversation((turn,)), for_generation=True))
+        turn = Turn(USER, f"<image>\n{example['question']}")
+        prompt = "".join(
+            s.text for s in assistant.template.render(Conversation((turn,)), for_generation=True)
+        )
         # The system prompt the finetune stage trained with, saved in the checkpoint.
         assert prompt.startswith(f"{SYSTEM_PROMPT} USER: <image>")
-        requests.append((prompt, str(example.images[0])))
-    ours = [assistant.chat(image, ex.question, max_new_tokens=8)[0] for (_, image), ex in zip(requests, examples)]
+        requests.append((prompt, example["image"][0]))
+    ours = [
+        assistant.chat(image, ex["question"], max_new_tokens=8)[0]
+        for (_, image), ex in zip(requests, examples)
+    ]
     done = subprocess.run(
         [sys.executable, "-c", TRANSFORMERS_ANSWERS, str(demo_run / "final"), json.dumps(requests)],
         capture_output=True,

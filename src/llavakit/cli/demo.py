@@ -101,5 +101,5 @@ def _library_progress_bars(shown: bool) -> Iterator[None]:
 
 def _first_image(result: DemoResult) -> str:
     """A held-out image path to suggest for the chat."""
-    examples = result.with_images.predictions
-    return str(examples[0].example.images[0]) if examples else "IMAGE"
+    with_image = [row for row in result.with_images.rows if row["image"]]
+    return with_image[0]["image"][0] if with_image else "IMAGE"

@@ -2,6 +2,7 @@
 
     llavakit eval --model DIR --benchmark mme,pope [--data SRC | --data ID=SRC ...] [--limit N] [--out DIR]
     llavakit eval score BENCHMARK --data SRC --predictions FILE [--json]
+    llavakit eval custom --model DIR --questions Q.jsonl --image-folder DIR --answers-file A.jsonl
     llavakit eval list
 
 The work happens in `llavakit.evaluation.suite` (and the runner and benchmark modules it uses); this module
@@ -27,7 +28,7 @@ DESCRIPTION = (
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``eval`` command and its ``score`` and ``list`` actions."""
+    """Add the ``eval`` command and its ``score``, ``custom`` and ``list`` actions."""
     parser = subparsers.add_parser(
         "eval", help="Evaluate a checkpoint on standard benchmarks.", description=DESCRIPTION
     )
@@ -57,6 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run, parser=parser)
     actions = parser.add_subparsers(dest="eval_command", metavar="ACTION")
     _register_score(actions)
+    _register_custom(actions)
     _register_list(actions)
 
 
@@ -76,6 +78,33 @@ def _register_score(actions: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=int, help="score the first N questions of the data")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     parser.set_defaults(func=run_score)
+
+
+def _register_custom(actions: argparse._SubParsersAction) -> None:
+    parser = actions.add_parser(
+        "custom",
+        help="Answer a question file in LLaVA's evaluation layout (model_vqa_loader) into an answers file.",
+        description=(
+            'Answer every question of a LLaVA question .jsonl ({"question_id", "image", "text", ...}; images '
+            "relative to --image-folder) greedily with the checkpoint's own template, and write an answers .jsonl in "
+            'upstream\'s format ({"question_id", "prompt", "text", "answer_id", "model_id", '
+            "\"metadata\"}) for upstream's scoring scripts. Resumable: the run's work folder is ANSWERS.run/."
+        ),
+    )
+    parser.add_argument("--model", required=True, help="checkpoint folder or Hub model id")
+    parser.add_argument("--questions", required=True, help="question .jsonl file")
+    parser.add_argument(
+        "--image-folder", required=True, help="folder the questions' image paths are relative to"
+    )
+    parser.add_argument("--answers-file", required=True, help="answers .jsonl to write")
+    parser.add_argument("--limit", type=int, help="answer the first N questions")
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="questions per generation batch (default 16)"
+    )
+    parser.add_argument("--max-new-tokens", type=int, help="answer length cap (default 128, as upstream)")
+    parser.add_argument("--device", help="cpu | cuda (default: cuda when available)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(func=run_custom)
 
 
 def _register_list(actions: argparse._SubParsersAction) -> None:
@@ -138,6 +167,25 @@ def run_score(args: argparse.Namespace) -> int:
         print(json.dumps(metrics, indent=2, ensure_ascii=False))
     else:
         print_metrics(args.benchmark, metrics)
+    return 0
+
+
+def run_custom(args: argparse.Namespace) -> int:
+    """Answer the question file and write the answers file."""
+    from llavakit.evaluation.custom import answer_questions
+    from llavakit.evaluation.runner import EvalOptions
+
+    options = EvalOptions(args.batch_size, args.max_new_tokens, progress=not args.no_progress)
+    result = answer_questions(
+        args.model,
+        args.questions,
+        args.image_folder,
+        args.answers_file,
+        options,
+        args.limit,
+        device=args.device,
+    )
+    print(f"{result.questions} answers ({len(result.failed)} failed) in {args.answers_file}")
     return 0
 
 

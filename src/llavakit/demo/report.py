@@ -17,17 +17,17 @@ from typing import Any
 
 from llavakit.data.synth import QUESTION_TYPES
 from llavakit.demo.run import DemoResult
-from llavakit.evaluation.base import Prediction
 from llavakit.training.metrics import plot_losses
 
 SHOWN_EXAMPLES = 3
 
 
-def showcase(result: DemoResult, count: int = SHOWN_EXAMPLES) -> list[Prediction]:
-    """The first ``count`` held-out predictions of distinct question types (in `QUESTION_TYPES` order)."""
-    by_type: dict[str, Prediction] = {}
-    for prediction in result.with_images.predictions:
-        by_type.setdefault(prediction.example.type, prediction)
+def showcase(result: DemoResult, count: int = SHOWN_EXAMPLES) -> list[dict[str, Any]]:
+    """The first ``count`` held-out rows (with their ``prediction``) of distinct question types (in `QUESTION_TYPES`
+    order)."""
+    by_type: dict[str, dict[str, Any]] = {}
+    for row in result.with_images.rows:
+        by_type.setdefault(row["type"], row)
     ordered = [by_type[kind] for kind in QUESTION_TYPES if kind in by_type]
     return ordered[:count]
 
@@ -49,8 +49,10 @@ def format_report(result: DemoResult) -> str:
         lines.append(
             f"  {kind:<10}{counts[kind]:>5}{with_images[kind]:>12.3f}{text_only[kind]:>11.3f}{majority[kind]:>10.3f}"
         )
-    lines.append(f"  {'all':<10}{len(result.with_images.predictions):>5}"
-                 f"{result.with_images.accuracy:>12.3f}{result.text_only.accuracy:>11.3f}")
+    lines.append(
+        f"  {'all':<10}{len(result.with_images.rows):>5}"
+        f"{result.with_images.accuracy:>12.3f}{result.text_only.accuracy:>11.3f}"
+    )
     lines += _curve_lines(result)
     seconds = result.seconds
     throughput = ", ".join(f"{name} {value:,.0f}" for name, value in tokens_per_second(result).items())
@@ -62,12 +64,11 @@ def format_report(result: DemoResult) -> str:
         "",
         "Held-out examples",
     ]
-    for prediction in showcase(result):
-        example = prediction.example
+    for row in showcase(result):
         lines += [
-            f"  image:    {example.images[0] if example.images else '(none)'}",
-            f"  question: {example.question}",
-            f"  answer:   {prediction.prediction!r}   truth: {example.answer!r}",
+            f"  image:    {row['image'][0] if row['image'] else '(none)'}",
+            f"  question: {row['question']}",
+            f"  answer:   {row['prediction']!r}   truth: {row['answer']!r}",
             "",
         ]
     return "\n".join(lines)
@@ -82,13 +83,15 @@ def _curve_lines(result: DemoResult) -> list[str]:
     title = f"Learning curve (accuracy with image on {_curve_questions(result)}, by finetune step)"
     lines = ["", title, header]
     for point in result.curve:
-        lines.append(f"  {point.step:>6}" + "".join(f"{point.accuracy.get(kind, 0.0):>10.3f}" for kind in kinds))
+        lines.append(
+            f"  {point.step:>6}" + "".join(f"{point.accuracy.get(kind, 0.0):>10.3f}" for kind in kinds)
+        )
     return lines
 
 
 def _curve_questions(result: DemoResult) -> str:
     """Which held-out questions the curve asks, in words."""
-    total = len(result.with_images.predictions)
+    total = len(result.with_images.rows)
     if result.curve_questions >= total:
         return f"all {total} held-out questions"
     return f"the first {result.curve_questions} of {total} held-out questions"
@@ -131,6 +134,7 @@ def metrics_dict(result: DemoResult) -> dict[str, Any]:
         "learning_curve_questions": result.curve_questions,
         "dataset": result.dataset.manifest,
         "final_checkpoint": str(result.final_checkpoint),
+        "evaluation": {run.out_dir.name: str(run.out_dir) for run in (result.with_images, result.text_only)},
         "config": result.config.to_dict(),
     }
 

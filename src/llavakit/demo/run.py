@@ -4,11 +4,12 @@
     build_demo_parts(out/parts)       random CLIP-like encoder + Llama-like LLM, tokenizer trained on the data
     train(recipe demo-tiny)           align then finetune: the trainer, recipe file and config code of `llavakit train`
     load(out/train/finetune/final)    the exported llava-hf checkpoint, through `llavakit.load`
-    run_benchmark(HeldoutQA) x2       with images, then the text-only baseline (images removed)
+    evaluate(heldout) x2              ``llavakit eval``'s runner into out/eval/: with images, then the text-only
+                                      baseline (``heldout_text_only``: images removed)
 
-With ``eval_every`` the first `CURVE_QUESTIONS` held-out questions are also asked every that many finetune steps (a
-`StepHook`), so the report shows when each skill appears: the learning curve, whose last point is the final
-evaluation's score on the same questions.
+With ``eval_every`` the first `CURVE_QUESTIONS` held-out questions are also asked every that many finetune steps (the
+finetune stage's ``eval:`` section, `llavakit.training.evaluation`, through the same runner), so the report shows
+when each skill appears: the learning curve, whose last point is the final evaluation's score on the same questions.
 
 Only the dataset is reused between runs; the parts and the training folder are rebuilt so every run measures a
 full training. ``quick`` shrinks data and steps for CI: it checks the machinery (the loss falls, accuracy beats
@@ -19,19 +20,26 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from llavakit.data.synth import SynthConfig, SynthDataset, generate_synth, training_corpus
 from llavakit.demo.parts import build_demo_parts
 from llavakit.errors import ConfigError
-from llavakit.evaluation.base import BenchmarkReport, run_benchmark
-from llavakit.evaluation.heldout import HeldoutQA
+from llavakit.evaluation.benchmark import Benchmark
+from llavakit.evaluation.heldout import HELDOUT, HELDOUT_TEXT_ONLY, majority_by_type
+from llavakit.evaluation.predictions import read_predictions
+from llavakit.evaluation.registry import score
+from llavakit.evaluation.runner import PREDICTIONS, EvalOptions, evaluate
+from llavakit.evaluation.sources import load_benchmark_data
 from llavakit.inference.api import Assistant, load
 from llavakit.model.presets import PresetParts
-from llavakit.training.config import TrainConfig
+from llavakit.training.config import EvalSection, TrainConfig
+from llavakit.training.evaluation import Evaluation
 from llavakit.training.recipes import load_recipe
-from llavakit.training.trainer import StepEvent, TrainResult, train
+from llavakit.training.trainer import TrainResult, train
 
 RECIPE = "demo-tiny"
 FULL_DATA = SynthConfig(n_train=3000, n_heldout=300)
@@ -44,6 +52,8 @@ EVAL_EVERY, QUICK_EVAL_EVERY = 400, 100
 # type): each point then costs ~2.1 s instead of ~6.6 s (4 points: 8.1-8.5 s against 25.5-28 s measured in demo
 # runs), and the final evaluation still asks them all.
 CURVE_QUESTIONS = 320
+# Questions per generation batch, for the curve and the final evaluation.
+EVAL_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -51,7 +61,8 @@ class DemoOptions:
     """What `run_demo` does.
 
     Attributes:
-        out_dir: the run folder (``data/``, ``parts/``, ``train/``, ``metrics.json``, ``loss.png``, ``final``).
+        out_dir: the run folder (``data/``, ``parts/``, ``train/``, ``eval/``, ``metrics.json``, ``loss.png``,
+            ``final``).
         seed: seed of the data, the weights and the training order.
         quick: the shortened CI version (small data, few steps).
         overrides: extra ``key.sub=value`` recipe overrides (as for ``llavakit train``).
@@ -69,7 +80,9 @@ class DemoOptions:
 
     def __post_init__(self) -> None:
         if self.eval_every is not None and self.eval_every < 0:
-            raise ConfigError(f"demo: eval_every must be >= 0 (0 turns the learning curve off), got {self.eval_every}")
+            raise ConfigError(
+                f"demo: eval_every must be >= 0 (0 turns the learning curve off), got {self.eval_every}"
+            )
 
     @property
     def curve_interval(self) -> int:
@@ -87,32 +100,86 @@ class CurvePoint:
     accuracy: dict[str, float]
 
 
-class LearningCurve:
-    """A `StepHook` asking the held-out questions every ``every`` steps of the stage named ``stage``.
+@dataclass(frozen=True)
+class HeldoutRun:
+    """One run of the held-out questions through ``llavakit eval``'s runner.
 
-    The model is evaluated as it trains (greedy answers through the same `Assistant` as the final evaluation);
-    the trainer puts it back in train mode afterwards.
+    Attributes:
+        metrics: ``accuracy`` and ``accuracy/<type>`` (0-1).
+        rows: the records (``question``, ``answer``, ``type``, resolved ``image`` paths) with ``prediction``, in
+            file order.
+        out_dir: the runner's folder (``predictions.jsonl``, ``metrics.json``).
     """
 
-    def __init__(self, benchmark: HeldoutQA, stage: str, every: int) -> None:
-        self.benchmark, self.stage, self.every = benchmark, stage, every
-        self.questions = len(benchmark.examples())
-        self.points: list[CurvePoint] = []
-        self.seconds = 0.0
+    metrics: dict[str, float]
+    rows: list[dict[str, Any]]
+    out_dir: Path
 
-    def __call__(self, event: StepEvent) -> None:
-        if event.stage != self.stage or event.step % self.every or event.step == event.total_steps:
-            return
-        started = time.perf_counter()
-        report = run_benchmark(Assistant(event.model), self.benchmark, with_images=True, progress=False)
-        self.points.append(CurvePoint(event.step, report.accuracy_by_type()))
-        self.seconds += time.perf_counter() - started
+    @property
+    def accuracy(self) -> float:
+        """Exact-match accuracy over every question."""
+        return self.metrics["accuracy"]
+
+    def accuracy_by_type(self) -> dict[str, float]:
+        """Accuracy per question type, types sorted by name."""
+        return by_type(self.metrics)
+
+    def count_by_type(self) -> dict[str, int]:
+        """Questions per type, types sorted by name."""
+        return dict(sorted(Counter(row["type"] for row in self.rows).items()))
+
+    def majority_by_type(self) -> dict[str, float]:
+        """The majority-answer baseline per type (`llavakit.evaluation.heldout.majority_by_type`)."""
+        return majority_by_type(self.rows)
 
 
-def final_curve_point(report: BenchmarkReport, questions: int, step: int) -> CurvePoint:
-    """The curve's last point: ``report``'s accuracy on its first ``questions`` examples (the curve's questions)."""
-    asked = BenchmarkReport(report.name, report.with_images, report.predictions[:questions])
-    return CurvePoint(step, asked.accuracy_by_type())
+def by_type(metrics: dict[str, float]) -> dict[str, float]:
+    """The ``accuracy/<type>`` metrics keyed by type."""
+    prefix = "accuracy/"
+    return {key[len(prefix) :]: value for key, value in metrics.items() if key.startswith(prefix)}
+
+
+def run_heldout(
+    assistant: Assistant, benchmark: Benchmark, path: Path, out_dir: Path, progress: bool
+) -> HeldoutRun:
+    """Ask every held-out question of ``path`` through the runner into ``out_dir/<benchmark id>`` (replaced)."""
+    data = load_benchmark_data(benchmark, path)
+    target = out_dir / benchmark.id
+    # Note: the runner resumes from existing predictions; a previous run's would pass for this model's.
+    shutil.rmtree(target, ignore_errors=True)
+    result = evaluate(assistant, data, target, EvalOptions(batch_size=EVAL_BATCH, progress=progress))
+    records = read_predictions(target / PREDICTIONS)
+    rows = [
+        {**data.row(index), "prediction": records[benchmark.row_id(data.row(index), index)]["prediction"]}
+        for index in range(len(data))
+    ]
+    return HeldoutRun(result.metrics, rows, target)
+
+
+def curve_section(path: Path, every: int) -> EvalSection:
+    """The finetune stage's ``eval:`` section that measures the learning curve on the first `CURVE_QUESTIONS`.
+
+    Its last step is left out (``final=False``): the final evaluation asks the exported model all questions, and
+    its answers to the curve's give the last point (`final_curve_point`).
+    """
+    return EvalSection(
+        benchmarks=(HELDOUT.id,),
+        data={HELDOUT.id: str(path)},
+        limit=CURVE_QUESTIONS,
+        every=every,
+        final=False,
+        batch_size=EVAL_BATCH,
+    )
+
+
+def curve_points(evaluations: list[Evaluation]) -> list[CurvePoint]:
+    """The learning curve's points measured during finetuning."""
+    return [CurvePoint(item.step, by_type(item.metrics[HELDOUT.id])) for item in evaluations]
+
+
+def final_curve_point(run: HeldoutRun, questions: int, step: int) -> CurvePoint:
+    """The curve's last point: ``run``'s accuracy on its first ``questions`` rows (the curve's questions)."""
+    return CurvePoint(step, by_type(score(HELDOUT, run.rows[:questions])))
 
 
 @dataclass
@@ -122,7 +189,7 @@ class DemoResult:
     Attributes:
         dataset: the synthetic dataset used.
         train_result: per-stage losses, tokens/s and the final checkpoint.
-        with_images, text_only: held-out reports (the second is the text-only baseline).
+        with_images, text_only: held-out runs (the second is the text-only baseline).
         seconds: wall-clock seconds per phase (``data``, ``parts``, ``train``, ``curve``, ``eval``, ``total``).
         config: the resolved training config.
         curve: held-out accuracy during finetuning on the first ``curve_questions`` questions, ending with the final
@@ -133,8 +200,8 @@ class DemoResult:
 
     dataset: SynthDataset
     train_result: TrainResult
-    with_images: BenchmarkReport
-    text_only: BenchmarkReport
+    with_images: HeldoutRun
+    text_only: HeldoutRun
     config: TrainConfig
     seconds: dict[str, float] = field(default_factory=dict)
     curve: list[CurvePoint] = field(default_factory=list)
@@ -177,31 +244,35 @@ def run_demo(options: DemoOptions) -> DemoResult:
     seconds["data"] = time.perf_counter() - started
 
     # Note: only the data is cached; a previous run's parts and training folder would make `train` skip stages.
-    for stale in (out_dir / "parts", out_dir / "train"):
+    for stale in (out_dir / "parts", out_dir / "train", out_dir / "eval"):
         shutil.rmtree(stale, ignore_errors=True)
     mark = time.perf_counter()
     parts = build_demo_parts(out_dir / "parts", training_corpus(dataset), seed=options.seed)
     seconds["parts"] = time.perf_counter() - mark
 
     config = demo_config(options, dataset, parts)
-    benchmark = HeldoutQA(dataset.heldout_path, image_root=dataset.root)
-    curve_benchmark = HeldoutQA(dataset.heldout_path, image_root=dataset.root, limit=CURVE_QUESTIONS)
     interval = options.curve_interval
-    curve = LearningCurve(curve_benchmark, config.stages[-1].name, interval) if interval else None
+    if interval:
+        config.stages[-1].eval = curve_section(dataset.heldout_path, interval)
     mark = time.perf_counter()
-    train_result = train(config, hooks=[curve] if curve else [])
+    train_result = train(config)
     # The curve's evaluations run inside the training loop; their time is reported apart from training's.
-    seconds["curve"] = curve.seconds if curve else 0.0
+    evaluations = train_result.stages[-1].evaluations
+    seconds["curve"] = sum(item.seconds for item in evaluations)
     seconds["train"] = time.perf_counter() - mark - seconds["curve"]
 
     mark = time.perf_counter()
     assistant = load(train_result.final_checkpoint, device="cpu")
-    with_images = run_benchmark(assistant, benchmark, with_images=True, progress=options.progress)
-    text_only = run_benchmark(assistant, benchmark, with_images=False, progress=options.progress)
+    eval_dir = out_dir / "eval"
+    with_images = run_heldout(assistant, HELDOUT, dataset.heldout_path, eval_dir, options.progress)
+    text_only = run_heldout(assistant, HELDOUT_TEXT_ONLY, dataset.heldout_path, eval_dir, options.progress)
     seconds["eval"] = time.perf_counter() - mark
     seconds["total"] = time.perf_counter() - started
     points, asked = [], 0
-    if curve:
-        asked = curve.questions
-        points = [*curve.points, final_curve_point(with_images, asked, train_result.stages[-1].steps)]
-    return DemoResult(dataset, train_result, with_images, text_only, config, seconds, points, asked, assistant)
+    if interval:
+        asked = min(CURVE_QUESTIONS, len(with_images.rows))
+        last = final_curve_point(with_images, asked, train_result.stages[-1].steps)
+        points = [*curve_points(evaluations), last]
+    return DemoResult(
+        dataset, train_result, with_images, text_only, config, seconds, points, asked, assistant
+    )

@@ -16,7 +16,18 @@ from llavakit.evaluation.benchmark import Benchmark
 from llavakit.registry import Registry
 
 # One module per benchmark family, under llavakit.evaluation.
-BENCHMARK_MODULES = ("mme", "mmbench", "pope", "scienceqa", "seedbench", "ai2d", "mmmu", "textvqa", "gqa")
+BENCHMARK_MODULES = (
+    "mme",
+    "mmbench",
+    "pope",
+    "scienceqa",
+    "seedbench",
+    "ai2d",
+    "mmmu",
+    "textvqa",
+    "gqa",
+    "heldout",
+)
 
 _REGISTRY: Registry[Benchmark] | None = None
 

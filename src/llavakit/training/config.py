@@ -122,14 +122,18 @@ class DataSection:
                 "no padding already, and they mix modalities"
             )
         if self.packing and self.padding_free:
-            raise ConfigError("choose one of data.packing and data.padding_free: packed rows hold no padding already")
+            raise ConfigError(
+                "choose one of data.packing and data.padding_free: packed rows hold no padding already"
+            )
         if self.cache_samples and self.num_workers:
             raise ConfigError(
                 "data.cache_samples needs data.num_workers 0: DataLoader workers restart every epoch and would "
                 "rebuild their caches each time"
             )
 
-    def chat_template(self, model_template: str | None, model_system: str | None) -> tuple[str | None, str | None]:
+    def chat_template(
+        self, model_template: str | None, model_system: str | None
+    ) -> tuple[str | None, str | None]:
         """The (template id, system prompt) this stage trains with, given the model's: its own template with its own
         system prompt (None: that template's default), or else the model's template with the model's system prompt
         unless the stage sets one. A conversation template other than ``plain`` is what the model then records."""
@@ -178,6 +182,64 @@ class OptimConfig:
 
 
 @dataclass
+class EvalSection:
+    """Benchmarks evaluated while a stage trains (`llavakit.training.evaluation`); off while ``benchmarks`` is empty.
+
+    Each evaluation answers the benchmarks greedily with the model as trained so far, through the runner of
+    ``llavakit eval`` (same prompts, batching and scores), writes ``<stage>/eval/step-NNNNNN/<benchmark>/`` and logs
+    the metrics with the training metrics (``eval/<benchmark>/<metric>``; one row per evaluation in ``eval.jsonl``).
+
+    Attributes:
+        benchmarks: benchmark ids (``llavakit eval --list``), e.g. ``[mme, heldout]``.
+        data: benchmark id → data source (as ``llavakit eval --data``); absent: the benchmark's Hub dataset.
+        limit: evaluate the first N questions of each benchmark (None: all).
+        every: optimizer steps between evaluations (0: none during the stage).
+        final: also evaluate after the stage's last step; False never evaluates the last step (for callers that
+            evaluate the exported model afterwards).
+        batch_size: questions per generation batch.
+        max_new_tokens: answer length cap (None: each benchmark's own).
+    """
+
+    benchmarks: tuple[str, ...] = ()
+    data: dict[str, str] = field(default_factory=dict)
+    limit: int | None = None
+    every: int = 0
+    final: bool = True
+    batch_size: int = 16
+    max_new_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.data) - set(self.benchmarks))
+        if unknown:
+            raise ConfigError(f"eval.data names benchmark(s) {unknown} that are not in eval.benchmarks")
+        if not all(isinstance(source, str) for source in self.data.values()):
+            raise ConfigError(f"eval.data maps benchmark ids to data sources (strings), got {self.data!r}")
+        if self.every < 0 or (self.limit is not None and self.limit <= 0):
+            raise ConfigError(
+                f"eval: every must be >= 0 and limit positive, got every={self.every} limit={self.limit}"
+            )
+        if self.batch_size <= 0 or (self.max_new_tokens is not None and self.max_new_tokens <= 0):
+            raise ConfigError("eval: batch_size and max_new_tokens must be positive")
+        if self.benchmarks and not (self.every or self.final):
+            raise ConfigError(
+                "eval lists benchmarks but never runs them: set eval.every > 0 or eval.final=true"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        """True when the stage evaluates anything."""
+        return bool(self.benchmarks)
+
+    def due(self, step: int, total_steps: int) -> bool:
+        """Whether to evaluate after optimizer step ``step`` of ``total_steps``."""
+        if not self.enabled:
+            return False
+        if step == total_steps:
+            return self.final
+        return bool(self.every) and step % self.every == 0
+
+
+@dataclass
 class StageConfig:
     """One training stage: what it trains, on which data, with which batch and optimizer.
 
@@ -190,6 +252,7 @@ class StageConfig:
         image_spec: `ImageSpec` fields changed from this stage on (e.g. ``aspect_ratio: anyres_max_9`` in the last
             stage of a scaled recipe); ``pinpoints`` may use upstream's ``"(1x1),...,(6x6)"`` notation.
         save_projector_only: also write upstream's ``mm_projector.bin`` at export (default for ``align``).
+        eval: benchmarks evaluated during the stage (see `EvalSection`).
     """
 
     name: str = "finetune"
@@ -203,6 +266,7 @@ class StageConfig:
     gradient_checkpointing: bool = False
     image_spec: dict[str, Any] = field(default_factory=dict)
     save_projector_only: bool | None = None
+    eval: EvalSection = field(default_factory=EvalSection)
 
     def __post_init__(self) -> None:
         if self.name not in STAGE_KINDS:

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from llavakit.distributed import DistContext
 from llavakit.errors import ConfigError
 from llavakit.training.config import LoggingConfig
-from llavakit.distributed import DistContext
 
 # Dense bf16 peak TFLOP/s per GPU (vendor datasheets), matched by substring of the CUDA device name.
 _PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "RTX 4090": 165.0}
@@ -144,6 +144,22 @@ class MetricsLogger:
             self._writer.log(scalars, step=int(row["step"]))
         lr = next((value for key, value in row.items() if key.startswith("lr/")), 0.0)
         self._bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+
+    def log_evaluation(self, step: int, metrics: dict[str, dict[str, float]], seconds: float) -> None:
+        """Record a training-time evaluation (rank 0): a row of ``eval.jsonl`` and ``eval/<benchmark>/<metric>``
+        scalars next to the training ones (its own file: every ``metrics.jsonl`` row stays a training interval)."""
+        if not self.context.is_main:
+            return
+        with (self.stage_dir / "eval.jsonl").open("a") as handle:
+            handle.write(json.dumps({"step": step, "seconds": seconds, "metrics": metrics}) + "\n")
+        scalars = {
+            f"eval/{name}/{key}": value for name, values in metrics.items() for key, value in values.items()
+        }
+        if self.config.report_to == "tensorboard":
+            for key, value in scalars.items():
+                self._writer.add_scalar(key, value, step)
+        elif self.config.report_to == "wandb":
+            self._writer.log(scalars, step=step)
 
     def close(self) -> None:
         """Write the last partial interval's row, flush files and write ``loss.png`` (rank 0)."""

@@ -3,10 +3,10 @@
 Why our own loop and not HF Trainer: upstream LLaVA-NeXT copies and overrides HF Trainer's private methods (a
 552-line ``_inner_training_loop``), which breaks on every transformers release. Here the loop is explicit:
 
-    train()  preflight (paths, batch sizes, projector shapes: no weights loaded yet) → one Trainer per stage
+    train()  preflight (paths, batch sizes, projector shapes, eval benchmarks: no weights loaded) → a Trainer per stage
     build()  model → trainable parts (→ LoRA) → strategy.wrap → AdamW groups → data plan → schedule
     resume() newest complete checkpoint, if any (model, optimizer, scheduler, sampler position, RNG)
-    fit()    for each global step: train_step(micro-batches) → metrics → hooks → save() every save_every → export()
+    fit()    each global step: train_step(micro-batches) → metrics → hooks → eval when due → save() → export()
 
 Loss normalisation (why 1 and W processes give the same step): each micro-batch's summed token loss is divided by
 the number of supervised tokens in the *whole global batch* (all micro-batches, all ranks), counted before the first
@@ -32,13 +32,14 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from llavakit.distributed import DistContext, all_reduce_sum, all_reduce_sums, init_distributed
 from llavakit.errors import ConfigError
 from llavakit.model.llava_next import LlavaNextModel
 from llavakit.model.loss import supervised_mask
 from llavakit.training.batches import BatchPlan, length_grouped_order, modality_grouped_order, random_order
 from llavakit.training.checkpoint import CheckpointManager, TrainerState
 from llavakit.training.config import StageConfig, TrainConfig
-from llavakit.distributed import DistContext, all_reduce_sum, all_reduce_sums, init_distributed
+from llavakit.training.evaluation import Evaluation, StageEvaluator, check_evaluations
 from llavakit.training.export import export_model
 from llavakit.training.lora import apply_lora, restrict_llm_to_lora
 from llavakit.training.metrics import MetricsLogger, StepMetrics
@@ -100,6 +101,7 @@ class StageResult:
     losses: list[float] = field(default_factory=list)
     tokens_per_s: float = 0.0
     steps: int = 0
+    evaluations: list[Evaluation] = field(default_factory=list)
 
     @property
     def projector_file(self) -> Path | None:
@@ -136,6 +138,7 @@ class Trainer:
         data_factory: builds the stage's `TrainData` from the stage config and the model (tokenizer, spec).
         previous: the previous stage's export folder (None: the model comes from ``config.model``).
         hooks: called after every optimizer step (see `StepHook`).
+        evaluator: the stage's ``eval:`` benchmarks (`check_evaluations`), run when due and logged; None: none.
     """
 
     def __init__(
@@ -146,6 +149,7 @@ class Trainer:
         data_factory: DataFactory,
         previous: Path | None = None,
         hooks: Sequence[StepHook] = (),
+        evaluator: StageEvaluator | None = None,
     ) -> None:
         self.config = config
         self.stage = config.stages[stage_index]
@@ -153,6 +157,8 @@ class Trainer:
         self.data_factory = data_factory
         self.previous = previous
         self.hooks = tuple(hooks)
+        self.evaluator = evaluator
+        self.evaluations: list[Evaluation] = []
         self.stage_dir = Path(config.run_dir) / self.stage.name
         self.strategy = build_strategy(config.strategy, context)
         self.state = TrainerState()
@@ -244,7 +250,9 @@ class Trainer:
         if not (section.group_by_modality_length or section.group_by_length):
             return random_order
         if self.data.modality_lengths is None:
-            raise ConfigError("data.group_by_(modality_)length needs sample lengths from the dataset; none given")
+            raise ConfigError(
+                "data.group_by_(modality_)length needs sample lengths from the dataset; none given"
+            )
         if section.group_by_length:
             return length_grouped_order(self.data.modality_lengths, self.stage.global_batch_size)
         return modality_grouped_order(self.data.modality_lengths, self.stage.global_batch_size)
@@ -326,6 +334,8 @@ class Trainer:
             if row:
                 tokens_per_s.append(row["tokens_per_s"])
             self._run_hooks()
+            if self.evaluator is not None and self.evaluator.due(self.state.step, self.total_steps):
+                self._evaluate(logger)
             save_every = self.config.logging.save_every
             if save_every and self.state.step % save_every == 0 and self.state.step < self.total_steps:
                 self.save()
@@ -337,7 +347,17 @@ class Trainer:
             losses=list(self.state.losses),
             tokens_per_s=sum(tokens_per_s) / len(tokens_per_s) if tokens_per_s else 0.0,
             steps=self.state.step,
+            evaluations=list(self.evaluations),
         )
+
+    def _evaluate(self, logger: MetricsLogger) -> None:
+        """Run the stage's benchmarks on the model as trained so far (every rank) and log their metrics."""
+        evaluation = self.evaluator.run(
+            self.unwrapped, self.strategy, self.context, self.stage_dir / "eval", self.state.step
+        )
+        logger.log_evaluation(evaluation.step, evaluation.metrics, evaluation.seconds)
+        self.evaluations.append(evaluation)
+        self.model.train()
 
     def _run_hooks(self) -> None:
         if not self.hooks:
@@ -390,6 +410,7 @@ def train(
         A `TrainResult` with the final checkpoint path, per-stage losses and tokens/s.
     """
     preflight(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    evaluators = check_evaluations(config)
     context = init_distributed(STRATEGIES.get(config.strategy.name).needs_process_group)
     if data_factory is None:
         from llavakit.training.data import build_train_data
@@ -406,6 +427,7 @@ def train(
         if (export_dir / "config.json").is_file():
             results.append(StageResult(name=stage.name, export_dir=export_dir))
         else:
-            results.append(Trainer(config, index, context, data_factory, previous, hooks).fit())
+            trainer = Trainer(config, index, context, data_factory, previous, hooks, evaluators[index])
+            results.append(trainer.fit())
         previous = results[-1].export_dir
     return TrainResult(run_dir=Path(config.run_dir), stages=results)
