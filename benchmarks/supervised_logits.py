@@ -25,8 +25,8 @@ def demo_trainer(root: Path, batch: int):
     from llavakit.data.synth import SynthConfig, generate_synth, training_corpus
     from llavakit.demo.parts import build_demo_parts
     from llavakit.demo.run import DemoOptions, demo_config
-    from llavakit.training.data import build_train_data
     from llavakit.distributed import init_distributed
+    from llavakit.training.data import build_train_data
     from llavakit.training.trainer import Trainer
 
     dataset = generate_synth(root / "data", SynthConfig(n_train=256, n_heldout=1))

@@ -113,9 +113,9 @@ def run_llavakit(
     model_dir: Path, data: Path, root: Path, layout: str, attention: str, batch: int, budget: int
 ) -> RunResult:
     """Train one epoch with our Trainer (``layout``: padded | padding-free | packing); throughput from its metrics."""
+    from llavakit.distributed import init_distributed
     from llavakit.training.config_loading import config_from_dict
     from llavakit.training.data import build_train_data
-    from llavakit.distributed import init_distributed
     from llavakit.training.trainer import Trainer
 
     # Packed rows hold ~budget tokens; size the row batch so a step covers about as many samples as padded runs.

@@ -7,12 +7,12 @@ import torch
 
 from conftest import debug_config, debug_stage
 from llavakit.data import packing
+from llavakit.distributed import init_distributed
 from llavakit.errors import ConfigError
 from llavakit.training import config as training_config
 from llavakit.training.batches import length_grouped_order, modality_grouped_order, random_order
 from llavakit.training.config_loading import config_from_dict
 from llavakit.training.data import build_train_data
-from llavakit.distributed import init_distributed
 from llavakit.training.trainer import Trainer
 
 

@@ -9,12 +9,12 @@ import torch
 
 from conftest import debug_config, debug_stage
 from llavakit.data.schema import USER, Conversation, Turn
+from llavakit.distributed import init_distributed
 from llavakit.inference.prompts import Request
 from llavakit.model.llava_next import LlavaNextModel
 from llavakit.model.projector import read_upstream_projector_file
 from llavakit.training.config_loading import config_from_dict
 from llavakit.training.data import build_train_data
-from llavakit.distributed import init_distributed
 from llavakit.training.trainer import Trainer, train
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from conftest import debug_config, debug_stage
+from llavakit.distributed import init_distributed
 from llavakit.model.llava_next import LlavaNextModel
 from llavakit.training.config_loading import config_from_dict
 from llavakit.training.data import build_train_data
-from llavakit.distributed import init_distributed
 from llavakit.training.trainer import Trainer
 
 

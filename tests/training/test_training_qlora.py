@@ -12,12 +12,12 @@ from PIL import Image
 from conftest import debug_config, debug_stage
 from llavakit.anyres.geometry import count_visual_tokens
 from llavakit.anyres.pixels import process_image
+from llavakit.distributed import init_distributed
 from llavakit.errors import ConfigError
 from llavakit.model.llava_next import LlavaNextModel
 from llavakit.training import lora
 from llavakit.training.config_loading import config_from_dict
 from llavakit.training.data import build_train_data
-from llavakit.distributed import init_distributed
 from llavakit.training.trainer import Trainer, train
 
 bnb = pytest.importorskip("bitsandbytes", reason='QLoRA needs bitsandbytes: pip install -e ".[quant]"')

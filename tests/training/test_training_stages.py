@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import debug_config, debug_stage
+from llavakit.distributed import init_distributed
 from llavakit.training.config import OptimConfig
 from llavakit.training.config_loading import config_from_dict
 from llavakit.training.data import build_train_data
-from llavakit.distributed import init_distributed
 from llavakit.training.optim import build_optimizer
 from llavakit.training.stages import part_of
 from llavakit.training.trainer import Trainer

@@ -133,10 +133,10 @@ def parse_data(values: list[str], benchmarks: list[str]) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate the model on the benchmarks and print a table per benchmark."""
+    from llavakit.distributed import init_distributed
     from llavakit.evaluation.report import print_metrics
     from llavakit.evaluation.runner import EvalOptions
     from llavakit.evaluation.suite import SuiteConfig, run_suite
-    from llavakit.distributed import init_distributed
 
     if not args.model or not args.benchmark:
         args.parser.error("--model and --benchmark are required (or use an action: score, list)")

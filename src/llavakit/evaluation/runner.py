@@ -31,6 +31,7 @@ from llavakit.anyres.geometry import count_visual_tokens
 from llavakit.anyres.pixels import image_size
 from llavakit.data.prepare import default_tiling
 from llavakit.data.schema import USER, Conversation, Turn
+from llavakit.distributed import DistContext, barrier
 from llavakit.errors import DataError, ImageError
 from llavakit.evaluation.benchmark import Benchmark
 from llavakit.evaluation.predictions import (
@@ -44,7 +45,6 @@ from llavakit.evaluation.registry import score
 from llavakit.evaluation.sources import BenchmarkData
 from llavakit.inference.api import Assistant
 from llavakit.inference.prompts import Request, user_text
-from llavakit.distributed import DistContext, barrier
 
 logger = logging.getLogger(__name__)
 PREDICTIONS = "predictions.jsonl"

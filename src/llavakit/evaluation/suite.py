@@ -18,13 +18,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llavakit.distributed import init_distributed
 from llavakit.errors import ConfigError
 from llavakit.evaluation.predictions import match_predictions, read_predictions
 from llavakit.evaluation.registry import get_benchmark, score
 from llavakit.evaluation.runner import EvalOptions, EvalResult, evaluate
 from llavakit.evaluation.sources import load_benchmark_data
 from llavakit.inference.api import Assistant, load
-from llavakit.distributed import init_distributed
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from llavakit.errors import CheckpointError
 from llavakit.distributed import DistContext, barrier
+from llavakit.errors import CheckpointError
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 _QUANT_STATE = re.compile(r"\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\..*|SCB|weight_format)$")

@@ -17,9 +17,9 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
+from llavakit.distributed import DistContext, barrier
 from llavakit.model.llava_next import LlavaNextModel
 from llavakit.model.projector import upstream_projector_state
-from llavakit.distributed import DistContext, barrier
 from llavakit.training.lora import merge_lora
 
 UPSTREAM_PROJECTOR_FILE = "mm_projector.bin"

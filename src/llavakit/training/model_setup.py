@@ -38,12 +38,12 @@ from transformers.utils import is_flash_attn_2_available
 from llavakit.anyres.geometry import parse_pinpoints
 from llavakit.anyres.spec import ImageSpec
 from llavakit.data.templates import check_system_prompt, get_template
+from llavakit.distributed import DistContext, barrier
 from llavakit.errors import CheckpointError, ConfigError
 from llavakit.model.llava_next import LlavaNextModel, default_image_spec
 from llavakit.model.projector import load_upstream_projector_state, read_upstream_projector_file
 from llavakit.model.vision import backbone_for_model_type
 from llavakit.training.config import StageConfig, TrainConfig
-from llavakit.distributed import DistContext, barrier
 from llavakit.training.lora import is_quantised, quantization_config, require_bitsandbytes
 
 

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from llavakit.distributed import DistContext
 from llavakit.registry import Registry
 from llavakit.training.config import StrategyConfig
-from llavakit.distributed import DistContext
 
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
 
