@@ -94,6 +94,11 @@ class Benchmark(ABC):
             "of parquet files or a .parquet file) with --data"
         )
 
+    def attach_images(self, table: Any, source: str | Path | None) -> Any:
+        """The rows with their images, for datasets that keep images apart from the questions (GQA); ``table`` as
+        read from ``source`` (None: the benchmark's Hub dataset). Unchanged by default."""
+        return table
+
     def complete_rows(self, rows: Sequence[Row]) -> list[dict[str, Any]]:
         """Rows a VLMEvalKit TSV lacks and the Hub dataset has (MMBench's circular copies); none by default."""
         return list(rows)

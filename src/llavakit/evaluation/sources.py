@@ -92,6 +92,7 @@ def load_benchmark_data(benchmark: Benchmark, source: str | Path | None = None) 
         data = _from_hub(benchmark, benchmark.dataset)
     else:
         data = _from_path_or_id(benchmark, source)
+    data = BenchmarkData(benchmark, data.source, benchmark.attach_images(data.table, source))
     _check_columns(data)
     return data
 
