@@ -196,10 +196,10 @@ def run_list(args: argparse.Namespace) -> int:
     registry = benchmarks()
     for name in registry:
         bench = registry.get(name)
-        dataset = (
-            f"{bench.dataset}" + (f" ({bench.subset})" if bench.subset else "") + f" split {bench.split}"
-        )
-        print(
-            f"{name:24s} {dataset:48s} id: {bench.id_column or 'row number'}  max_new_tokens {bench.max_new_tokens}"
-        )
+        if bench.dataset is None:
+            dataset = "--data FILE.jsonl"
+        else:
+            dataset = bench.dataset + (f" ({bench.subset})" if bench.subset else "") + f", split {bench.split}"
+        ids = bench.id_column or "row number"
+        print(f"{name:18s} {dataset:60s} id: {ids:12s} max_new_tokens {bench.max_new_tokens}")
     return 0
