@@ -39,7 +39,8 @@ class Benchmark(ABC):
         image_columns: columns holding images (possibly empty per row).
         id_column: the column that identifies a row in predictions files when it is unique; None: the row number.
         max_new_tokens: lmms-eval's generation length for the task.
-        until: extra stop strings from the task's ``generation_kwargs.until``.
+        until: the task's ``generation_kwargs.until``, for the lmms-eval plug-in (lmms-eval's own LLaVA models, and so
+            `llavakit.evaluation.runner`, do not cut answers at them).
         pre_prompt / post_prompt: lmms-eval's default ``lmms_eval_specific_kwargs`` wording, shown in reports.
         headline: the metric keys printed first (lmms-eval's ``metric_list``).
     """

@@ -11,6 +11,9 @@ image spec (the same code as training), and three properties a long evaluation n
 - **Resumable.** Answers are appended to ``predictions.jsonl`` (flushed, fsynced) as each batch finishes; a rerun
   reads what is there and generates only the rest, then re-scores everything.
 
+Answers end at the template's stop strings and EOS, not at a task's ``until`` strings: lmms-eval's ``llava`` and
+``llava_hf`` models (what the LLaVA-NeXT authors report with) read ``until`` but never cut at it.
+
 A question whose image cannot be used is recorded with ``"prediction": null`` and its ``"error"``, counted, listed
 in the report and scored as no output; the run goes on.
 """
@@ -222,14 +225,12 @@ def _generate(
         total=total, desc=f"eval {benchmark.id}", unit="q", disable=not show, dynamic_ncols=True
     ) as bar:
         for batch in batches:
-            records = _answer(assistant, benchmark, batch, max_new_tokens)
+            records = _answer(assistant, batch, max_new_tokens)
             append_records(target, records)
             bar.update(len(batch))
 
 
-def _answer(
-    assistant: Assistant, benchmark: Benchmark, batch: Sequence[_Pending], max_new_tokens: int
-) -> list[dict[str, Any]]:
+def _answer(assistant: Assistant, batch: Sequence[_Pending], max_new_tokens: int) -> list[dict[str, Any]]:
     """Records for one batch; if an image fails to decode, each question is retried alone to isolate it."""
     try:
         answers = assistant.generate_requests(
@@ -241,11 +242,11 @@ def _answer(
         records = []
         for item in batch:
             try:
-                records.extend(_answer(assistant, benchmark, [item], max_new_tokens))
+                records.extend(_answer(assistant, [item], max_new_tokens))
             except ImageError as err:
                 records.append(_failure(item.question_id, item.index, item.text, err))
         return records
-    return [_record(benchmark, item, _cut(answer, benchmark.until)) for item, answer in zip(batch, answers)]
+    return [_record(item, answer) for item, answer in zip(batch, answers)]
 
 
 def _request(item: _Pending) -> Request:
@@ -253,12 +254,7 @@ def _request(item: _Pending) -> Request:
     return Request(Conversation((turn,)), item.images)
 
 
-def _cut(text: str, until: tuple[str, ...]) -> str:
-    positions = [text.find(stop) for stop in until if stop in text]
-    return text[: min(positions)] if positions else text
-
-
-def _record(benchmark: Benchmark, item: _Pending, answer: str) -> dict[str, Any]:
+def _record(item: _Pending, answer: str) -> dict[str, Any]:
     return {"question_id": item.question_id, "row": item.index, "prompt": item.text, "prediction": answer}
 
 
