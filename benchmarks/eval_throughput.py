@@ -29,9 +29,6 @@ llava_hf's default ``""`` is refused by transformers 5. lmms-eval itself must be
 evaluate() ends by deleting the model's modules (``lm.clean()``); the script puts the transformers model back
 before each round.
 
-Measured (2 shared CPU cores, 32 questions, 5 rounds, random weights): llavakit 84.9 q/s, llava_hf 13.6 q/s,
-median per-round ratio 6.1x, identical answers 32/32.
-
 Run: ``python benchmarks/eval_throughput.py [--questions 32] [--rounds 3] [--batch-size 16] [--model DIR]``.
 Not a test: it prints each round's questions/s, the medians and the median per-round ratio (target: llavakit ≥
 2× llava_hf).
