@@ -54,7 +54,7 @@ def test_prompt_and_images_equal_lmms_eval(lmms_eval_task):
     "answers",
     [
         ["B", "(A) same", "5", "2.5", "C"],
-        ["The answer is B.", "A.", "The answer is 5.", "x = 2.50", "heap"],
+        ["The answer is B.", "A.", "The answer is 5.", "x = 2.50", "the answer must be heap sort here"],
         [
             "I think the style is Cubism here",
             "they look very much different to me",
@@ -68,6 +68,8 @@ def test_prompt_and_images_equal_lmms_eval(lmms_eval_task):
 def test_scores_equal_lmms_eval_when_every_choice_parses(answers, lmms_eval_task):
     utils = lmms_eval_task("mmmu")
     rows = _rows()
+    choices = [(row, p) for row, p in zip(rows, answers) if row["question_type"] == "multiple-choice"]
+    assert all(get_benchmark("mmmu_val").parse(row, p) is not None for row, p in choices)  # no random draw
     ours = score("mmmu_val", [{**row, "prediction": p} for row, p in zip(rows, answers)])
     values = [utils.mmmu_process_results(row, [p])["mmmu_acc"] for row, p in zip(rows, answers)]
     assert ours["mmmu_acc"] == pytest.approx(utils.mmmu_aggregate_results(values))
