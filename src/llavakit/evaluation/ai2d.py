@@ -31,20 +31,14 @@ from typing import Any
 from llavakit.errors import DataError
 from llavakit.evaluation.benchmark import Benchmark, Row
 from llavakit.evaluation.choices import lettered_options, option_letters
+from llavakit.evaluation.exact_match import exact_match_text
 
 OPTION_LETTER = re.compile(r"^\s*([A-Z])\.")
-_NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
-
-
 def flexible_extract(prediction: str) -> str:
     """The answer after lmms-eval's ``flexible-extract`` filter and the metric's normalisation (see above)."""
     match = OPTION_LETTER.match(prediction)
     kept = match.group(1) if match else prediction
-    return _normalise(kept.strip())
-
-
-def _normalise(text: str) -> str:
-    return text.lower().translate(_NO_PUNCTUATION)
+    return exact_match_text(kept.strip())
 
 
 class AI2D(Benchmark):
@@ -66,7 +60,7 @@ class AI2D(Benchmark):
         return flexible_extract(prediction)
 
     def process_results(self, row: Row, prediction: str) -> dict[str, Any]:
-        right = _normalise(_right_letter(row))
+        right = exact_match_text(_right_letter(row))
         return {"exact_match": float(flexible_extract(prediction) == right)}
 
     def aggregate(self, results: Mapping[str, Sequence[Any]]) -> dict[str, float]:

@@ -23,7 +23,6 @@ cannot be used gets ``"text": ""`` and its error in ``metadata`` instead of stop
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,7 +34,7 @@ from llavakit.errors import DataError
 from llavakit.evaluation.benchmark import Benchmark, Row
 from llavakit.evaluation.predictions import read_predictions, write_records
 from llavakit.evaluation.runner import PREDICTIONS, EvalOptions, EvalResult, evaluate
-from llavakit.evaluation.sources import BenchmarkData
+from llavakit.evaluation.sources import BenchmarkData, json_object
 from llavakit.inference.api import Assistant, load
 
 REQUIRED_FIELDS = ("question_id", "text")
@@ -90,12 +89,7 @@ class CustomQuestions(Benchmark):
 
 
 def _question(line: str, location: str) -> dict[str, Any]:
-    try:
-        record: Any = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{location}: malformed JSON ({err.msg}, column {err.colno})") from None
-    if not isinstance(record, dict):
-        raise DataError(f"{location}: expected a JSON object, got {type(record).__name__}")
+    record = json_object(line, location)
     if not isinstance(record.get("text"), str) or not isinstance(record.get("question_id"), (str, int)):
         raise DataError(
             f'{location}: a question needs "question_id" (string or integer) and "text" (string), as in '

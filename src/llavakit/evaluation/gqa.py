@@ -27,7 +27,6 @@ the YAML's ``ignore_case: true`` and ``ignore_punctuation: true``, then ``mean``
 
 from __future__ import annotations
 
-import string
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,17 +34,9 @@ from typing import Any
 from llavakit.anyres.pixels import ImageSource
 from llavakit.errors import DataError
 from llavakit.evaluation.benchmark import Benchmark, Row
+from llavakit.evaluation.exact_match import exact_match_text
 
 IMAGES_SUBSET = "testdev_balanced_images"
-# Deletes every ASCII punctuation character (the exact_match metric's ignore_punctuation).
-_NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
-
-
-def normalize(text: str) -> str:
-    """``text`` as lmms-eval's ``exact_match`` compares it with ignore_case and ignore_punctuation."""
-    return text.lower().translate(_NO_PUNCTUATION)
-
-
 class GQA(Benchmark):
     """lmms-eval's ``gqa`` task (GQA testdev-balanced)."""
 
@@ -73,13 +64,13 @@ class GQA(Benchmark):
         return [row["image"]]
 
     def parse(self, row: Row, prediction: str) -> str:
-        return normalize(prediction.strip())
+        return exact_match_text(prediction.strip())
 
     def process_results(self, row: Row, prediction: str) -> dict[str, Any]:
         answer = row["answer"]
         if not isinstance(answer, str):
             raise DataError(f"GQA question {row['id']!r}: answer {answer!r} is not a string")
-        return {"exact_match": float(self.parse(row, prediction) == normalize(answer))}
+        return {"exact_match": float(self.parse(row, prediction) == exact_match_text(answer))}
 
     def aggregate(self, results: Mapping[str, Sequence[Any]]) -> dict[str, float]:
         scores = results["exact_match"]

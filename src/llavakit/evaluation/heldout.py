@@ -18,7 +18,6 @@ Run it with ``llavakit eval --benchmark heldout --data runs/demo/data/<size>-see
 
 from __future__ import annotations
 
-import json
 import re
 import string
 from collections import Counter, defaultdict
@@ -29,6 +28,7 @@ from typing import Any
 from llavakit.anyres.pixels import ImageSource
 from llavakit.errors import DataError
 from llavakit.evaluation.benchmark import Benchmark, Row
+from llavakit.evaluation.sources import json_object
 
 REQUIRED_FIELDS = ("question_id", "question", "answer", "type")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -106,12 +106,7 @@ class HeldoutQA(Benchmark):
 
 
 def _record(line: str, root: Path, location: str) -> dict[str, Any]:
-    try:
-        record: Any = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{location}: malformed JSON ({err.msg}, column {err.colno})") from None
-    if not isinstance(record, dict):
-        raise DataError(f"{location}: expected a JSON object, got {type(record).__name__}")
+    record = json_object(line, location)
     missing = [name for name in REQUIRED_FIELDS if not isinstance(record.get(name), str)]
     if missing:
         raise DataError(

@@ -18,8 +18,14 @@ Scoring (lmms-eval's ``sqa_process_results``, "how llava parses it"), on the str
 - the YAML's ``ignore_case``/``ignore_punctuation`` options are never applied: the task's own ``process_results``
   returns ``exact_match`` itself.
 
-``exact_match`` is the mean over questions, on lmms-eval's 0-1 scale. lmms-eval reports no breakdown; the
-``subject/<subject>`` and ``category/<category>`` keys are our own (the same mean over each group's questions).
+``exact_match`` is the mean over questions, on lmms-eval's 0-1 scale (lmms-eval prints it as
+``exact_match,none``). lmms-eval reports no breakdown; the ``subject/<subject>`` and ``category/<category>`` keys are
+our own (the same mean over each group's questions).
+
+Generation: 16 new tokens, greedy; the YAML names no stop string, so lmms-eval's default (``"\\n\\n"``) applies. Its
+``model_specific_generation_kwargs`` (``image_aspect_ratio: original`` for lmms-eval's ``llava`` model) only take
+effect for a checkpoint whose config lacks ``image_aspect_ratio`` (every LLaVA-NeXT config has one), so they are not
+reproduced.
 """
 
 from __future__ import annotations

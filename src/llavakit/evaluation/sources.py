@@ -20,14 +20,14 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import json
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llavakit.errors import DataError
-from llavakit.evaluation.benchmark import Benchmark, Row
+from llavakit.evaluation.benchmark import Benchmark
 
 
 @dataclass
@@ -224,8 +224,12 @@ def _tsv_image(value: str | None, by_index: dict[str | None, str | None], locati
         raise DataError(f"{location}: the 'image' field is not base64 (VLMEvalKit TSV layout)") from None
 
 
-def rows_with_predictions(
-    rows: Sequence[Row], predictions: dict[str, str | None], benchmark: Benchmark
-) -> list[dict]:
-    """``rows`` each with its ``prediction`` (looked up by `Benchmark.row_id`)."""
-    return [{**row, "prediction": predictions[benchmark.row_id(row, i)]} for i, row in enumerate(rows)]
+def json_object(line: str, location: str) -> dict[str, Any]:
+    """One JSONL line that must hold a JSON object; `DataError` names ``location`` (file:line) otherwise."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{location}: malformed JSON ({err.msg}, column {err.colno})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{location}: expected a JSON object, got {type(record).__name__}")
+    return record
