@@ -13,12 +13,17 @@ Scoring is lmms-eval's generic ``exact_match`` behind the YAML's ``flexible-extr
 - filter (``utils.MultiChoiceRegexFilter``, whose ``apply`` ignores the YAML's ``regex_pattern`` and every other
   option): an answer matching ``^\\s*([A-Z])\\.`` becomes that letter (``" B. cat"`` → ``B``); any other answer is
   kept whole (no option-text matching, no fallback value);
-- the kept text is stripped, lower-cased and cleared of ASCII punctuation (``string.punctuation``; the metric's
-  ``ignore_case``/``ignore_punctuation``), as is the right letter, and must then equal it exactly.
+- the kept text is stripped (lmms-eval strips every filtered answer), lower-cased and cleared of ASCII punctuation
+  (``string.punctuation``; the registered ``exact_match`` metric's ``ignore_case``/``ignore_punctuation`` YAML
+  options), as is the right letter, and must then equal it exactly, except that trailing NUL characters are
+  ignored (the metric compares numpy fixed-width strings, which drop them).
 
 So ``B``, ``b``, ``(B)``, ``B)``, ``**B**`` and ``"B. cat"`` are right for B; ``"(B) cat"`` (``"b cat"``), ``"b. cat"``
-(lower case escapes the filter), ``"B cat"`` and ``"The answer is B."`` are wrong. ``exact_match`` is the mean, 0-1.
-lmms-eval reports no breakdown and the data has no category column.
+(lower case escapes the filter), ``"B cat"``, ``"A B"``, ``"The answer is B."`` and an empty answer are wrong.
+``exact_match`` is the mean, 0-1 (lmms-eval prints it as ``exact_match,flexible-extract``). lmms-eval reports no
+breakdown and the data has no category column.
+
+Generation: 16 new tokens, greedy; the YAML names no stop string, so lmms-eval's default (``"\\n\\n"``) applies.
 """
 
 from __future__ import annotations
@@ -34,11 +39,14 @@ from llavakit.evaluation.choices import lettered_options, option_letters
 from llavakit.evaluation.exact_match import exact_match_text
 
 OPTION_LETTER = re.compile(r"^\s*([A-Z])\.")
+
+
 def flexible_extract(prediction: str) -> str:
     """The answer after lmms-eval's ``flexible-extract`` filter and the metric's normalisation (see above)."""
     match = OPTION_LETTER.match(prediction)
     kept = match.group(1) if match else prediction
-    return exact_match_text(kept.strip())
+    # numpy's fixed-width strings, which the metric compares, drop trailing NULs.
+    return exact_match_text(kept.strip()).rstrip("\0")
 
 
 class AI2D(Benchmark):

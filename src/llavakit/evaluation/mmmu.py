@@ -10,8 +10,12 @@ Prompt (lmms-eval's default kwargs, ``doc_to_text`` path of LLaVA-style models):
 - multiple-choice: ``"<question>\\n<A. ...\\nB. ...>\\n\\nAnswer with the option's letter from the given choices
   directly."``; open: ``"<question>\\n\\nAnswer the question using a single word or phrase."``;
 - the ``<image N>`` references in the text are kept verbatim (the task's ``interleaved_format`` is false; only its
-  chat-model ``doc_to_messages`` path turns them into ``<image>``). The runner places the images before the text, as
-  lmms-eval's LLaVA model does, so the model reads e.g. ``"... in <image 1>?"`` after the images.
+  chat-model ``doc_to_messages`` path turns them into ``<image>``, and, as it sets that module-wide flag, every
+  later ``doc_to_text`` of the same process too). The runner places the images before the text, as lmms-eval's
+  LLaVA model does, so the model reads e.g. ``"... in <image 1>?"`` after the images.
+
+Generation: 128 new tokens (the YAML), greedy; no stop string is named, so lmms-eval's default (``"\\n\\n"``)
+applies.
 
 Images (``mmmu_doc_to_visual``): only the images *referenced* by an ``<image N>`` token in the question or the
 options, each once, ordered by name (``image_1`` first), whatever the order in the text; an unreferenced image
@@ -38,12 +42,14 @@ shortest tail after one of "could be ", "so ", "is ", "thus ", "therefore ", "fi
 indicator's); no tail at all keeps the whole answer. Numbers found in the kept tails are added; every candidate is
 normalised (a number → a float rounded to 2 decimals, commas dropped; text → lower case, one character padded as
 ``" x"``/``"x "``). The answer, normalised the same way, is right when a text candidate contains a text answer or a
-number candidate equals a number answer.
+number candidate equals a number answer. The ``answer`` column is one text (an answer written as a list,
+``"['24/7', '3.429']"``, is not split into alternatives), and a multiple-choice answer must equal the letter exactly.
 
 Metric (``mmmu_aggregate_results``): accuracy per subject (from the id), then ``mmmu_acc`` = the instance-weighted
-mean over subjects, rounded to 5 decimals, on a 0-1 scale. Breakdowns, as lmms-eval prints them (rounded to 5):
-``subject/<Subject>`` and ``discipline/<discipline>`` (its six ``Overall-<discipline>`` groups; a discipline with
-no rows is left out rather than shown as 0).
+mean over subjects (summed in first-seen subject order), rounded to 5 decimals, on a 0-1 scale. The other values of
+lmms-eval's ``process_results`` (``mmmu_acc_pass_at_k``, ``submission``) feed no metric of ``mmmu_val``.
+Breakdowns, as lmms-eval prints them (rounded to 5): ``subject/<Subject>`` and ``discipline/<discipline>`` (its six
+``Overall-<discipline>`` groups; a discipline with no rows is left out rather than shown as 0).
 """
 
 from __future__ import annotations
