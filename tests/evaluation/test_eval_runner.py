@@ -13,6 +13,7 @@ import pytest
 from eval_fixtures import png_bytes, write_parquet
 
 from llavakit.cli.main import main
+from llavakit.errors import DataError
 from llavakit.evaluation import score
 from llavakit.evaluation.registry import get_benchmark
 from llavakit.evaluation.runner import EvalOptions, evaluate
@@ -200,3 +201,48 @@ def test_two_torchrun_processes_equal_one(checkpoint, tmp_path):
         for d in ("one", "two")
     ]
     assert metrics[0] == metrics[1]
+
+
+def test_answers_of_another_run_are_not_resumed(assistant, tmp_path):
+    source = write_parquet(tmp_path / "a.parquet", _mme_rows(2))
+    out = tmp_path / "out"
+    evaluate(assistant, load_benchmark_data(get_benchmark("mme"), source), out, EvalOptions(progress=False))
+    other = [{**row, "question": "Something else entirely?"} for row in _mme_rows(2)]
+    renamed = write_parquet(tmp_path / "b" / "a.parquet", other)
+    with pytest.raises(DataError, match="different data"):
+        evaluate(
+            assistant, load_benchmark_data(get_benchmark("mme"), renamed), out, EvalOptions(progress=False)
+        )
+    (out / "run.json").unlink()
+    with pytest.raises(DataError, match="belong to other data"):
+        evaluate(
+            assistant, load_benchmark_data(get_benchmark("mme"), renamed), out, EvalOptions(progress=False)
+        )
+    with pytest.raises(DataError, match=r"different .*max_new_tokens"):
+        evaluate(
+            assistant,
+            load_benchmark_data(get_benchmark("mme"), source),
+            out,
+            EvalOptions(max_new_tokens=3, progress=False),
+        )
+
+
+def test_a_truncated_image_alone_in_its_batch_fails_only_its_question(assistant, tmp_path):
+    rows = _mme_rows(2)
+    rows[1]["image"] = png_bytes((40, 40))[:60]  # a valid header, pixel data cut off
+    data = load_benchmark_data(get_benchmark("mme"), write_parquet(tmp_path / "mme.parquet", rows))
+    result = evaluate(assistant, data, tmp_path / "out", EvalOptions(batch_size=1, progress=False))
+    assert list(result.failed) == ["1"] and result.questions == 4
+
+
+def test_snapshot_files_are_chosen_inside_the_snapshot(tmp_path):
+    from llavakit.errors import DataError as Error
+
+    snapshot = tmp_path / "test" / "POPE"  # a parent folder named like the split
+    write_parquet(snapshot / "data" / "test-00000-of-00001.parquet", _mme_rows(1))
+    write_parquet(snapshot / "Full" / "adversarial-00000-of-00001.parquet", _mme_rows(2))
+    assert len(load_benchmark_data(get_benchmark("mme"), snapshot)) == 2
+    mmbench = tmp_path / "MMBench"
+    write_parquet(mmbench / "cn" / "dev-00000-of-00001.parquet", _mme_rows(1))
+    with pytest.raises(Error, match=r"no 'en' folder .* found folders \['cn'\]"):
+        load_benchmark_data(get_benchmark("mmbench_en_dev"), mmbench)

@@ -129,6 +129,7 @@ def evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     ids = _row_ids(data)
     if rank == 0:
+        _check_run(out_dir, _fingerprint(assistant, data, options))
         _merge_shards(out_dir)
         if (out_dir / PREDICTIONS).is_file():
             drop_truncated_tail(out_dir / PREDICTIONS)
@@ -158,6 +159,36 @@ def barrier_if(context: DistContext | None) -> None:
         barrier(context)
 
 
+def _fingerprint(assistant: Assistant, data: BenchmarkData, options: EvalOptions) -> dict[str, Any]:
+    """What the answers in an output folder depend on: a resumed run must match it."""
+    config = assistant.model.config
+    first = next(assistant.model.parameters())
+    return {
+        "benchmark": data.benchmark.id,
+        "data": data.source,
+        "max_new_tokens": options.max_new_tokens or data.benchmark.max_new_tokens,
+        "template": config.template,
+        "system_prompt": config.system_prompt,
+        "parameters": sum(p.numel() for p in assistant.model.parameters()),
+        "first_parameter_sum": round(float(first.detach().double().sum()), 6),
+    }
+
+
+def _check_run(out_dir: Path, fingerprint: dict[str, Any]) -> None:
+    """Write ``run.json``, or refuse to resume answers that another model, data source or setting produced."""
+    path = out_dir / "run.json"
+    if path.is_file():
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        changed = [key for key in fingerprint if earlier.get(key) != fingerprint[key]]
+        if changed:
+            raise DataError(
+                f"{out_dir} holds answers of another run (different {', '.join(changed)}: {path}); resuming would "
+                "score them as this run's: pass a new --out, or delete the folder to start over"
+            )
+        return
+    path.write_text(json.dumps(fingerprint, indent=2) + "\n", encoding="utf-8")
+
+
 def _done(path: Path) -> dict[str, Any]:
     """Predictions of an earlier (interrupted) run, by question id."""
     return read_predictions(path) if path.is_file() else {}
@@ -185,10 +216,15 @@ def _plan(
     spec = assistant.model.config.image_spec
     pending, failures = [], []
     for index, question_id in enumerate(ids):
-        if question_id in done:
-            continue
         row = data.row(index)
         text = benchmark.doc_to_text(row)
+        if question_id in done:
+            if done[question_id].get("prompt", text) != text:
+                raise DataError(
+                    f"question {question_id!r} of the saved predictions was asked {done[question_id]['prompt']!r}, "
+                    f"not {text!r}: they belong to other data; pass a new --out"
+                )
+            continue
         images = tuple(benchmark.doc_to_visual(row))
         try:
             sizes = [image_size(image) for image in images]
@@ -236,15 +272,12 @@ def _answer(assistant: Assistant, batch: Sequence[_Pending], max_new_tokens: int
         answers = assistant.generate_requests(
             [_request(item) for item in batch], max_new_tokens=max_new_tokens
         )
-    except ImageError:
+    except ImageError as err:
         if len(batch) == 1:
-            raise
+            return [_failure(batch[0].question_id, batch[0].index, batch[0].text, err)]
         records = []
         for item in batch:
-            try:
-                records.extend(_answer(assistant, [item], max_new_tokens))
-            except ImageError as err:
-                records.append(_failure(item.question_id, item.index, item.text, err))
+            records.extend(_answer(assistant, [item], max_new_tokens))
         return records
     return [_record(item, answer) for item, answer in zip(batch, answers)]
 

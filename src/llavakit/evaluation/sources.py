@@ -174,15 +174,24 @@ def _split_files(benchmark: Benchmark, folder: Path) -> list[Path]:
         raise DataError(
             f"{folder}: no .parquet files (expected a snapshot of {benchmark.dataset or 'the dataset'})"
         )
-    if benchmark.subset is not None:
+    if benchmark.subset is not None and folder.name != benchmark.subset:
         in_subset = [f for f in files if benchmark.subset in f.relative_to(folder).parts[:-1]]
-        files = in_subset or files
+        if not in_subset:
+            found = sorted(
+                {f.relative_to(folder).parts[0] for f in files if len(f.relative_to(folder).parts) > 1}
+            )
+            raise DataError(
+                f"{folder}: no '{benchmark.subset}' folder (benchmark {benchmark.id!r} reads subset "
+                f"{benchmark.subset!r}); found folders {found}: download that subset or point --data at it"
+            )
+        files = in_subset
 
     def in_split(file: Path) -> bool:
-        name = file.name
+        inner = file.relative_to(folder).parts[
+            :-1
+        ]  # a folder above the snapshot named like the split must not count
         return (
-            name.startswith((f"{benchmark.split}-", f"{benchmark.split}."))
-            or benchmark.split in file.parts[:-1]
+            file.name.startswith((f"{benchmark.split}-", f"{benchmark.split}.")) or benchmark.split in inner
         )
 
     chosen = [f for f in files if in_split(f)]
