@@ -227,12 +227,22 @@ def test_answers_of_another_run_are_not_resumed(assistant, tmp_path):
         )
 
 
-def test_a_truncated_image_alone_in_its_batch_fails_only_its_question(assistant, tmp_path):
-    rows = _mme_rows(2)
-    rows[1]["image"] = png_bytes((40, 40))[:60]  # a valid header, pixel data cut off
-    data = load_benchmark_data(get_benchmark("mme"), write_parquet(tmp_path / "mme.parquet", rows))
+def test_an_image_failing_to_decode_alone_in_its_batch_fails_only_its_question(
+    assistant, tmp_path, monkeypatch
+):
+    from llavakit.errors import ImageError
+
+    data = load_benchmark_data(get_benchmark("mme"), write_parquet(tmp_path / "mme.parquet", _mme_rows(2)))
+    real = assistant.generate_requests
+
+    def decode_fails_for_row_one(requests, **sampling):
+        if any(request.conversation.turns[0].text.count("number 1?") for request in requests):
+            raise ImageError("image bytes: the image data is corrupt or truncated")
+        return real(requests, **sampling)
+
+    monkeypatch.setattr(assistant, "generate_requests", decode_fails_for_row_one)
     result = evaluate(assistant, data, tmp_path / "out", EvalOptions(batch_size=1, progress=False))
-    assert list(result.failed) == ["1"] and result.questions == 4
+    assert sorted(result.failed) == ["2", "3"] and result.questions == 4
 
 
 def test_snapshot_files_are_chosen_inside_the_snapshot(tmp_path):
