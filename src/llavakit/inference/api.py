@@ -8,11 +8,13 @@
 The checkpoint carries everything needed to prompt it as it was trained (``config.json["llavakit"]``: chat template
 id and image spec; the tokenizer files), so `load` takes nothing but a path. Prompts go through
 `llavakit.inference.prompts` (the training templates and tokenisation) and tokens through
-`llavakit.inference.generate` (transformers' generation loop with a KV cache).
+`llavakit.inference.generate` (transformers' generation loop with a KV cache). Encoded images are kept in an `ImageFeatureCache`, so a chat
+does not re-run the vision tower on its history's images every turn.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,6 +25,7 @@ from llavakit.anyres.pixels import ImageSource
 from llavakit.data.schema import ASSISTANT, USER, Conversation, Turn
 from llavakit.data.templates import get_template
 from llavakit.errors import CheckpointError, DataError
+from llavakit.inference.feature_cache import ImageFeatureCache
 from llavakit.inference.generate import SamplingParams, decode, generate_ids, stop_token_ids
 from llavakit.inference.prompts import PromptBuilder, Request, user_text
 from llavakit.model.llava_next import LlavaNextModel
@@ -48,17 +51,33 @@ class Assistant:
     Args:
         model: a `LlavaNextModel` holding its tokenizer.
         defaults: sampling settings used when a call does not override them.
+        template: chat template id replacing the checkpoint's (None: the checkpoint's own).
+        system_prompt: system prompt replacing the checkpoint's (None: the checkpoint's own).
+        feature_cache: where encoded images are kept between calls (a chat's history images, repeated images);
+            None: a private cache of `DEFAULT_MAX_BYTES`. Pass ``ImageFeatureCache(0)`` to disable caching.
     """
 
-    def __init__(self, model: LlavaNextModel, defaults: SamplingParams | None = None) -> None:
+    def __init__(
+        self,
+        model: LlavaNextModel,
+        defaults: SamplingParams | None = None,
+        template: str | None = None,
+        system_prompt: str | None = None,
+        feature_cache: ImageFeatureCache | None = None,
+    ) -> None:
         if model.tokenizer is None:
-            raise CheckpointError("the model has no tokenizer: load a checkpoint saved with its tokenizer files")
+            raise CheckpointError(
+                "the model has no tokenizer: load a checkpoint saved with its tokenizer files"
+            )
         self.model = model.eval()
         self.tokenizer = model.tokenizer
-        self.template = get_template(model.config.template, system_prompt=model.config.system_prompt)
+        system = system_prompt if system_prompt is not None else model.config.system_prompt
+        self.template = get_template(template or model.config.template, system_prompt=system)
         self.prompts = PromptBuilder(self.tokenizer, self.template, model.config.image_spec)
         self.stop_ids = stop_token_ids(self.tokenizer, self.template)
         self.defaults = defaults or SamplingParams()
+        self.feature_cache = feature_cache if feature_cache is not None else ImageFeatureCache()
+        self.model_key = uuid.uuid4().hex
 
     def generate(
         self,
@@ -90,7 +109,15 @@ class Assistant:
         """Answer full conversations (each ending with a user turn) in one batch; see `generate`."""
         params = replace(self.defaults, **sampling)
         batch = self.prompts.batch(requests)
-        ids = generate_ids(self.model, batch, params, self.stop_ids, self.prompts.pad_token_id)
+        ids = generate_ids(
+            self.model,
+            batch,
+            params,
+            self.stop_ids,
+            self.prompts.pad_token_id,
+            self.feature_cache,
+            self.model_key,
+        )
         return decode(self.tokenizer, ids, self.template)
 
     def chat(
@@ -129,6 +156,9 @@ def load(
     path: str | Path,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    template: str | None = None,
+    system_prompt: str | None = None,
+    feature_cache: ImageFeatureCache | None = None,
     **sampling: object,
 ) -> Assistant:
     """Load a checkpoint folder (llavakit or llava-hf layout) as an `Assistant`.
@@ -138,6 +168,9 @@ def load(
             (``llava-hf/llava-v1.6-vicuna-7b-hf``), downloaded to the Hub cache on first use.
         device: e.g. ``"cpu"`` or ``"cuda"``; default: CUDA when available, else CPU.
         dtype: parameter dtype; default: the checkpoint's.
+        template: chat template id overriding the checkpoint's (e.g. to prompt a model the way another tool did).
+        system_prompt: system prompt overriding the checkpoint's.
+        feature_cache: image-feature cache (see `Assistant`).
         sampling: default `SamplingParams` fields for every call.
 
     Raises:
@@ -146,7 +179,13 @@ def load(
     path = resolve_checkpoint(path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = LlavaNextModel.from_pretrained(path, dtype=dtype, device=device)
-    return Assistant(model, SamplingParams(**sampling))
+    return Assistant(
+        model,
+        SamplingParams(**sampling),
+        template=template,
+        system_prompt=system_prompt,
+        feature_cache=feature_cache,
+    )
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -160,7 +199,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return folder
     text = str(path)
     if folder.exists() or text.count("/") != 1 or text.startswith((".", "/")):
-        raise CheckpointError(f"checkpoint folder {folder} does not exist: pass the folder holding config.json")
+        raise CheckpointError(
+            f"checkpoint folder {folder} does not exist: pass the folder holding config.json"
+        )
     from huggingface_hub import snapshot_download
 
     try:
@@ -170,4 +211,3 @@ def resolve_checkpoint(path: str | Path) -> Path:
             f"{text!r} is neither a checkpoint folder nor a Hub model that can be fetched ({type(err).__name__}: "
             f"{err}); pass the folder holding config.json, or download it first (`hf download {text} --local-dir DIR`)"
         ) from None
-

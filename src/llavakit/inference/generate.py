@@ -18,6 +18,8 @@ import torch
 
 from llavakit.data.templates import ChatTemplate
 from llavakit.errors import ConfigError
+from llavakit.inference.feature_cache import ImageFeatureCache
+from llavakit.inference.images import encode_prepared
 from llavakit.inference.prompts import GenerationBatch
 from llavakit.model.llava_next import LlavaNextModel
 
@@ -44,7 +46,9 @@ class SamplingParams:
         if self.max_new_tokens <= 0:
             raise ConfigError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
         if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature} (use do_sample=False for greedy)")
+            raise ConfigError(
+                f"temperature must be > 0, got {self.temperature} (use do_sample=False for greedy)"
+            )
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
 
@@ -63,7 +67,13 @@ def stop_token_ids(tokenizer: object, template: ChatTemplate) -> list[int]:
 
 @torch.no_grad()
 def generate_ids(
-    model: LlavaNextModel, batch: GenerationBatch, params: SamplingParams, stop_ids: list[int], pad_id: int
+    model: LlavaNextModel,
+    batch: GenerationBatch,
+    params: SamplingParams,
+    stop_ids: list[int],
+    pad_id: int,
+    cache: ImageFeatureCache | None = None,
+    model_key: str = "",
 ) -> torch.Tensor:
     """Generate new tokens for a left-padded batch.
 
@@ -73,13 +83,14 @@ def generate_ids(
         params: sampling settings.
         stop_ids: ids that end a row.
         pad_id: id written after a row has stopped.
+        cache: image-feature cache (None: encode every image).
+        model_key: this model's key in ``cache``.
 
     Returns:
         ``[B, n]`` new token ids (n ≤ ``max_new_tokens``), ``pad_id`` after each row's stop token.
     """
     device = next(model.parameters()).device
-    dtype = next(model.projector.parameters()).dtype
-    inputs = batch.to(device, dtype)
+    features = encode_prepared(model, batch.images, cache, model_key) if batch.images else None
     options = {
         "max_new_tokens": params.max_new_tokens,
         "do_sample": params.do_sample,
@@ -97,11 +108,9 @@ def generate_ids(
         if params.seed is not None:
             torch.manual_seed(params.seed)
         return model.generate(
-            inputs.input_ids,
-            attention_mask=inputs.attention_mask,
-            pixel_values=inputs.pixel_values,
-            image_sizes=inputs.image_sizes,
-            image_tiled=inputs.image_tiled,
+            batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            image_features=features,
             **options,
         )
 

@@ -3,9 +3,9 @@
 A served model must see prompts exactly as it saw them in training, so nothing here re-implements a template or a
 preprocessing step: the conversation is rendered by the checkpoint's chat template and tokenised by
 `llavakit.data.tokenize.SampleEncoder` (``for_generation=True`` appends the assistant prompt), image placeholders
-are expanded with `llavakit.anyres.geometry.count_visual_tokens`, and pixels come from
-`llavakit.anyres.pixels.process_image`. Single images are tiled per the spec and each image of a multi-image
-request is one tile (`llavakit.data.prepare.default_tiling`), as in training.
+are expanded with `llavakit.anyres.geometry.count_visual_tokens`, and images are decoded and given their tiling by
+`llavakit.inference.images.prepare_images` (a lone image is tiled per the spec, each image of a multi-image request
+is one tile, as in training); they are encoded at generation time, through the image-feature cache.
 
 Rows are padded on the **left** so that every row's next token is predicted at the last position::
 
@@ -21,14 +21,14 @@ from dataclasses import dataclass
 import torch
 
 from llavakit.anyres.geometry import count_visual_tokens
-from llavakit.anyres.pixels import ImageSource, load_image, process_image
+from llavakit.anyres.pixels import ImageSource
 from llavakit.anyres.spec import ImageSpec
 from llavakit.data.formats import IMAGE_PLACEHOLDER
-from llavakit.data.prepare import default_tiling
 from llavakit.data.schema import Conversation
 from llavakit.data.templates import ChatTemplate
 from llavakit.data.tokenize import SampleEncoder
 from llavakit.errors import ConfigError, DataError
+from llavakit.inference.images import PreparedImage, prepare_images
 
 
 @dataclass(frozen=True)
@@ -46,40 +46,25 @@ class Request:
 
 @dataclass
 class GenerationBatch:
-    """Left-padded model inputs for a batch of requests.
+    """Left-padded token inputs for a batch of requests, and their images.
 
     Attributes:
         input_ids: ``[B, T]`` long, image placeholders expanded, pad on the left.
         attention_mask: ``[B, T]`` long, 0 on the left padding.
-        pixel_values: ``[N_tiles, 3, S, S]`` tiles of every image in placeholder order, or None.
-        image_sizes: ``[N_images, 2]`` (height, width), or None.
-        image_tiled: ``[N_images]`` bool, or None.
+        images: every row's images in placeholder order (decoded; encoded later, through the feature cache).
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    pixel_values: torch.Tensor | None = None
-    image_sizes: torch.Tensor | None = None
-    image_tiled: torch.Tensor | None = None
-
-    def to(self, device: torch.device, dtype: torch.dtype) -> GenerationBatch:
-        """The batch on ``device``, pixels cast to the model's ``dtype``."""
-        pixels = None if self.pixel_values is None else self.pixel_values.to(device=device, dtype=dtype)
-        return GenerationBatch(
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            pixels,
-            None if self.image_sizes is None else self.image_sizes.to(device),
-            None if self.image_tiled is None else self.image_tiled.to(device),
-        )
+    images: tuple[PreparedImage, ...] = ()
 
 
 @dataclass(frozen=True)
-class _EncodedRequest:
+class EncodedRequest:
+    """One request's prompt ids (placeholders expanded) and its prepared images."""
+
     input_ids: list[int]
-    tiles: list[torch.Tensor]
-    sizes: list[tuple[int, int]]
-    tiled: tuple[bool, ...]
+    images: tuple[PreparedImage, ...]
 
 
 class PromptBuilder:
@@ -99,8 +84,8 @@ class PromptBuilder:
         self.image_spec = image_spec
         self.pad_token_id = int(pad_id)
 
-    def encode(self, request: Request) -> _EncodedRequest:
-        """Token ids and tiles of one request.
+    def encode(self, request: Request) -> EncodedRequest:
+        """Token ids and decoded images of one request.
 
         Raises:
             DataError: the placeholders and images do not match in number.
@@ -112,19 +97,19 @@ class PromptBuilder:
                 f"the conversation has {placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(request.images)} "
                 "images were given: put one <image> per image in the user text"
             )
-        images = [load_image(source) for source in request.images]
-        tiled = default_tiling(len(images))
-        sizes = [(image.height, image.width) for image in images]
-        counts = [count_visual_tokens(size, self.image_spec, tiled=flag) for size, flag in zip(sizes, tiled)]
+        images = prepare_images(request.images)
+        counts = [count_visual_tokens(image.size, self.image_spec, tiled=image.tiled) for image in images]
         encoded = self.encoder.encode(request.conversation, counts, for_generation=True)
-        tiles = [process_image(image, self.image_spec, tiled=flag) for image, flag in zip(images, tiled)]
-        return _EncodedRequest(encoded.input_ids, tiles, sizes, tiled)
+        return EncodedRequest(encoded.input_ids, tuple(images))
 
     def batch(self, requests: Sequence[Request]) -> GenerationBatch:
         """Encode ``requests`` and pad them on the left into one batch."""
         if not requests:
             raise DataError("generation needs at least one request")
-        encoded = [self.encode(request) for request in requests]
+        return self.pad([self.encode(request) for request in requests])
+
+    def pad(self, encoded: Sequence[EncodedRequest]) -> GenerationBatch:
+        """Left-pad encoded requests into one batch."""
         width = max(len(item.input_ids) for item in encoded)
         input_ids = torch.full((len(encoded), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
@@ -132,15 +117,8 @@ class PromptBuilder:
             length = len(item.input_ids)
             input_ids[row, width - length :] = torch.tensor(item.input_ids, dtype=torch.long)
             attention_mask[row, width - length :] = 1
-        tiles = [tile for item in encoded for tile in item.tiles]
-        if not tiles:
-            return GenerationBatch(input_ids, attention_mask)
         return GenerationBatch(
-            input_ids,
-            attention_mask,
-            torch.cat(tiles),
-            torch.tensor([size for item in encoded for size in item.sizes], dtype=torch.long),
-            torch.tensor([flag for item in encoded for flag in item.tiled], dtype=torch.bool),
+            input_ids, attention_mask, tuple(image for item in encoded for image in item.images)
         )
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -235,11 +236,20 @@ class LlavaNextModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
         image_tiled: torch.Tensor | None = None,
+        image_features: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Token embeddings ``[B, L, D]`` with visual tokens placed at the ``<image>`` positions."""
+        """Token embeddings ``[B, L, D]`` with visual tokens placed at the ``<image>`` positions.
+
+        The visual tokens come from ``pixel_values`` (encoded here) or, when given instead, from ``image_features``:
+        one ``[n_i, D]`` tensor per image in placeholder order, as `encode_images` returns (e.g. from a cache).
+        """
         embeds = self.llm.get_input_embeddings()(input_ids)
         image_mask = input_ids == self.config.image_token_id
         placeholders = int(image_mask.sum())
+        if image_features is not None:
+            if pixel_values is not None:
+                raise DataError("pass either pixel_values or image_features, not both")
+            return self._place_visual_tokens(embeds, image_mask, list(image_features))
         if pixel_values is None:
             if placeholders:
                 raise DataError(f"the batch has {placeholders} <image> tokens but no pixel_values")
@@ -248,7 +258,13 @@ class LlavaNextModel(nn.Module):
             return embeds
         if image_sizes is None:
             raise DataError("pixel_values were given without image_sizes ([N_images, 2], original height and width)")
-        visual = torch.cat(self.encode_images(pixel_values, image_sizes, image_tiled))
+        return self._place_visual_tokens(embeds, image_mask, self.encode_images(pixel_values, image_sizes, image_tiled))
+
+    def _place_visual_tokens(
+        self, embeds: torch.Tensor, image_mask: torch.Tensor, features: list[torch.Tensor]
+    ) -> torch.Tensor:
+        placeholders = int(image_mask.sum())
+        visual = torch.cat(features) if features else embeds.new_zeros(0, embeds.shape[-1])
         if visual.shape[0] != placeholders:
             raise DataError(
                 f"the batch has {placeholders} <image> tokens but its images yield {visual.shape[0]} visual tokens: "
@@ -324,6 +340,7 @@ class LlavaNextModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
         image_tiled: torch.Tensor | None = None,
+        image_features: Sequence[torch.Tensor] | None = None,
         **generate_kwargs: Any,
     ) -> torch.Tensor:
         """Generate with the LLM's ``generate`` from the multimodal embeddings (left-pad batches).
@@ -331,7 +348,7 @@ class LlavaNextModel(nn.Module):
         Returns:
             ``[B, new_tokens]`` generated ids (the prompt is not repeated).
         """
-        embeds = self.embed_inputs(input_ids, pixel_values, image_sizes, image_tiled)
+        embeds = self.embed_inputs(input_ids, pixel_values, image_sizes, image_tiled, image_features)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
