@@ -22,6 +22,8 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("train", "train", "Train a model stage by stage (recipes, YAML configs or upstream train_mem.py flags)."),
     ("eval", "eval", "Evaluate a checkpoint on standard benchmarks (MME, MMBench, POPE, ...) or score predictions."),
     ("chat", "chat", "Chat with a trained model about images (multi-turn, interactive or piped)."),
+    ("serve", "serve", "Serve checkpoints over an OpenAI-compatible HTTP API (streaming, batching, images)."),
+    ("webui", "webui", "A browser chat UI (Gradio) for a running server or a checkpoint."),
     ("demo", "demo", "Train and evaluate a tiny model on built-in synthetic data, end to end, on a CPU."),
 ]
 

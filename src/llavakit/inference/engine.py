@@ -223,7 +223,7 @@ class GenerationEngine:
                 try:
                     self._prefill([request])
                 except Exception as err:
-                    request.on_event(Failed(err))
+                    _send(request, Failed(err))
 
     def _prefill(self, requests: list[EngineRequest]) -> None:
         width = max(len(request.prompt_ids) for request in requests)
@@ -329,7 +329,7 @@ class GenerationEngine:
             return self._finish(row, "stop")
         delta = row.detokenizer.add(token)
         if delta:
-            request.on_event(TextDelta(delta))
+            _send(request, TextDelta(delta))
         if row.detokenizer.stopped:
             return self._finish(row, "stop")
         if row.generated >= request.max_new_tokens:
@@ -339,10 +339,8 @@ class GenerationEngine:
     def _finish(self, row: _Row, reason: str) -> bool:
         rest = row.detokenizer.finish()
         if rest:
-            row.request.on_event(TextDelta(rest))
-        row.request.on_event(
-            Finished(reason, len(row.request.prompt_ids), row.generated, row.detokenizer.text)
-        )
+            _send(row.request, TextDelta(rest))
+        _send(row.request, Finished(reason, len(row.request.prompt_ids), row.generated, row.detokenizer.text))
         return True
 
     def _drop(self, indices: list[int]) -> None:
@@ -367,7 +365,7 @@ class GenerationEngine:
 
     def _fail_all(self, error: BaseException) -> None:
         for row in self._rows:
-            row.request.on_event(Failed(error))
+            _send(row.request, Failed(error))
         self._rows = []
         self._cache, self._mask, self._last = None, self._mask[:0, :0], self._last[:0]
         while True:
@@ -376,7 +374,16 @@ class GenerationEngine:
             except queue.Empty:
                 return
             if item is not None:
-                item.on_event(Failed(error))
+                _send(item, Failed(error))
+
+
+def _send(request: EngineRequest, event: Event) -> None:
+    """Deliver ``event``; a failing callback (e.g. its client's event loop is gone) must not stop the loop."""
+    try:
+        request.on_event(event)
+    except Exception:
+        logger.exception("delivering an event to a request's callback failed; cancelling that request")
+        request.cancel()
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,108 @@
+"""``llavakit serve``: an OpenAI-compatible chat-completions server for one or more checkpoints.
+
+    llavakit serve --model demo=runs/demo/final --port 8000
+    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+      -d '{"model": "demo", "messages": [{"role": "user", "content": "Hello"}]}'
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from llavakit.serving.config import LOOPBACK, ModelSpec, ServeConfig
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="Serve checkpoints over an OpenAI-compatible HTTP API (chat completions, streaming, images).",
+        description=(
+            "Serve one or more checkpoints at /v1/chat/completions (OpenAI's API: image_url parts as data: or "
+            "http(s) URLs, streaming, n, seed, stop), /v1/models and /health. Concurrent requests share "
+            "generation steps (continuous batching); encoded images are cached. Binds 127.0.0.1 unless --host "
+            "says otherwise."
+        ),
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="[NAME=]DIR",
+        help="checkpoint folder or Hub id, optionally named (repeat to serve several; clients pick by name)",
+    )
+    parser.add_argument(
+        "--host", default=LOOPBACK, help="interface to bind (default 127.0.0.1, this machine only)"
+    )
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
+    parser.add_argument(
+        "--allowed-local-media-path",
+        default=None,
+        metavar="DIR",
+        help="allow file:// URLs and local paths for images, inside DIR only (default: no local files)",
+    )
+    parser.add_argument(
+        "--allowed-media-domains",
+        nargs="*",
+        default=[],
+        metavar="HOST",
+        help="hosts whose image URLs may be fetched even if they resolve to private or loopback addresses",
+    )
+    parser.add_argument(
+        "--max-images-per-request", type=int, default=8, help="images per request at most (8)"
+    )
+    parser.add_argument(
+        "--max-batch", type=int, default=32, help="requests decoded together per model at most (32)"
+    )
+    parser.add_argument(
+        "--max-image-bytes", type=int, default=20 * 1024**2, help="encoded bytes per image at most"
+    )
+    parser.add_argument(
+        "--max-image-pixels", type=int, default=40_000_000, help="width x height per image at most"
+    )
+    parser.add_argument("--max-body-bytes", type=int, default=64 * 1024**2, help="request body size at most")
+    parser.add_argument(
+        "--default-max-tokens", type=int, default=512, help="answer length when a request sets none"
+    )
+    parser.add_argument(
+        "--feature-cache-mb",
+        type=int,
+        default=512,
+        help="memory for cached image features, shared by all models (0 turns the cache off; default 512)",
+    )
+    parser.add_argument("--template", default=None, help="chat template id overriding every checkpoint's own")
+    parser.add_argument(
+        "--system-prompt", default=None, help="system prompt overriding every checkpoint's own"
+    )
+    parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    """The `ServeConfig` the flags describe."""
+    return ServeConfig(
+        models=tuple(ModelSpec.parse(text) for text in args.model),
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        allowed_local_media_path=args.allowed_local_media_path,
+        allowed_media_domains=tuple(args.allowed_media_domains),
+        max_images_per_request=args.max_images_per_request,
+        max_image_bytes=args.max_image_bytes,
+        max_image_pixels=args.max_image_pixels,
+        max_body_bytes=args.max_body_bytes,
+        max_batch=args.max_batch,
+        default_max_tokens=args.default_max_tokens,
+        feature_cache_bytes=args.feature_cache_mb * 1024**2,
+        template=args.template,
+        system_prompt=args.system_prompt,
+        device=args.device,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from llavakit.serving.server import serve
+
+    serve(config_from_args(args), log_level=args.log_level)
+    return 0
