@@ -1,0 +1,1 @@
+"""HTTP serving: an OpenAI-compatible server and a web UI, above `llavakit.inference`."""
