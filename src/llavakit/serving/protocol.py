@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -31,7 +31,7 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
-ContentPart = TextPart | ImagePart
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class Message(BaseModel):
@@ -107,11 +107,35 @@ def parse_request(data: Any) -> ChatCompletionRequest:
     try:
         request = ChatCompletionRequest.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
-        raise bad_request(f"invalid request: {param}: {first['msg']}", param=param) from None
+        # Of a union's alternatives, the one that got furthest into the value says what is wrong.
+        error = max(err.errors(), key=lambda item: len(_field_path(item["loc"])))
+        param = _param(_field_path(error["loc"]))
+        raise bad_request(f"invalid request: {param or 'body'}: {error['msg']}", param=param) from None
     request.check_supported()
     return request
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _field_path(location: tuple) -> list[str | int]:
+    """A pydantic error location without its union-branch tags (``str``, ``list[...]``; a content part's ``type``
+    tag, which repeats the field name that follows it)."""
+    path: list[str | int] = []
+    for part in location:
+        if isinstance(part, str) and (part in _TYPE_TAGS or set("[-") & set(part)):
+            continue
+        if not path or part != path[-1]:
+            path.append(part)
+    return path
+
+
+def _param(path: list[str | int]) -> str | None:
+    """``messages[0].content[1]``: the field as the rest of the server names it."""
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text or None
 
 
 def completion_id() -> str:
