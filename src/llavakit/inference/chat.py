@@ -89,7 +89,9 @@ class ChatSession:
     def ask(self, question: str) -> None:
         """Send ``question`` (with the pending image, if any) and print the answer."""
         try:
-            answer, history = self.assistant.chat(self.state.pending_image, question, history=self.state.history)
+            answer, history = self.assistant.chat(
+                self.state.pending_image, question, history=self.state.history
+            )
         except LlavakitError as err:
             self.say(f"error: {err}")
             return

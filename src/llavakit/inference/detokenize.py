@@ -70,7 +70,9 @@ class IncrementalDetokenizer:
         for stop in self.stop_strings:
             for length in range(min(len(stop) - 1, len(text)), 0, -1):
                 if text.endswith(stop[:length]):
-                    held = max(held, length)
+                    # whitespace before a stop string is stripped with it, so it waits too
+                    before = text[: len(text) - length]
+                    held = max(held, length + len(before) - len(before.rstrip()))
                     break
         return held
 
