@@ -16,7 +16,9 @@ def parse(*argv: str):
 
 
 def test_flags_become_the_config():
-    config = parse("--model", "demo=runs/demo/final", "--model", "runs/other/", "--api-key", "k", "--max-batch", "4")
+    config = parse(
+        "--model", "demo=runs/demo/final", "--model", "runs/other/", "--api-key", "k", "--max-batch", "4"
+    )
     assert config.models == (ModelSpec("demo", "runs/demo/final"), ModelSpec("other", "runs/other/"))
     assert config.host == "127.0.0.1" and config.port == 8000
     assert (config.api_key, config.max_batch, config.feature_cache_bytes) == ("k", 4, 512 * 1024**2)
@@ -38,6 +40,12 @@ def test_help_explains_the_server(capsys):
         main(["serve", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--model", "--api-key", "--allowed-local-media-path", "--allowed-media-domains", "--max-batch"):
+    for flag in (
+        "--model",
+        "--api-key",
+        "--allowed-local-media-path",
+        "--allowed-media-domains",
+        "--max-batch",
+    ):
         assert flag in text
     assert "127.0.0.1" in text

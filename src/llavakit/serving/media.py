@@ -1,0 +1,530 @@
+"""Turn the ``image_url`` of an OpenAI chat content part into a PIL image, without trusting the client.
+
+    >>> policy = MediaPolicy(allowed_domains=("images.internal",), allowed_local_path=Path("/srv/images"))
+    >>> image = load_image_url("https://example.com/cat.png", policy)   # RGB, fully decoded
+
+The server accepts ``{"type": "image_url", "image_url": {"url": ...}}`` from whoever can reach it, so the URL, the
+bytes behind it and the pixels those bytes claim are all hostile until checked. Supported: ``data:image/...;base64``
+URLs, ``http(s)://`` URLs, and (only with ``--allowed-local-media-path``) ``file://`` URLs and plain paths. Threats,
+and the check that answers each:
+
+- Server-side request forgery (SSRF): a URL naming ``169.254.169.254`` (cloud metadata), ``localhost:6379`` or
+  ``10.x`` makes the server fetch from places only it can reach. Every hop's host is resolved with
+  `socket.getaddrinfo` and refused if ANY address is private, loopback, link-local, multicast, reserved,
+  unspecified or otherwise not global (also through IPv4-mapped, 6to4 and NAT64 IPv6 forms, and numeric spellings
+  like ``2130706433`` since the check reads the resolver's answer, not the URL text), unless the host is in
+  ``--allowed-media-domains``. The connection then goes to the checked address itself (host pinned; ``Host``
+  header and TLS SNI/certificate check keep the name), so a DNS answer that changes between check and connect
+  (DNS rebinding) cannot reach a private address. Redirects are followed by hand, each target re-checked, because
+  httpx's ``follow_redirects`` would fetch an internal ``Location`` unchecked. Proxies from the environment are
+  ignored (``trust_env=False``): through a proxy the checked address would not be the one contacted.
+- Resource exhaustion: one deadline (``fetch_timeout_s``) covers resolution, every hop and the body, so a slow or
+  dripping server cannot hold a worker; bodies stream and stop at ``max_image_bytes`` (a larger
+  ``Content-Length`` is refused before reading); compressed transfer encodings are refused, since a gzip body
+  is a bomb of its own; data URLs and local files are size-checked before they are decoded or read.
+- Decompression bombs: a few KB of PNG can declare 30000x30000 pixels (2.7 GB as RGB). The image is opened lazily,
+  width*height from the header is checked against ``max_image_pixels``, and only then decoded; PIL's own
+  ``DecompressionBombError`` (and its warning, when warnings are errors) becomes the same refusal. PIL's global
+  ``Image.MAX_IMAGE_PIXELS`` and the warnings filters are left alone: changing them is not thread-safe.
+- Decoder attack surface: only the formats OpenAI accepts plus BMP are decoded (``allowed_formats``), so hostile
+  bytes never reach rarely used decoders (EPS runs Ghostscript).
+- Path traversal: local reads are off unless ``allowed_local_path`` is set; then the path's real location (``..``
+  and symlinks resolved) must lie inside it, and it must be a regular file (no FIFOs or devices).
+
+Every refusal is a `MediaError` (an OpenAI ``invalid_request_error``, HTTP 400: the client sent something this
+server will not use, including a URL that timed out or whose server failed) naming the URL and the fix. Messages do
+not reveal the server's folders. Nothing here changes global state; `load_image_url` is safe to call from many
+threads at once (each call has its own httpx client).
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import io
+import ipaddress
+import os
+import socket
+import ssl
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import httpx
+from PIL import Image, UnidentifiedImageError
+
+from llavakit.anyres.pixels import load_image
+from llavakit.errors import ConfigError, ImageError, LlavakitError
+
+DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
+# 40 megapixels: above any camera photo a client would send (a 24 MP DSLR shot is 6000x4000), far below bombs.
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+# The formats OpenAI's vision API accepts, plus BMP; every other PIL decoder stays unreachable.
+DEFAULT_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
+_MAX_LABEL_CHARS = 200
+_DATA_URL_LABEL_CHARS = 40
+
+_LOCAL_FIX = "send the image as a data:image/...;base64 URL or an http(s) URL"
+_DOMAINS_FIX = "the server operator can allow this host with --allowed-media-domains"
+
+
+class MediaError(LlavakitError, ValueError):
+    """An ``image_url`` the server refuses; ``status`` is the HTTP status to answer (always a 4xx).
+
+    ``code`` is the OpenAI error ``code``: ``"invalid_image_url"`` (malformed, not allowed, unreachable, timed
+    out), ``"image_too_large"`` (bytes or pixels above the limits) or ``"invalid_image_format"`` (not a decodable
+    image of an allowed format).
+    """
+
+    def __init__(self, message: str, *, code: str = "invalid_image_url", status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+@dataclass(frozen=True)
+class MediaPolicy:
+    """What `load_image_url` may read, and how much.
+
+    Args:
+        allowed_local_path: the folder ``file://`` URLs and plain paths may read from (symlinks resolved; relative
+            paths are taken relative to it); None: no local reads at all.
+        allowed_domains: hosts fetched even when they resolve to private/loopback addresses: exact hostnames or IP
+            literals, or ``*.example.com`` for any subdomain of example.com (not example.com itself).
+        max_image_bytes: largest encoded image (download, decoded data URL, local file).
+        max_image_pixels: largest width*height, checked from the header before decoding.
+        fetch_timeout_s: deadline for a whole http(s) fetch: resolution, every redirect hop and the body.
+        max_redirects: redirects followed before giving up.
+        allowed_formats: PIL format names that may be decoded.
+    """
+
+    allowed_local_path: Path | None = None
+    allowed_domains: tuple[str, ...] = ()
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    fetch_timeout_s: float = 10.0
+    max_redirects: int = 3
+    allowed_formats: tuple[str, ...] = DEFAULT_IMAGE_FORMATS
+
+    def __post_init__(self) -> None:
+        for name in ("max_image_bytes", "max_image_pixels", "fetch_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"MediaPolicy.{name}={getattr(self, name)!r} must be positive")
+        if self.max_redirects < 0:
+            raise ConfigError(f"MediaPolicy.max_redirects={self.max_redirects!r} must be >= 0")
+        unknown = set(self.allowed_formats) - set(Image.registered_extensions().values())
+        if unknown:
+            raise ConfigError(f"MediaPolicy.allowed_formats has {sorted(unknown)}, not PIL format names")
+        # Frozen: the normalised values replace the given ones once, here.
+        object.__setattr__(self, "allowed_domains", tuple(_allowed_domain(h) for h in self.allowed_domains))
+        if self.allowed_local_path is not None:
+            root = Path(self.allowed_local_path).expanduser().resolve()
+            if not root.is_dir():
+                raise ConfigError(
+                    f"--allowed-local-media-path {self.allowed_local_path} is not an existing folder; "
+                    "create it or pass the folder that holds the images"
+                )
+            object.__setattr__(self, "allowed_local_path", root)
+
+    def allows_host(self, host: str) -> bool:
+        """Whether ``host`` (a hostname or IP literal) is in `allowed_domains`, exactly or by a ``*.`` wildcard."""
+        host = _normalise_host(host)
+        return any(
+            host == allowed or (allowed.startswith("*.") and host.endswith(allowed[1:]))
+            for allowed in self.allowed_domains
+        )
+
+
+def _allowed_domain(entry: str) -> str:
+    """An ``allowed_domains`` entry in the form request hosts are compared in (IDNA-encoded, see `_normalise_host`)."""
+    wildcard, name = ("*.", entry.strip()[2:]) if entry.strip().startswith("*.") else ("", entry)
+    host = _normalise_host(name)
+    try:
+        ipaddress.ip_address(host)
+        return wildcard + host
+    except ValueError:
+        pass
+    if not host or any(char in host for char in ":/@?#*"):
+        raise ConfigError(
+            f"--allowed-media-domains entry {entry!r} must be a hostname, an IP address or *.domain (no scheme, "
+            "port or path)"
+        )
+    try:
+        return wildcard + host.encode("idna").decode("ascii")
+    except UnicodeError as exc:
+        raise ConfigError(f"--allowed-media-domains entry {entry!r} is not a valid hostname ({exc})") from exc
+
+
+def _normalise_host(host: str) -> str:
+    """Lower case, without IPv6 brackets or a trailing dot; IP literals in canonical form (``::1``, not ``0::1``)."""
+    host = host.strip().strip("[]").rstrip(".").lower()
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
+
+
+def load_image_url(url: str, policy: MediaPolicy) -> Image.Image:
+    """The image an OpenAI ``image_url.url`` names, as a fully decoded RGB PIL image.
+
+    Args:
+        url: a ``data:image/<type>;base64,...`` URL, an ``http(s)://`` URL, or (with ``policy.allowed_local_path``)
+            a ``file://`` URL or a plain path.
+        policy: what may be read and the size limits.
+
+    Raises:
+        MediaError: (status 400) the URL is malformed, not allowed, unreachable, too large, or not an image.
+    """
+    if not isinstance(url, str) or not url.strip():
+        raise MediaError(f"image_url.url must be a non-empty string, got {url!r}; {_LOCAL_FIX}")
+    label = _describe(url)
+    data = _read_bytes(url.strip(), label, policy)
+    return _decode(data, label, policy)
+
+
+def _describe(url: str) -> str:
+    """How messages name the URL: data URLs shortened (they can be megabytes), others capped."""
+    if url[:5].lower() == "data:":
+        return f"image_url {url[:_DATA_URL_LABEL_CHARS]!r}... ({len(url)} chars)"
+    if len(url) > _MAX_LABEL_CHARS:
+        return f"image_url {url[:_MAX_LABEL_CHARS]!r}... ({len(url)} chars)"
+    return f"image_url {url!r}"
+
+
+def _read_bytes(url: str, label: str, policy: MediaPolicy) -> bytes:
+    """The encoded image bytes, dispatched on the URL scheme."""
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError as exc:  # e.g. an unclosed "[" IPv6 bracket
+        raise MediaError(f"{label} is not a valid URL ({exc}); {_LOCAL_FIX}") from exc
+    if scheme == "data":
+        return _read_data_url(url, label, policy)
+    if scheme in ("http", "https"):
+        return _fetch(url, label, policy)
+    if scheme in ("file", ""):
+        return _read_local(url, scheme, label, policy)
+    local = " (or a file:// URL under the server's allowed folder)" if policy.allowed_local_path else ""
+    raise MediaError(f"{label} has the unsupported scheme {scheme!r}; {_LOCAL_FIX}{local}")
+
+
+def _too_large(label: str, size: str, limit: int) -> MediaError:
+    return MediaError(
+        f"{label} is {size}, above this server's limit of {limit} bytes; send a smaller or more compressed image",
+        code="image_too_large",
+    )
+
+
+# --- data: URLs -------------------------------------------------------------------------------------------------
+
+
+def _read_data_url(url: str, label: str, policy: MediaPolicy) -> bytes:
+    """Decode ``data:image/<type>[;param]*;base64,<payload>`` strictly (standard alphabet, padding, no spaces)."""
+    header, comma, payload = url[len("data:") :].partition(",")
+    mime, *params = header.split(";")
+    if not comma or [p.strip().lower() for p in params[-1:]] != ["base64"]:
+        raise MediaError(f"{label} is not a base64 data URL; send data:image/<type>;base64,<base64 data>")
+    if not mime.strip().lower().startswith("image/"):
+        raise MediaError(
+            f"{label} has the media type {mime!r}; data URLs must be image/* (data:image/png;base64,...)",
+            code="invalid_image_format",
+        )
+    # 4 base64 characters carry 3 bytes: refuse oversized payloads before decoding them.
+    if len(payload) // 4 * 3 > policy.max_image_bytes:
+        raise _too_large(label, f"about {len(payload) // 4 * 3} bytes", policy.max_image_bytes)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except ValueError as exc:  # binascii.Error (bad character or padding) or a non-ASCII character
+        raise MediaError(
+            f"{label} is not valid base64 ({exc}); encode the file with standard base64 "
+            "(A-Z a-z 0-9 + /, '=' padding, no spaces or line breaks)"
+        ) from exc
+
+
+# --- local files --------------------------------------------------------------------------------------------------
+
+
+def _read_local(url: str, scheme: str, label: str, policy: MediaPolicy) -> bytes:
+    """Read a ``file://`` URL or plain path whose real location lies inside ``policy.allowed_local_path``."""
+    root = policy.allowed_local_path
+    if root is None:
+        raise MediaError(
+            f"{label}: this server does not read local files; {_LOCAL_FIX} (the server operator can allow a "
+            "folder with --allowed-local-media-path)"
+        )
+    path = _local_path(url, label) if scheme == "file" else url
+    try:
+        # realpath resolves "..", and symlinks anywhere on the path, to where a read would really go.
+        real = Path(os.path.realpath(root / path))
+    except ValueError as exc:  # an embedded NUL byte
+        raise MediaError(f"{label} is not a valid path ({exc}); {_LOCAL_FIX}") from exc
+    outside = f"{label} is outside the folder this server may read (--allowed-local-media-path)"
+    if not real.is_relative_to(root):
+        raise MediaError(f"{outside}; use a path inside it, or {_LOCAL_FIX}")
+    try:
+        info = real.stat()
+    except OSError as exc:
+        raise MediaError(
+            f"{label} does not exist or cannot be read ({exc.strerror}); check the path"
+        ) from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise MediaError(f"{label} is not a regular file; pass an image file's path")
+    if info.st_size > policy.max_image_bytes:
+        raise _too_large(label, f"{info.st_size} bytes", policy.max_image_bytes)
+    with real.open("rb") as handle:
+        data = handle.read(policy.max_image_bytes + 1)  # the file may have grown since stat
+    if len(data) > policy.max_image_bytes:
+        raise _too_large(label, f"over {policy.max_image_bytes} bytes", policy.max_image_bytes)
+    return data
+
+
+def _local_path(url: str, label: str) -> str:
+    """The path of a ``file:`` URL (percent-decoded); only this machine (no host, or ``localhost``)."""
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise MediaError(f"{label} names the host {parts.netloc!r}; file URLs must be file:///<path>")
+    return unquote(parts.path)
+
+
+# --- http(s) --------------------------------------------------------------------------------------------------
+
+
+def _fetch(url: str, label: str, policy: MediaPolicy) -> bytes:
+    """Download an http(s) URL under one deadline, following at most ``max_redirects`` checked redirects."""
+    deadline = time.monotonic() + policy.fetch_timeout_s
+    target = _http_url(url, label)
+    headers = {"Accept": "image/*", "Accept-Encoding": "identity", "User-Agent": "llavakit"}
+    try:
+        with httpx.Client(
+            trust_env=False, follow_redirects=False, headers=headers, verify=_ssl_context()
+        ) as client:
+            for _ in range(policy.max_redirects + 1):
+                with _send(client, target, label, policy, deadline) as response:
+                    if response.status_code in _REDIRECT_STATUSES:
+                        target = _redirect_target(response, target, label)
+                        continue
+                    _check_response(response, label, policy)
+                    return _read_body(response, label, policy, deadline)
+    except httpx.TimeoutException as exc:
+        raise _timed_out(label, policy) from exc
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        raise MediaError(
+            f"{label} could not be fetched ({type(exc).__name__}: {exc}); check that the URL is reachable "
+            f"from the server, or {_LOCAL_FIX}"
+        ) from exc
+    raise MediaError(
+        f"{label} redirected more than {policy.max_redirects} times; send the final image URL instead"
+    )
+
+
+@functools.cache
+def _ssl_context() -> ssl.SSLContext:
+    """One certificate-verifying TLS context for every fetch: building one reads the CA bundle (tens of ms)."""
+    return httpx.create_ssl_context()
+
+
+def _http_url(url: str | httpx.URL, label: str) -> httpx.URL:
+    """Parse with httpx, the same parser that builds the request, so the host checked is the host contacted."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise MediaError(f"{label} is not a valid URL ({exc}); {_LOCAL_FIX}") from exc
+    if parsed.scheme not in ("http", "https"):
+        raise MediaError(f"{label} leads to the scheme {parsed.scheme!r}; only http and https are fetched")
+    if not parsed.raw_host:
+        raise MediaError(f"{label} has no host; send a full http(s)://host/path URL")
+    return parsed
+
+
+@contextmanager
+def _send(
+    client: httpx.Client, target: httpx.URL, label: str, policy: MediaPolicy, deadline: float
+) -> Iterator[httpx.Response]:
+    """Send one GET to a checked address of ``target``'s host; the response is streamed and closed on exit."""
+    host = target.raw_host.decode("ascii")
+    port = target.port or (443 if target.scheme == "https" else 80)
+    request = client.build_request("GET", target, timeout=_remaining(deadline, label, policy))
+    if target.scheme == "https":
+        request.extensions["sni_hostname"] = host  # certificate checked against the name, not the pinned IP
+    addresses = _checked_addresses(host, port, label, policy, deadline)
+    for index, address in enumerate(addresses):
+        # Pin the connection to the checked address; the Host header built above keeps the name.
+        request.url = target.copy_with(host=address)
+        try:
+            response = client.send(request, stream=True)
+        except httpx.ConnectError:
+            if index == len(addresses) - 1:
+                raise
+            continue  # the next address of the host (e.g. IPv4 after an unreachable IPv6)
+        try:
+            yield response
+        finally:
+            response.close()
+        return
+
+
+def _checked_addresses(host: str, port: int, label: str, policy: MediaPolicy, deadline: float) -> list[str]:
+    """The host's addresses, refused if any is not public (unless the host is allowed)."""
+    addresses = _resolve(host, port, label, policy, deadline)
+    if not policy.allows_host(host):
+        for address in addresses:
+            if not _is_public(ipaddress.ip_address(address)):
+                raise MediaError(
+                    f"{label}: the host {host!r} has the non-public address {address} (private, loopback, "
+                    f"link-local or reserved), which this server does not fetch from; {_DOMAINS_FIX}, or "
+                    f"{_LOCAL_FIX} with a public host"
+                )
+    return addresses
+
+
+def _resolve(host: str, port: int, label: str, policy: MediaPolicy, deadline: float) -> list[str]:
+    """Resolve ``host`` within the deadline (getaddrinfo itself has no timeout, so it runs in its own thread)."""
+    try:
+        return [str(ipaddress.ip_address(host))]  # an IP literal: nothing to look up
+    except ValueError:
+        pass
+    answer: list[list[str] | Exception] = []
+
+    def lookup() -> None:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            answer.append(list(dict.fromkeys(str(info[4][0]) for info in infos)))
+        except (OSError, UnicodeError) as exc:
+            answer.append(exc)
+
+    thread = threading.Thread(target=lookup, name="llavakit-media-resolve", daemon=True)
+    thread.start()
+    thread.join(_remaining(deadline, label, policy))
+    if not answer:
+        raise _timed_out(label, policy)
+    if isinstance(answer[0], Exception) or not answer[0]:
+        raise MediaError(f"{label}: the host {host!r} cannot be resolved ({answer[0]}); check the URL")
+    return answer[0]
+
+
+def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether an address is globally routable, judging IPv4 embedded in IPv6 (mapped, 6to4, NAT64) as IPv4."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is None and address in _NAT64_PREFIX:
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None and not _is_public(embedded):
+            return False
+    return address.is_global and not (
+        address.is_private
+        or address.is_loopback
+        or address.is_link_local
+        or address.is_multicast
+        or address.is_reserved
+        or address.is_unspecified
+    )
+
+
+def _redirect_target(response: httpx.Response, current: httpx.URL, label: str) -> httpx.URL:
+    """Where a redirect points (relative ``Location`` resolved against the current URL), parsed and checked."""
+    location = response.headers.get("location")
+    if not location:
+        raise MediaError(
+            f"{label} answered HTTP {response.status_code} without a Location; send the final URL"
+        )
+    try:
+        return _http_url(current.join(location), f"{label} (redirected to {location[:_MAX_LABEL_CHARS]!r})")
+    except httpx.InvalidURL as exc:
+        raise MediaError(f"{label} redirected to an invalid URL ({exc}); send the final image URL") from exc
+
+
+def _check_response(response: httpx.Response, label: str, policy: MediaPolicy) -> None:
+    """Refuse failures, compressed bodies and oversized declared lengths before reading the body."""
+    if response.status_code != 200:
+        raise MediaError(
+            f"{label} answered HTTP {response.status_code} {response.reason_phrase}; check that the URL serves "
+            "the image publicly"
+        )
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise MediaError(
+            f"{label} sent a {encoding!r}-compressed body; this server only downloads uncompressed image files"
+        )
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > policy.max_image_bytes:
+        raise _too_large(label, f"{declared} bytes (Content-Length)", policy.max_image_bytes)
+
+
+def _read_body(response: httpx.Response, label: str, policy: MediaPolicy, deadline: float) -> bytes:
+    """Read the body chunk by chunk, stopping as soon as it passes ``max_image_bytes`` or the deadline."""
+    chunks: list[bytes] = []
+    received = 0
+    for chunk in response.iter_raw():
+        received += len(chunk)
+        if received > policy.max_image_bytes:
+            raise _too_large(label, f"over {policy.max_image_bytes} bytes", policy.max_image_bytes)
+        chunks.append(chunk)
+        _remaining(deadline, label, policy)
+    return b"".join(chunks)
+
+
+def _remaining(deadline: float, label: str, policy: MediaPolicy) -> float:
+    """Seconds left before ``deadline``, or the timeout error when none are."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise _timed_out(label, policy)
+    return left
+
+
+def _timed_out(label: str, policy: MediaPolicy) -> MediaError:
+    return MediaError(
+        f"{label} timed out: the download did not finish within {policy.fetch_timeout_s:g} s; use a faster host "
+        f"or {_LOCAL_FIX}"
+    )
+
+
+# --- decoding -----------------------------------------------------------------------------------------------------
+
+
+def _decode(data: bytes, label: str, policy: MediaPolicy) -> Image.Image:
+    """Open lazily, check the header's pixel count, then decode to RGB with `load_image`."""
+    formats = "/".join(policy.allowed_formats)
+    try:
+        image = Image.open(io.BytesIO(data), formats=policy.allowed_formats)
+    except UnidentifiedImageError as exc:
+        raise MediaError(
+            f"{label} is not a {formats} image ({len(data)} bytes); send one of those formats",
+            code="invalid_image_format",
+        ) from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _too_many_pixels(label, str(exc), policy) from exc
+    except Exception as exc:  # PIL's header parsers raise assorted types (struct.error, ...) on hostile bytes
+        raise _corrupt(label, exc) from exc
+    width, height = image.size
+    if width * height > policy.max_image_pixels:
+        raise _too_many_pixels(label, f"{width}x{height} (WxH) = {width * height} pixels", policy)
+    try:
+        return load_image(image, max_pixels=policy.max_image_pixels)
+    except ImageError as exc:  # too small, or truncated/corrupt pixel data
+        raise MediaError(f"{label} cannot be used: {exc}", code="invalid_image_format") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # e.g. a GIF frame's size
+        raise _too_many_pixels(label, str(exc), policy) from exc
+    except Exception as exc:  # as above: decoders' own exception types
+        raise _corrupt(label, exc) from exc
+
+
+def _too_many_pixels(label: str, size: str, policy: MediaPolicy) -> MediaError:
+    return MediaError(
+        f"{label} is {size}, above this server's limit of {policy.max_image_pixels} pixels (a decompression "
+        "bomb, or a very large image); downscale it before sending",
+        code="image_too_large",
+    )
+
+
+def _corrupt(label: str, exc: Exception) -> MediaError:
+    return MediaError(
+        f"{label} is a corrupt or truncated image ({type(exc).__name__}: {exc}); re-encode it as PNG or JPEG",
+        code="invalid_image_format",
+    )
