@@ -83,6 +83,8 @@ class EngineRequest:
         top_p: nucleus mass in (0, 1] when sampling.
         seed: seed of this request's sampling generator (None: drawn at random).
         stop: stop strings besides the template's.
+        stream: send `TextDelta` events as text is released (False: only the final `Finished`, which holds the
+            whole text; saves a cross-thread wake-up per token).
         on_event: called (from the engine thread) with each `Event`; must not block.
     """
 
@@ -94,6 +96,7 @@ class EngineRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    stream: bool = True
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -328,7 +331,7 @@ class GenerationEngine:
         if token in self.stop_ids:
             return self._finish(row, "stop")
         delta = row.detokenizer.add(token)
-        if delta:
+        if delta and request.stream:
             _send(request, TextDelta(delta))
         if row.detokenizer.stopped:
             return self._finish(row, "stop")
@@ -338,7 +341,7 @@ class GenerationEngine:
 
     def _finish(self, row: _Row, reason: str) -> bool:
         rest = row.detokenizer.finish()
-        if rest:
+        if rest and row.request.stream:
             _send(row.request, TextDelta(rest))
         _send(row.request, Finished(reason, len(row.request.prompt_ids), row.generated, row.detokenizer.text))
         return True

@@ -215,6 +215,7 @@ def _submit(
                 top_p=request.top_p,
                 seed=None if request.seed is None else request.seed + choice,
                 stop=stops,
+                stream=request.stream,
             )
         )
     for row in rows:
