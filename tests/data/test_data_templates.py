@@ -84,7 +84,7 @@ def supervised_runs(labels: list[int]) -> list[list[int]]:
 
 
 def test_registry_has_every_template():
-    expected = set(FAMILY) | {"plain", "tokenizer"}
+    expected = set(FAMILY) | {"plain", "tokenizer", "processor"}
     assert set(TEMPLATES.names()) == expected
     with pytest.raises(ConfigError, match="valid chat template ids"):
         get_template("vicuna")

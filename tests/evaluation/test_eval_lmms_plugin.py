@@ -41,6 +41,7 @@ def checkpoint(preset_parts, tmp_path_factory):
     and the second No (a random v gave the same answer to every question).
     """
     from llavakit.inference.api import Assistant
+    from llavakit.inference.images import encode_prepared
     from llavakit.model.llava_next import LlavaNextModel
 
     torch.manual_seed(0)
@@ -55,13 +56,10 @@ def checkpoint(preset_parts, tmp_path_factory):
         for row in _rows()[:2]:
             turn = Turn(USER, f"<image>\n{MME().doc_to_text(row)}")
             batch = builder.batch([Request(Conversation((turn,)), (row["image"],))])
+            features = encode_prepared(model, batch.images)
             model(
-                batch.input_ids,
-                batch.attention_mask,
-                None,
-                batch.pixel_values,
-                batch.image_sizes,
-                batch.image_tiled,
+                inputs_embeds=model.embed_inputs(batch.input_ids, image_features=features),
+                attention_mask=batch.attention_mask,
             )
         hook.remove()
         head.weight.zero_()

@@ -16,8 +16,7 @@ import httpx
 import openai
 import psutil
 import pytest
-
-from conftest import data_url, png_bytes
+from serving_fixtures import data_url, png_bytes
 
 pytestmark = pytest.mark.slow
 

@@ -11,9 +11,9 @@ import httpx
 import openai
 import pytest
 from PIL import Image
+from serving_fixtures import data_url, png_bytes
 
 import llavakit
-from conftest import data_url, png_bytes
 from llavakit.data.schema import ASSISTANT, USER, Conversation, Turn
 from llavakit.inference.prompts import Request
 

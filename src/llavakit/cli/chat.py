@@ -23,12 +23,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model", required=True, help="checkpoint folder, e.g. runs/demo/final")
     parser.add_argument("--image", help="image for the first question")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length cap in tokens (default 64)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=64, help="answer length cap in tokens (default 64)"
+    )
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --sample)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (with --sample)")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    parser.add_argument(
+        "--template",
+        default=None,
+        metavar="ID",
+        help="chat template id overriding the checkpoint's (e.g. vicuna_v1, processor); default: the checkpoint's",
+    )
+    parser.add_argument(
+        "--system-prompt",
+        default=None,
+        metavar="TEXT",
+        help="system prompt overriding the checkpoint's; default: the checkpoint's",
+    )
     parser.set_defaults(func=run)
 
 
@@ -40,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
     assistant = load(
         args.model,
         device=args.device,
+        template=args.template,
+        system_prompt=args.system_prompt,
         max_new_tokens=args.max_new_tokens,
         do_sample=args.sample,
         temperature=args.temperature,
@@ -47,4 +63,3 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     return run_chat(assistant, interactive_lines(sys.stdin, sys.stdout), sys.stdout, image=args.image)
-

@@ -60,6 +60,7 @@ from llavakit.data.schema import ASSISTANT, USER, Conversation, Turn
 from llavakit.data.tokenize import IGNORE_INDEX
 from llavakit.errors import ConfigError, DataError, ImageError
 from llavakit.inference.api import Assistant, load
+from llavakit.inference.images import encode_prepared
 from llavakit.inference.prompts import Request, user_text
 
 # lmms-eval's LLaVA models' answer length when a task's generation_kwargs name none.
@@ -196,21 +197,18 @@ class LlavaKit(lmms):
         user = Turn(USER, prompt.text)
         question = builder.encode(Request(Conversation((user,)), prompt.images))
         spec = self.assistant.model.config.image_spec
-        counts = [count_visual_tokens(s, spec, tiled=t) for s, t in zip(question.sizes, question.tiled)]
+        counts = [count_visual_tokens(image.size, spec, tiled=image.tiled) for image in question.images]
         sample = builder.encoder.encode(Conversation((user, Turn(ASSISTANT, continuation))), counts)
         model = self.assistant.model
         parameter = next(model.parameters())
         input_ids = torch.tensor([sample.input_ids], device=parameter.device)
-        pixels = {}
-        if question.tiles:
-            pixels = {
-                "pixel_values": torch.cat(question.tiles).to(parameter.device, parameter.dtype),
-                "image_sizes": torch.tensor(question.sizes, device=parameter.device),
-                "image_tiled": torch.tensor(question.tiled, device=parameter.device),
-            }
-        logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **pixels).logits[
-            0, :-1
-        ]
+        features = None
+        if question.images:
+            features = encode_prepared(
+                model, question.images, self.assistant.feature_cache, self.assistant.model_key
+            )
+        embeds = model.embed_inputs(input_ids, image_features=features)
+        logits = model(inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids)).logits[0, :-1]
         targets = torch.tensor(sample.labels[1:], device=parameter.device)
         # Only the reply: some templates also supervise tokens inside the prompt (always-trained tokens).
         scored = (targets != IGNORE_INDEX) & (

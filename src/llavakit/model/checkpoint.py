@@ -14,6 +14,14 @@ embeddings, so no loader can end up with a random head (the LLaVA-OneVision-0.5B
 
 Loading accepts the on-disk layout, the flattened ≥5.6 layout and transformers' in-memory names, and fails with
 the list of missing or unexpected keys rather than initialising anything at random.
+
+The chat template travels with the checkpoint so that other servers prompt it as it was trained: saving writes the
+Jinja generated from the template id and system prompt (`llavakit.data.templates.jinja`) as the tokenizer's and the
+processor's ``chat_template`` (transformers 5 and 4.57 both write and read ``chat_template.jinja``; vLLM reads it
+through them). Loading a transformers / llava-hf checkpoint (no ``"llavakit"`` section) that carries a chat template
+(``chat_template.jinja``, the legacy processor file ``chat_template.json``, or ``tokenizer_config.json``'s
+``chat_template``, in transformers' order) prompts with that template (id ``processor``) instead of guessing one
+from the LLM family.
 """
 
 from __future__ import annotations
@@ -37,6 +45,11 @@ if TYPE_CHECKING:
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+CHAT_TEMPLATE_NAME = "chat_template.jinja"
+LEGACY_CHAT_TEMPLATE_NAME = "chat_template.json"
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+# transformers 5 saves generic fast tokenizers under a class name 4.x lacks; 4.x knows the same class by this name.
+_TOKENIZER_CLASS_RENAMES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
 
 # Our module prefix → on-disk prefix (save direction). The vision entry also strips a 4.x ``vision_model.`` level.
 _SAVE_PREFIXES = (
@@ -86,11 +99,16 @@ def save_checkpoint(model: LlavaNextModel, path: str | Path, max_shard_size: str
     path.mkdir(parents=True, exist_ok=True)
     _remove_old_weights(path)
     state = _disk_state_dict(model)
-    split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
+    split = split_torch_state_dict_into_shards(
+        state, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    )
     for filename, keys in split.filename_to_tensors.items():
         save_file({k: state[k].contiguous() for k in keys}, str(path / filename), metadata={"format": "pt"})
     if split.is_sharded:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())}, "weight_map": split.tensor_to_filename}
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+            "weight_map": split.tensor_to_filename,
+        }
         (path / INDEX_NAME).write_text(json.dumps(index, indent=2))
     config = model.config.to_config_json(model.vision_encoder.backbone.has_cls_token)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -128,12 +146,31 @@ def _save_generation_config(model: LlavaNextModel, path: Path) -> None:
 
 
 def _save_tokenizer_and_processor(model: LlavaNextModel, path: Path) -> None:
-    """Save the tokenizer, and a transformers ``LlavaNextProcessor`` when transformers can reproduce the model."""
+    """Save the tokenizer, and a transformers ``LlavaNextProcessor`` when transformers can reproduce the model, both
+    carrying the checkpoint's chat template."""
+    from llavakit.data.templates import get_template
+    from llavakit.data.templates.jinja import jinja_chat_template
+
     tokenizer = model.tokenizer
     tokenizer.padding_side = model.config.padding_side
-    if model.config.transformers_class() != "LlavaNextForConditionalGeneration":
-        tokenizer.save_pretrained(path)
-        return
+    chat_template = jinja_chat_template(
+        get_template(model.config.template, system_prompt=model.config.system_prompt), tokenizer
+    )
+    for name in (CHAT_TEMPLATE_NAME, LEGACY_CHAT_TEMPLATE_NAME):  # a stale template of an earlier save
+        (path / name).unlink(missing_ok=True)
+    own_template = tokenizer.chat_template
+    tokenizer.chat_template = chat_template  # only while saving: the in-memory tokenizer keeps its own
+    try:
+        if model.config.transformers_class() == "LlavaNextForConditionalGeneration":
+            _llava_next_processor(model, chat_template).save_pretrained(path)
+        else:
+            tokenizer.save_pretrained(path)
+    finally:
+        tokenizer.chat_template = own_template
+    _rename_tokenizer_class(path / TOKENIZER_CONFIG_NAME)
+
+
+def _llava_next_processor(model: LlavaNextModel, chat_template: str | None) -> Any:
     from transformers.image_utils import PILImageResampling
     from transformers.models.llava_next import LlavaNextImageProcessorPil, LlavaNextProcessor
 
@@ -147,14 +184,58 @@ def _save_tokenizer_and_processor(model: LlavaNextModel, path: Path) -> None:
         resample=PILImageResampling[spec.resample.upper()],
     )
     has_cls = model.vision_encoder.backbone.has_cls_token
-    processor = LlavaNextProcessor(
+    return LlavaNextProcessor(
         image_processor=image_processor,
-        tokenizer=tokenizer,
+        tokenizer=model.tokenizer,
         patch_size=spec.patch_size,
         vision_feature_select_strategy=model.config.vision_feature_select_strategy(has_cls),
         num_additional_image_tokens=1 if has_cls else 0,
+        chat_template=chat_template,
     )
-    processor.save_pretrained(path)
+
+
+def _rename_tokenizer_class(tokenizer_config: Path) -> None:
+    """Name the tokenizer class so that transformers 4.57 (and vLLM on it) loads the tokenizer and processor too."""
+    data = json.loads(tokenizer_config.read_text())
+    renamed = _TOKENIZER_CLASS_RENAMES.get(data.get("tokenizer_class"))
+    if renamed is not None:
+        data["tokenizer_class"] = renamed
+        tokenizer_config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_chat_template(path: Path) -> str | None:
+    """The chat template a checkpoint folder carries, where transformers' processor looks first:
+    ``chat_template.jinja``, then ``chat_template.json``, then ``tokenizer_config.json``'s ``chat_template``
+    (its ``default`` entry when it holds several named templates); None when there is none.
+
+    Raises:
+        CheckpointError: a template file that is not valid JSON or holds no template.
+    """
+    jinja = path / CHAT_TEMPLATE_NAME
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8") or None
+    legacy = path / LEGACY_CHAT_TEMPLATE_NAME
+    if legacy.is_file():
+        template = _template_entry(_read_json(legacy).get("chat_template"), legacy)
+        if template is None:
+            raise CheckpointError(f"{legacy} holds no 'chat_template'; fix or delete the file")
+        return template
+    tokenizer_config = path / TOKENIZER_CONFIG_NAME
+    if tokenizer_config.is_file():
+        return _template_entry(_read_json(tokenizer_config).get("chat_template"), tokenizer_config)
+    return None
+
+
+def _template_entry(value: Any, file: Path) -> str | None:
+    if value is None or isinstance(value, str):
+        return value or None
+    if isinstance(value, list):
+        named = {entry.get("name"): entry.get("template") for entry in value if isinstance(entry, dict)}
+        if isinstance(named.get("default"), str):
+            return named["default"]
+    raise CheckpointError(
+        f"{file}: 'chat_template' must be a string or a list of {{name, template}} entries with a 'default' one"
+    )
 
 
 def load_checkpoint(
@@ -167,13 +248,19 @@ def load_checkpoint(
     """Load a llava-hf layout folder into ``cls`` (strict: every parameter must come from the files)."""
     path = Path(path)
     data = _read_config_json(path)
-    config = LlavaKitConfig.from_config_json(data, str(path / CONFIG_NAME))
+    chat_template = read_chat_template(path)
+    config = LlavaKitConfig.from_config_json(
+        data, str(path / CONFIG_NAME), has_chat_template=chat_template is not None
+    )
     tokenizer = _load_tokenizer(path)
+    _use_checkpoint_template(tokenizer, chat_template, config.template, path)
     model = cls.from_config(config, tokenizer=tokenizer, attn_implementation=attn_implementation)
     state = _read_weights(path)
     base = model.llm.base_model_prefix
     load_state_strict(model, state, path, lambda key: from_disk_key(key, base))
-    saved_dtype = getattr(torch, str(data.get("dtype") or data.get("torch_dtype") or "float32"), torch.float32)
+    saved_dtype = getattr(
+        torch, str(data.get("dtype") or data.get("torch_dtype") or "float32"), torch.float32
+    )
     cast_parameters(model, dtype or saved_dtype)
     if device is not None:
         model.to(device)
@@ -182,23 +269,49 @@ def load_checkpoint(
 
 def read_config(path: Path) -> LlavaKitConfig:
     """Parse ``path/config.json`` into a `LlavaKitConfig`."""
-    return LlavaKitConfig.from_config_json(_read_config_json(path), str(path / CONFIG_NAME))
+    has_chat_template = read_chat_template(path) is not None
+    return LlavaKitConfig.from_config_json(
+        _read_config_json(path), str(path / CONFIG_NAME), has_chat_template=has_chat_template
+    )
 
 
 def _read_config_json(path: Path) -> dict[str, Any]:
     config_path = path / CONFIG_NAME
     if not config_path.is_file():
         raise CheckpointError(f"{path} is not a checkpoint folder: {CONFIG_NAME} is missing")
+    return _read_json(config_path)
+
+
+def _read_json(file: Path) -> dict[str, Any]:
     try:
-        return json.loads(config_path.read_text())
+        data = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config_path}: invalid JSON at line {err.lineno}: {err.msg}") from None
+        raise CheckpointError(f"{file}: invalid JSON at line {err.lineno}: {err.msg}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _use_checkpoint_template(tokenizer: Any, chat_template: str | None, template: str, path: Path) -> None:
+    """Give the tokenizer the folder's chat template (the one transformers' processor and vLLM use), which template
+    ``processor`` renders with; it may differ from the tokenizer's own (llava-hf's multimodal processor template next
+    to the LLM's text template in ``tokenizer_config.json``)."""
+    if template == "processor" and (tokenizer is None or chat_template is None):
+        missing = "tokenizer files" if tokenizer is None else "chat template"
+        raise CheckpointError(
+            f"{path}: template 'processor' needs the checkpoint's {missing}, which the folder lacks; add them or "
+            "load with another template"
+        )
+    if tokenizer is not None and chat_template is not None:
+        tokenizer.chat_template = chat_template
 
 
 def _load_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
-    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+    if not any(
+        (path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    ):
         return None
     return AutoTokenizer.from_pretrained(path)
 
@@ -219,12 +332,17 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         try:
             state.update(load_file(str(file)))
         except Exception as err:  # safetensors raises a bare Exception subtype on corrupt headers
-            raise CheckpointError(f"{file} is not a readable safetensors file ({err}); re-download or re-save it") from None
+            raise CheckpointError(
+                f"{file} is not a readable safetensors file ({err}); re-download or re-save it"
+            ) from None
     return state
 
 
 def load_state_strict(
-    model: LlavaNextModel, source_state: dict[str, torch.Tensor], path: Path, to_ours: Callable[[str], str | None]
+    model: LlavaNextModel,
+    source_state: dict[str, torch.Tensor],
+    path: Path,
+    to_ours: Callable[[str], str | None],
 ) -> None:
     """Load ``source_state`` (keys in some checkpoint layout) into ``model``, checking keys and shapes first.
 

@@ -3,7 +3,9 @@
 On disk it is the ``config.json`` of a transformers ``LlavaNextConfig`` (``model_type: llava_next``) with one extra
 section, ``"llavakit"``, holding what transformers has no field for: the vision-encoder and projector ids, the chat
 template id (and the system prompt it was trained with) and the full image preprocessing spec. Training, evaluation
-and serving all read these back, so a checkpoint is preprocessed and prompted the same way everywhere.
+and serving all read these back, so a checkpoint is preprocessed and prompted the same way everywhere. A
+transformers / llava-hf ``config.json`` has no such section: its fields are derived, and its chat template is the
+one the checkpoint carries (template ``processor``) or, without one, the LLM family's default.
 
 ``anyres_max_N`` checkpoints are written as ``model_type: llava_onevision`` (transformers' class with the same
 feature downsampling). A checkpoint whose settings transformers cannot reproduce (``flat`` merge, a ``linear``
@@ -143,8 +145,17 @@ class LlavaKitConfig:
         return data
 
     @classmethod
-    def from_config_json(cls, data: dict[str, Any], source: str = "config.json") -> LlavaKitConfig:
-        """Read our own ``config.json`` or a plain llava-hf one (then our fields are derived from its fields)."""
+    def from_config_json(
+        cls, data: dict[str, Any], source: str = "config.json", has_chat_template: bool = False
+    ) -> LlavaKitConfig:
+        """Read our own ``config.json`` or a plain llava-hf one (then our fields are derived from its fields).
+
+        Args:
+            data: the parsed ``config.json``.
+            source: where it came from, named in errors.
+            has_chat_template: the checkpoint folder carries a chat template; a llava-hf checkpoint is then prompted
+                with it (template ``processor``) rather than with the LLM family's default template.
+        """
         if data.get("model_type") not in ("llava_next", "llava_onevision", "llavakit"):
             raise CheckpointError(
                 f"{source}: model_type {data.get('model_type')!r} is not a LLaVA-NeXT checkpoint "
@@ -156,13 +167,15 @@ class LlavaKitConfig:
         section = data.get(LLAVAKIT_KEY)
         if section is not None:
             return cls._from_section(data, section, source)
-        return cls._from_llava_hf(data, source)
+        return cls._from_llava_hf(data, source, has_chat_template)
 
     @classmethod
     def _from_section(cls, data: dict[str, Any], section: dict[str, Any], source: str) -> LlavaKitConfig:
         system_prompt = section.get("system_prompt")
         if system_prompt is not None and not isinstance(system_prompt, str):
-            raise CheckpointError(f"{source}: llavakit.system_prompt must be a string or null, got {system_prompt!r}")
+            raise CheckpointError(
+                f"{source}: llavakit.system_prompt must be a string or null, got {system_prompt!r}"
+            )
         try:
             return cls(
                 vision_encoder=section["vision_encoder"],
@@ -183,7 +196,7 @@ class LlavaKitConfig:
             raise CheckpointError(f"{source}: {err}") from None
 
     @classmethod
-    def _from_llava_hf(cls, data: dict[str, Any], source: str) -> LlavaKitConfig:
+    def _from_llava_hf(cls, data: dict[str, Any], source: str, has_chat_template: bool) -> LlavaKitConfig:
         from llavakit.model.family import family_for
         from llavakit.model.vision import backbone_for_model_type
 
@@ -194,7 +207,9 @@ class LlavaKitConfig:
         if not isinstance(layer, int):
             raise CheckpointError(f"{source}: list-valued vision_feature_layer {layer} is not supported yet")
         spec = ImageSpec(
-            aspect_ratio=data.get("vision_aspect_ratio", "anyres") if data["model_type"] == "llava_onevision" else "anyres",
+            aspect_ratio=data.get("vision_aspect_ratio", "anyres")
+            if data["model_type"] == "llava_onevision"
+            else "anyres",
             tile_size=int(vision.get("image_size", 336)),
             patch_size=int(vision.get("patch_size", 14)),
             pinpoints=tuple(tuple(p) for p in data.get("image_grid_pinpoints", ImageSpec().pinpoints)),
@@ -205,6 +220,7 @@ class LlavaKitConfig:
         )
         if spec.select_feature == "cls_patch":
             raise CheckpointError(f"{source}: strategy 'full' on a CLS encoder cannot be merged spatially")
+        family_template = family_for(data["text_config"].get("model_type", "llama")).default_template
         return cls(
             vision_encoder=backbone.id,
             vision_config=vision,
@@ -212,7 +228,7 @@ class LlavaKitConfig:
             projector="mlp2x_gelu",
             select_layer=int(layer),
             image_spec=spec,
-            template=family_for(data["text_config"].get("model_type", "llama")).default_template,
+            template="processor" if has_chat_template else family_template,
             image_token_id=int(data.get("image_token_index", data.get("image_token_id", 32000))),
             pad_token_id=data.get("pad_token_id"),
         )

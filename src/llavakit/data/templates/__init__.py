@@ -1,8 +1,10 @@
 """Chat templates as registered values: ``TEMPLATES.get(id)`` or `get_template` (with the quirk switch).
 
 Ids: ``plain``, ``v0``, ``vicuna_v1``, ``llava_v1``, ``llama_2``, ``mistral_instruct``, ``chatml_direct``,
-``qwen_1_5``, ``qwen_2``, ``qwen_2_5``, ``llava_llama_3``, ``gemma_instruct`` and ``tokenizer`` (the tokenizer's own
-``chat_template``). See `llavakit.data.templates.base` for the segment contract.
+``qwen_1_5``, ``qwen_2``, ``qwen_2_5``, ``llava_llama_3``, ``gemma_instruct``, ``tokenizer`` (the tokenizer's own
+``chat_template``) and ``processor`` (the chat template a transformers / llava-hf checkpoint carries). See
+`llavakit.data.templates.base` for the segment contract, and `llavakit.data.templates.jinja` for the Jinja export
+that lets other servers prompt a checkpoint the same way.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import replace
 from llavakit.data.templates.base import ChatTemplate, Segment
 from llavakit.data.templates.chatml import CHATML_DIRECT, QWEN_1_5, QWEN_2, QWEN_2_5
 from llavakit.data.templates.gemma import GEMMA_INSTRUCT
-from llavakit.data.templates.hf_chat import TOKENIZER
+from llavakit.data.templates.hf_chat import PROCESSOR, TOKENIZER
 from llavakit.data.templates.llama2 import LLAMA_2, MISTRAL_INSTRUCT
 from llavakit.data.templates.llama3 import LLAVA_LLAMA_3
 from llavakit.data.templates.plain import PLAIN
@@ -35,11 +37,14 @@ for _template in (
     LLAVA_LLAMA_3,
     GEMMA_INSTRUCT,
     TOKENIZER,
+    PROCESSOR,
 ):
     TEMPLATES.register(_template.id, _template)
 
 
-def get_template(template_id: str, upstream_quirks: bool = True, system_prompt: str | None = None) -> ChatTemplate:
+def get_template(
+    template_id: str, upstream_quirks: bool = True, system_prompt: str | None = None
+) -> ChatTemplate:
     """The registered template ``template_id``.
 
     Args:
@@ -57,7 +62,9 @@ def check_system_prompt(template: ChatTemplate, where: str = "system_prompt") ->
     with it (`ChatTemplate.ignores_system_prompt`)."""
     reason = template.ignores_system_prompt()
     if reason is not None:
-        raise ConfigError(f"{where}: template {template.id!r} ignores a configured system prompt in training: {reason}")
+        raise ConfigError(
+            f"{where}: template {template.id!r} ignores a configured system prompt in training: {reason}"
+        )
 
 
 __all__ = ["TEMPLATES", "ChatTemplate", "Segment", "check_system_prompt", "get_template"]

@@ -30,7 +30,8 @@ LLAVA_LLAMA_3_SYSTEM = (
 )
 
 
-def _header(role: str) -> str:
+def header(role: str) -> str:
+    """The message header of ``role`` (``<|start_header_id|>ROLE<|end_header_id|>\\n\\n``)."""
     return f"{START_HEADER}{role}{END_HEADER}\n\n"
 
 
@@ -45,17 +46,17 @@ class Llama3Template(ChatTemplate):
     ) -> list[Segment]:
         check_generation_turns(conversation, self.id, for_generation)
         system = self.system_prompt(conversation).strip()
-        segments = [Segment(f"{BEGIN_OF_TEXT}{_header('system')}{system}{EOT}", False)]
+        segments = [Segment(f"{BEGIN_OF_TEXT}{header('system')}{system}{EOT}", False)]
         for turn in conversation.turns:
             if turn.role == USER:
-                segments.append(Segment(f"{_header('user')}{turn.text.strip()}{EOT}", False))
+                segments.append(Segment(f"{header('user')}{turn.text.strip()}{EOT}", False))
             elif self.upstream_quirks:
-                segments.append(Segment(f"{_header('assistant')}{turn.text.strip()}{EOT}", True))
+                segments.append(Segment(f"{header('assistant')}{turn.text.strip()}{EOT}", True))
             else:
-                segments.append(Segment(_header("assistant"), False))
+                segments.append(Segment(header("assistant"), False))
                 segments.append(Segment(f"{turn.text.strip()}{EOT}", True))
         if for_generation:
-            segments.append(Segment(_header("assistant"), False))
+            segments.append(Segment(header("assistant"), False))
         return segments
 
     def always_trained_tokens(self) -> tuple[str, ...]:

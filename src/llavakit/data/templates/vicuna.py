@@ -75,20 +75,21 @@ class SeparatorTemplate(ChatTemplate):
         prefix = self.system_prompt(conversation) + self.sep
         # Upstream picks separators by message position, few-shot messages included.
         for position, (role_name, text) in enumerate(self.few_shot):
-            prefix += f"{role_name}: {text}{self._sep_after(position)}"
+            prefix += f"{role_name}: {text}{self.sep_after(position)}"
         segments = [Segment(prefix, False)]
         for offset, turn in enumerate(conversation.turns):
             position = len(self.few_shot) + offset
             if turn.role == USER:
-                segments.append(Segment(f"{self.roles[0]}: {turn.text}{self._sep_after(position)}", False))
+                segments.append(Segment(f"{self.roles[0]}: {turn.text}{self.sep_after(position)}", False))
             else:
                 segments.append(Segment(f"{self.roles[1]}:", False))
-                segments.append(Segment(f" {turn.text}{self._sep_after(position)}", True))
+                segments.append(Segment(f" {turn.text}{self.sep_after(position)}", True))
         if for_generation:
             segments.append(Segment(f"{self.roles[1]}:", False))
         return segments
 
-    def _sep_after(self, position: int) -> str:
+    def sep_after(self, position: int) -> str:
+        """The separator after the message at ``position`` (few-shot messages counted)."""
         return self.sep2 if self.sep2 and position % 2 == 1 else self.sep
 
 
