@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from llavakit.errors import ConfigError, LlavakitError
 from llavakit.serving.media import DEFAULT_MAX_IMAGE_PIXELS, MediaError, MediaPolicy, load_image_url
@@ -431,9 +431,21 @@ def test_header_pixel_count_checked_against_policy():
     assert load_image_url(_data_url(png), MediaPolicy(max_image_pixels=64 * 48)).size == (64, 48)
 
 
-def test_truncated_image_refused():
-    png = _png(64, 64)
-    _refused(_data_url(png[: len(png) // 2]), MediaPolicy(), "corrupt or truncated")
+@pytest.mark.parametrize("load_truncated", [False, True])
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG"])
+def test_truncated_image_refused(monkeypatch, image_format, load_truncated):
+    """Also when some imported library has set PIL's process-wide LOAD_TRUNCATED_IMAGES (lmms-eval does)."""
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", load_truncated)
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(_png(64, 64))).convert("RGB").save(buffer, format=image_format)
+    data = buffer.getvalue()
+    mime = "image/png" if image_format == "PNG" else "image/jpeg"
+    url = f"data:{mime};base64," + base64.b64encode(data[: len(data) // 2]).decode()
+    _refused(url, MediaPolicy(), "corrupt or truncated")
+    assert load_image_url(f"data:{mime};base64," + base64.b64encode(data).decode(), MediaPolicy()).size == (
+        64,
+        64,
+    )
 
 
 # --- local files --------------------------------------------------------------------------------------------------
