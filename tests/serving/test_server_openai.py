@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import io
 import json
+import time
 
 import httpx
 import openai
@@ -282,6 +283,13 @@ BAD_REQUESTS = {
     "unsupported tools": ({**user("hi"), "tools": [{"type": "function"}]}, 400, "tools"),
     "too many stop strings": ({**user("hi"), "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     "body over the cap": (json.dumps(user("x" * (3 * 1024**2))).encode(), 413, None),
+    "JSON nested too deeply": (b"[" * 100_000 + b"]" * 100_000, 400, None),
+    "stream_options without stream": (
+        {**user("hi"), "stream_options": {"include_usage": True}},
+        400,
+        "stream_options",
+    ),
+    "stop string too long": ({**user("hi"), "stop": "x" * 1000}, 400, "stop"),
 }
 
 
@@ -320,3 +328,32 @@ def test_api_key_is_required_when_set(checkpoint):
         assert httpx.get(f"{running.base_url}/models").status_code == 401
         right = openai.OpenAI(base_url=running.base_url, api_key="s3cret", max_retries=0)
         assert [model.id for model in right.models.list()] == ["tiny"]
+
+
+def test_extreme_sampling_settings_fail_nobody(client, oracle, pictures):
+    """A near-zero temperature (inf logits unless shifted) and a seed beyond 64 bits, next to a greedy request."""
+    content = [image_part(pictures[0]), {"type": "text", "text": "What colour is the circle?"}]
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        greedy = pool.submit(ask, client, content, max_tokens=24)
+        tiny = pool.submit(ask, client, content, temperature=1e-40, seed=7, max_tokens=8)
+        huge_seed = pool.submit(ask, client, content, temperature=1.0, seed=2**64 + 5, n=2, max_tokens=8)
+        answers = [greedy.result(), tiny.result(), huge_seed.result()]
+    expected = oracle.generate(["<image>\nWhat colour is the circle?"], [[pictures[0]]], max_new_tokens=24)[0]
+    assert answers[0].choices[0].message.content == expected
+    assert expected.startswith(
+        answers[1].choices[0].message.content
+    )  # near-zero temperature samples the argmax
+    assert len(answers[2].choices) == 2
+
+
+def test_a_client_that_leaves_frees_its_batch_slot(server):
+    engine = server.pool.models["tiny"].engine
+    body = {**user("Tell me everything."), "max_tokens": 4000, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.base_url}/chat/completions", json=body, timeout=0.5)
+    steps = engine.stats.steps
+    deadline = time.monotonic() + 1.5  # the answer would take several seconds more
+    while engine.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.running == 0
+    assert engine.stats.steps - steps < 2000

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from llavakit.serving.config import LOOPBACK, ModelSpec, ServeConfig
 
@@ -34,7 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--host", default=LOOPBACK, help="interface to bind (default 127.0.0.1, this machine only)"
     )
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("LLAVAKIT_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 requests (default: $LLAVAKIT_API_KEY, which keeps the key "
+        "out of the process list and shell history)",
+    )
     parser.add_argument(
         "--allowed-local-media-path",
         default=None,

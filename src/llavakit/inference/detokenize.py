@@ -53,6 +53,12 @@ class IncrementalDetokenizer:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True).strip()
         return self._release(text)
 
+    def final_text(self) -> str:
+        """The whole answer decoded at once (what was released, unless the tokenizer re-merged characters)."""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
+        cut = self._stop_position(text)
+        return (text if cut is None else text[:cut]).strip()
+
     @property
     def text(self) -> str:
         """Everything released so far."""

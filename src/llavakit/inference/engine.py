@@ -44,6 +44,10 @@ from llavakit.model.llava_next import LlavaNextModel
 logger = logging.getLogger(__name__)
 
 
+class EngineBusy(RuntimeError):
+    """The engine's waiting queue is full."""
+
+
 @dataclass(frozen=True)
 class TextDelta:
     """New answer text of one request (``text`` may be empty when a token only extended held-back text)."""
@@ -56,7 +60,6 @@ class Finished:
     """A request is done: ``reason`` is ``"stop"`` (stop token or string) or ``"length"`` (max tokens)."""
 
     reason: str
-    prompt_tokens: int
     completion_tokens: int
     text: str
 
@@ -131,6 +134,7 @@ class GenerationEngine:
         stop_strings: the template's stop strings.
         pad_id: the id written into padded positions.
         max_batch: rows decoded together at most; further requests wait.
+        max_waiting: requests waiting to join at most; `submit` refuses more (`EngineBusy`).
         feature_cache: image-feature cache, shared with other users of the model.
         model_key: this model's key in ``feature_cache``.
     """
@@ -143,6 +147,7 @@ class GenerationEngine:
         stop_strings: Sequence[str],
         pad_id: int,
         max_batch: int = 32,
+        max_waiting: int = 1024,
         feature_cache: ImageFeatureCache | None = None,
         model_key: str = "",
     ) -> None:
@@ -155,6 +160,7 @@ class GenerationEngine:
         self.stop_strings = tuple(stop_strings)
         self.pad_id = pad_id
         self.max_batch = max_batch
+        self.max_waiting = max_waiting
         self.feature_cache = feature_cache
         self.model_key = model_key
         self.device = next(model.parameters()).device
@@ -175,6 +181,8 @@ class GenerationEngine:
         """Queue ``request``; its events arrive on ``request.on_event``. Returns the request (to cancel it)."""
         if self._closed:
             raise RuntimeError("the generation engine is closed")
+        if self._waiting.qsize() >= self.max_waiting:
+            raise EngineBusy(f"{self.max_waiting} requests are already waiting for this model; retry later")
         self._waiting.put(request)
         return request
 
@@ -183,6 +191,11 @@ class GenerationEngine:
         self._closed = True
         self._waiting.put(None)
         self._thread.join(timeout=60)
+
+    @property
+    def running(self) -> int:
+        """Rows being decoded now."""
+        return len(self._rows)
 
     @property
     def stats(self) -> EngineStats:
@@ -195,7 +208,7 @@ class GenerationEngine:
         while True:
             incoming = self._take_waiting(block=not self._rows)
             if incoming is None:
-                self._fail_all(RuntimeError("the server is shutting down"))
+                self._fail_all(RuntimeError("the server is shutting down"), waiting_too=True)
                 return
             if incoming:
                 self._admit(incoming)
@@ -248,6 +261,8 @@ class GenerationEngine:
             logits_to_keep=1,
             **{self._cache_arg: cache},
         )
+        for request in requests:
+            request.images = ()  # their features are in the KV cache now; the decoded pixels can go
         rows = [self._new_row(request) for request in requests]
         self._merge(rows, cache, mask)
         self._admitted += len(rows)
@@ -260,7 +275,7 @@ class GenerationEngine:
             if request.seed is None:
                 generator.seed()
             else:
-                generator.manual_seed(request.seed)
+                generator.manual_seed(request.seed % 2**64)  # any integer seeds; torch takes 64 bits
         detokenizer = IncrementalDetokenizer(self.tokenizer, (*self.stop_strings, *request.stop))
         return _Row(request, detokenizer, generator)
 
@@ -300,10 +315,17 @@ class GenerationEngine:
             self._fail_all(err)
 
     def _emit(self, rows: list[_Row], logits: torch.Tensor, first_row: int) -> None:
-        """Pick each row's next token from ``logits [b, V]``, stream it, then drop the rows that are done."""
+        """Pick each row's next token from ``logits [b, V]``, stream it, then drop the rows that are done.
+
+        A row whose token cannot be picked (e.g. non-finite logits under sampling) fails alone.
+        """
         tokens = self._pick(rows, logits.float())
         done = []
-        for offset, (row, token) in enumerate(zip(rows, tokens.tolist())):
+        for offset, (row, token) in enumerate(zip(rows, tokens)):
+            if isinstance(token, BaseException):
+                _send(row.request, Failed(token))
+                done.append(first_row + offset)
+                continue
             self._last[first_row + offset] = token
             if self._advance(row, token):
                 done.append(first_row + offset)
@@ -315,14 +337,18 @@ class GenerationEngine:
         if done:
             self._drop(sorted(done))
 
-    def _pick(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
-        tokens = logits.argmax(dim=-1)
+    def _pick(self, rows: list[_Row], logits: torch.Tensor) -> list[int | BaseException]:
+        """Each row's token id, or the error that kept it from being drawn."""
+        tokens: list[int | BaseException] = logits.argmax(dim=-1).tolist()
         for index, row in enumerate(rows):
             if row.generator is not None:
-                tokens[index] = _sample(
-                    logits[index], row.request.temperature, row.request.top_p, row.generator
-                )
-        return tokens.cpu()
+                try:
+                    tokens[index] = _sample(
+                        logits[index], row.request.temperature, row.request.top_p, row.generator
+                    )
+                except RuntimeError as err:  # torch.multinomial refuses non-finite or all-zero probabilities
+                    tokens[index] = err
+        return tokens
 
     def _advance(self, row: _Row, token: int) -> bool:
         """Account one token of ``row``; True when the row is finished (its events sent)."""
@@ -343,7 +369,7 @@ class GenerationEngine:
         rest = row.detokenizer.finish()
         if rest and row.request.stream:
             _send(row.request, TextDelta(rest))
-        _send(row.request, Finished(reason, len(row.request.prompt_ids), row.generated, row.detokenizer.text))
+        _send(row.request, Finished(reason, row.generated, row.detokenizer.final_text()))
         return True
 
     def _drop(self, indices: list[int]) -> None:
@@ -366,12 +392,13 @@ class GenerationEngine:
             )
         self._cache = trimmed
 
-    def _fail_all(self, error: BaseException) -> None:
+    def _fail_all(self, error: BaseException, waiting_too: bool = False) -> None:
+        """Fail the running rows (and, at shutdown, the waiting requests) with ``error``."""
         for row in self._rows:
             _send(row.request, Failed(error))
         self._rows = []
         self._cache, self._mask, self._last = None, self._mask[:0, :0], self._last[:0]
-        while True:
+        while waiting_too:
             try:
                 item = self._waiting.get_nowait()
             except queue.Empty:
@@ -406,7 +433,8 @@ def _pad_left(tensor: torch.Tensor, width: int, dim: int = -2) -> torch.Tensor:
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
     """One token from ``logits [V]`` with temperature and nucleus (top-p) filtering, drawn with ``generator``."""
-    probs = torch.softmax(logits / temperature, dim=-1)
+    # Shifted so the largest logit is 0: a tiny temperature then gives -inf elsewhere (one-hot), never inf - inf.
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
     if top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
         before = sorted_probs.cumsum(dim=0) - sorted_probs

@@ -83,7 +83,7 @@ class ImageFeatureCache:
             return features
 
     def put(self, key: CacheKey, features: torch.Tensor) -> None:
-        """Store ``features`` (detached) under ``key``, evicting least recently used entries to stay in bounds.
+        """Store a copy of ``features`` under ``key``, evicting least recently used entries to stay in bounds.
 
         A tensor larger than the whole bound is not stored.
         """
@@ -94,7 +94,8 @@ class ImageFeatureCache:
             old = self._entries.pop(key, None)
             if old is not None:
                 self._bytes -= old.numel() * old.element_size()
-            self._entries[key] = features.detach()
+            # A copy: the features may be a view of a whole batch's projector output, which would stay alive.
+            self._entries[key] = features.detach().clone()
             self._bytes += size
             while self._bytes > self.max_bytes:
                 _, evicted = self._entries.popitem(last=False)

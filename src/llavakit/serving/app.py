@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llavakit.data.schema import Conversation
 from llavakit.errors import LlavakitError
-from llavakit.inference.engine import EngineRequest, Event, Failed, Finished, TextDelta
+from llavakit.inference.engine import EngineBusy, EngineRequest, Event, Failed, Finished, TextDelta
 from llavakit.inference.prompts import EncodedRequest
 from llavakit.inference.prompts import Request as PromptRequest
 from llavakit.serving.config import ServeConfig
@@ -65,7 +65,14 @@ class _Job:
 
 def create_app(pool: ModelPool, config: ServeConfig) -> FastAPI:
     """The server application over loaded models."""
-    app = FastAPI(title="llavakit", description="OpenAI-compatible chat completions for LLaVA-NeXT models.")
+    # No /docs, /redoc or /openapi.json: they would be reachable without the API key.
+    app = FastAPI(
+        title="llavakit",
+        description="OpenAI-compatible chat completions for LLaVA-NeXT models.",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)
     app.add_exception_handler(Exception, unexpected_error_handler)
@@ -96,15 +103,24 @@ def create_app(pool: ModelPool, config: ServeConfig) -> FastAPI:
         stops = request.stop_strings()
         parsed = parse_messages(request.messages, config.max_images_per_request)
         encoded = await run_in_threadpool(_encode, served, parsed, policy)
-        max_new = _answer_budget(served, request, len(encoded.input_ids), config.default_max_tokens)
+        prompt_tokens = len(encoded.input_ids)
+        max_new = _answer_budget(served, request, prompt_tokens, config.default_max_tokens)
         job = _submit(served, request, encoded, max_new, stops)
+        del encoded, parsed  # the engine holds the images until prefill, this handler no longer
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            stream = _stream(job, request, completion_id(), len(encoded.input_ids), include_usage)
-            return StreamingResponse(stream, media_type="text/event-stream")
-        return JSONResponse(await _collect(job, request, len(encoded.input_ids)))
+            stream = _stream(job, request, completion_id(), prompt_tokens, include_usage)
+            return StreamingResponse(stream, media_type="text/event-stream", headers=_STREAM_HEADERS)
+        body = await _collect(job, request, prompt_tokens, http_request)
+        return JSONResponse(body) if body is not None else None
 
     return app
+
+
+# Proxies must pass events through as they come rather than buffer the response.
+_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# How often a non-streamed request checks that its client is still connected.
+_DISCONNECT_POLL_S = 0.25
 
 
 def _api_key_check(api_key: str | None):
@@ -146,6 +162,8 @@ async def _read_json(http_request: Request, limit: int) -> Any:
         ) from None
     except UnicodeDecodeError:
         raise bad_request("the body is not UTF-8 JSON") from None
+    except RecursionError:
+        raise bad_request("the body's JSON is nested too deeply") from None
 
 
 def _too_large(size: int, limit: int) -> APIError:
@@ -218,26 +236,46 @@ def _submit(
                 stream=request.stream,
             )
         )
-    for row in rows:
-        served.engine.submit(row)
+    try:
+        for row in rows:
+            served.engine.submit(row)
+    except EngineBusy as err:
+        for row in rows:
+            row.cancel()
+        raise APIError(503, f"the server is busy: {err}", code="server_busy", type="server_error") from None
     return _Job(served, rows, events)
 
 
-async def _collect(job: _Job, request: ChatCompletionRequest, prompt_tokens: int) -> dict[str, Any]:
-    """Wait for every choice and build the ``chat.completion`` body."""
+async def _collect(
+    job: _Job, request: ChatCompletionRequest, prompt_tokens: int, http_request: Request
+) -> dict[str, Any] | None:
+    """Wait for every choice and build the ``chat.completion`` body; None when the client went away first (its
+    rows are cancelled, so an abandoned request does not hold a batch slot to the end of its answer)."""
     results: dict[int, Finished] = {}
+    watcher = asyncio.create_task(_watch_disconnect(job, http_request))
     try:
         while len(results) < len(job.rows):
             choice, event = await job.events.get()
+            if choice is None:
+                return None
             if isinstance(event, Failed):
                 raise _engine_error(event.error)
             if isinstance(event, Finished):
                 results[choice] = event
     finally:
+        watcher.cancel()
         job.cancel()
     choices = [(results[index].text, results[index].reason) for index in range(len(job.rows))]
     completion = sum(result.completion_tokens for result in results.values())
     return completion_body(completion_id(), request.model, choices, prompt_tokens, completion)
+
+
+async def _watch_disconnect(job: _Job, http_request: Request) -> None:
+    """Cancel ``job`` and wake its collector when the client disconnects."""
+    while not await http_request.is_disconnected():
+        await asyncio.sleep(_DISCONNECT_POLL_S)
+    job.cancel()
+    job.events.put_nowait((None, None))
 
 
 async def _stream(

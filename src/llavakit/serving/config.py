@@ -93,6 +93,11 @@ class ServeConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 1 <= self.max_n <= 128:
             raise ConfigError(f"max_n must be in [1, 128], got {self.max_n}")
+        if self.feature_cache_bytes < 0 or not self.fetch_timeout_s > 0:
+            raise ConfigError(
+                f"feature_cache_bytes must be >= 0 and fetch_timeout_s > 0, got {self.feature_cache_bytes} and "
+                f"{self.fetch_timeout_s}"
+            )
         if self.default_max_tokens < 1:
             raise ConfigError(f"default_max_tokens must be at least 1, got {self.default_max_tokens}")
         if not 0 <= self.port <= 65535:

@@ -13,7 +13,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from llavakit.serving.errors import APIError, bad_request
+from llavakit.serving.errors import bad_request
+
+# Every row checks its stop strings against its text at every step: long ones would slow the whole batch.
+MAX_STOP_CHARS = 256
 
 
 class ImageURL(BaseModel):
@@ -78,8 +81,10 @@ class ChatCompletionRequest(BaseModel):
         if self.stop is None:
             return ()
         stops = [self.stop] if isinstance(self.stop, str) else self.stop
-        if len(stops) > 4 or any(not stop for stop in stops):
-            raise bad_request("stop takes up to 4 non-empty strings", param="stop")
+        if len(stops) > 4 or any(not stop or len(stop) > MAX_STOP_CHARS for stop in stops):
+            raise bad_request(
+                f"stop takes up to 4 non-empty strings of at most {MAX_STOP_CHARS} characters", param="stop"
+            )
         return tuple(stops)
 
     def check_supported(self) -> None:
@@ -112,6 +117,8 @@ def parse_request(data: Any) -> ChatCompletionRequest:
         param = _param(_field_path(error["loc"]))
         raise bad_request(f"invalid request: {param or 'body'}: {error['msg']}", param=param) from None
     request.check_supported()
+    if request.stream_options is not None and not request.stream:
+        raise bad_request("stream_options is only allowed with stream: true", param="stream_options")
     return request
 
 
@@ -201,4 +208,4 @@ def model_list(names: list[str], created: int) -> dict[str, Any]:
     }
 
 
-__all__ = ["APIError", "ChatCompletionRequest", "Message", "parse_request"]
+__all__ = ["ChatCompletionRequest", "Message", "parse_request"]

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 def serve(config: ServeConfig, log_level: str = "info") -> None:
     """Load the models and serve until interrupted (Ctrl-C)."""
     pool = ModelPool(config)
-    if config.host != LOOPBACK and config.api_key is None:
+    if config.host not in (LOOPBACK, "localhost", "::1") and config.api_key is None:
         logger.warning(
             "serving on %s without --api-key: anyone who can reach this address can use it", config.host
         )
