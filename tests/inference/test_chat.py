@@ -70,3 +70,21 @@ def test_cli_chat_with_piped_stdin(checkpoint, images, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("error:") == 4
     assert done.stdout.count("assistant> ") == 3
+
+
+def test_a_prompt_longer_than_the_context_is_refused_and_the_chat_goes_on(assistant, images):
+    output = io.StringIO()
+    session = ChatSession(assistant, output, image=images[0])
+    session.ask("word " * assistant.context_length)
+    assert "context is 4096 tokens" in output.getvalue() and "assistant> " not in output.getvalue()
+    session.ask("What colour?")
+    assert output.getvalue().count("assistant> ") == 1
+
+
+def test_cli_chat_with_a_missing_image_stops_before_answering(checkpoint, tmp_path, capsys):
+    from llavakit.cli.main import main
+
+    missing = tmp_path / "missing.png"
+    code = main(["chat", "--model", str(checkpoint), "--image", str(missing)])
+    captured = capsys.readouterr()
+    assert code == 2 and str(missing) in captured.err and "assistant>" not in captured.out

@@ -48,8 +48,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model and run the chat over stdin."""
+    from llavakit.anyres.pixels import load_image
     from llavakit.inference.api import load
     from llavakit.inference.chat import interactive_lines, run_chat
+
+    if args.image is not None:
+        load_image(args.image)  # a bad --image stops here (exit 1), not after an answer given without it
 
     assistant = load(
         args.model,

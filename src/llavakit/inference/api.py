@@ -109,6 +109,7 @@ class Assistant:
         """Answer full conversations (each ending with a user turn) in one batch; see `generate`."""
         params = replace(self.defaults, **sampling)
         batch = self.prompts.batch(requests)
+        self._check_context(batch.attention_mask.sum(dim=1).tolist(), params.max_new_tokens)
         ids = generate_ids(
             self.model,
             batch,
@@ -119,6 +120,22 @@ class Assistant:
             self.model_key,
         )
         return decode(self.tokenizer, ids, self.template)
+
+    @property
+    def context_length(self) -> int:
+        """Prompt + answer tokens the LLM takes at most (its ``max_position_embeddings``)."""
+        limit = self.model.config.text_config.get("max_position_embeddings")
+        return int(limit if limit is not None else self.tokenizer.model_max_length)
+
+    def _check_context(self, prompt_lengths: list[int], max_new_tokens: int) -> None:
+        """Refuse prompts that leave no room for the answer: past its context the LLM computes nonsense silently."""
+        for row, length in enumerate(prompt_lengths):
+            if length + max_new_tokens > self.context_length:
+                raise DataError(
+                    f"request {row}: the prompt takes {length} tokens (images included) and the answer up to "
+                    f"{max_new_tokens}, but the model's context is {self.context_length} tokens: shorten the "
+                    "conversation (/reset in the chat), send fewer or smaller images, or lower max_new_tokens"
+                )
 
     def chat(
         self,

@@ -67,7 +67,7 @@ class ModelPool:
             feature_cache=self.feature_cache,
             model_key=name,
         )
-        return ServedModel(name, assistant, engine, _context_length(assistant))
+        return ServedModel(name, assistant, engine, assistant.context_length)
 
     def get(self, name: str) -> ServedModel:
         """The model called ``name``, or a 404 listing the served ones."""
@@ -85,9 +85,3 @@ class ModelPool:
         """Stop every engine."""
         for served in self.models.values():
             served.engine.close()
-
-
-def _context_length(assistant: Assistant) -> int:
-    text_config = assistant.model.config.text_config
-    limit = text_config.get("max_position_embeddings")
-    return int(limit if limit is not None else assistant.tokenizer.model_max_length)
