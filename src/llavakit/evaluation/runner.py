@@ -267,12 +267,13 @@ def _generate(
 
 
 def _answer(assistant: Assistant, batch: Sequence[_Pending], max_new_tokens: int) -> list[dict[str, Any]]:
-    """Records for one batch; if an image fails to decode, each question is retried alone to isolate it."""
+    """Records for one batch; if an image fails to decode or a prompt does not fit the model's context, each
+    question is retried alone to isolate it (and recorded as a failure)."""
     try:
         answers = assistant.generate_requests(
             [_request(item) for item in batch], max_new_tokens=max_new_tokens
         )
-    except ImageError as err:
+    except (ImageError, DataError) as err:
         if len(batch) == 1:
             return [_failure(batch[0].question_id, batch[0].index, batch[0].text, err)]
         records = []
