@@ -8,10 +8,18 @@ during ``save`` can leave a half-written ``checkpoint-N`` that the next run then
         step-000010/            <- complete: renamed from .partial-* only after every rank finished writing
             __0_0.distcp ...    model + optimizer, one shard file per rank (DCP; works for single/DDP/FSDP2)
             trainer_state.json  step, epoch, sampler position, loss history
-            rank-00000.pt       scheduler state and this rank's RNG states
+            rank-00000.json         scheduler state and this rank's RNG scalars (plain JSON)
+            rank-00000.safetensors  this rank's RNG state arrays (torch, CUDA, numpy, Python)
 
 A directory rename is atomic on POSIX, so a ``step-*`` folder is complete by construction. Only the newest
 ``keep`` checkpoints are kept. Checkpoints are written every ``save_every`` steps, never per step.
+
+Nothing here is unpickled: unpickling a file runs whatever code it names, and checkpoint folders get copied between
+machines and people. Our own files are JSON and safetensors; DCP's ``.metadata`` is a pickle (torch writes it with
+``pickle.dump`` and reads it back with a plain ``pickle.load``), so we read it with an unpickler that only admits the
+classes DCP's metadata is made of, and DCP's non-tensor values (optimizer hyper-parameters) with
+``torch.load(weights_only=True)``. Checkpoints from older llavakit versions hold a pickled ``rank-XXXXX.pt``; they
+are refused with a conversion recipe (:data:`LEGACY_CONVERSION`) instead of being unpickled.
 
 bitsandbytes' quantisation constants (``absmax``, ``quant_map``, ``quant_state.*``: QLoRA) are left out: they are
 frozen, rebuilt identically when the stage's model is rebuilt, and their modules cannot load them back.
@@ -19,7 +27,9 @@ frozen, rebuilt identically when the stage's model is rebuilt, and their modules
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 import random
 import re
 import shutil
@@ -30,14 +40,47 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from llavakit.distributed import DistContext, barrier
 from llavakit.errors import CheckpointError
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
-_QUANT_STATE = re.compile(r"\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\..*|SCB|weight_format)$")
+_QUANT_STATE = re.compile(
+    r"\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\..*|SCB|weight_format)$"
+)
+# The globals a DCP ``.metadata`` pickle refers to (torch 2.13), besides torch dtypes.
+_DCP_METADATA_GLOBALS = {
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    *(
+        ("torch.distributed.checkpoint.metadata", name)
+        for name in (
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "TensorProperties",
+            "TensorStorageMetadata",
+            "_MEM_FORMAT_ENCODING",
+        )
+    ),
+}
+LEGACY_CONVERSION = (
+    'python -c "import sys, torch; from llavakit.training.checkpoint import write_rank_state; '
+    'f = sys.argv[1]; write_rank_state(f[:-3], **torch.load(f, weights_only=False))" {file}'
+)
+"""Shell one-liner that converts one old pickled ``rank-XXXXX.pt`` (``{file}``); run it only on files you trust."""
 
 
 @dataclass
@@ -107,10 +150,7 @@ class CheckpointManager:
         barrier(self.context)
         model_state, optim_state = _state_dicts(model, optimizer)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(partial))
-        torch.save(
-            {"scheduler": scheduler.state_dict(), "rng": _rng_state()},
-            partial / f"rank-{self.context.rank:05d}.pt",
-        )
+        write_rank_state(partial / f"rank-{self.context.rank:05d}", scheduler.state_dict(), _rng_state())
         if self.context.is_main:
             (partial / "trainer_state.json").write_text(json.dumps(asdict(state)))
         barrier(self.context)
@@ -136,25 +176,150 @@ class CheckpointManager:
         Raises:
             CheckpointError: files are missing or were written with a different world size.
         """
-        extra_file = path / f"rank-{self.context.rank:05d}.pt"
+        stem = path / f"rank-{self.context.rank:05d}"
         state_file = path / "trainer_state.json"
-        if not extra_file.is_file() or not state_file.is_file():
+        _refuse_legacy(stem)
+        rank_files = [stem.with_suffix(".json"), stem.with_suffix(".safetensors")]
+        if not all(file.is_file() for file in [*rank_files, state_file]):
             raise CheckpointError(
-                f"checkpoint {path} lacks {extra_file.name} or trainer_state.json: it was written with a different "
-                "world size or by another tool; resume with the same number of ranks or start a new run_dir"
+                f"checkpoint {path} lacks {' or '.join(file.name for file in rank_files)} or trainer_state.json: it "
+                "was written with a different world size or by another tool; resume with the same number of ranks "
+                "or start a new run_dir"
             )
+        reader = _SafeFileSystemReader(path)
+        reader.read_metadata()  # raises a refusal here: inside dcp.load it would be wrapped and reworded
         model_state, optim_state = _state_dicts(model, optimizer)
         bundle = {"model": model_state, "optim": optim_state}
-        dcp.load(bundle, checkpoint_id=str(path))
+        dcp.load(bundle, storage_reader=reader, planner=_SafeLoadPlanner())
         set_state_dict(model, optimizer, model_state_dict=bundle["model"], optim_state_dict=bundle["optim"])
-        extra = torch.load(extra_file, weights_only=False)
-        scheduler.load_state_dict(extra["scheduler"])
-        _set_rng_state(extra["rng"])
+        scheduler_state, rng = read_rank_state(stem)
+        scheduler.load_state_dict(scheduler_state)
+        _set_rng_state(rng)
         return TrainerState(**json.loads(state_file.read_text()))
 
 
+def write_rank_state(stem: str | Path, scheduler: dict[str, Any], rng: dict[str, Any]) -> None:
+    """Write one rank's scheduler and RNG state as ``<stem>.json`` and ``<stem>.safetensors`` (no pickle).
+
+    Args:
+        stem: the files' path without suffix, e.g. ``<checkpoint>/rank-00000``.
+        scheduler: ``scheduler.state_dict()``; plain numbers and lists for transformers' LambdaLR schedules.
+        rng: as :func:`_rng_state` returns it (also the ``"rng"`` entry of an old ``rank-XXXXX.pt``).
+    """
+    stem = Path(stem)
+    py_version, py_state, py_gauss = rng["python"]
+    np_algorithm, np_keys, np_pos, np_has_gauss, np_cached = rng["numpy"]
+    tensors = {
+        "torch": rng["torch"],
+        "python": torch.tensor(py_state, dtype=torch.int64),  # 624 uint32 words + position
+        "numpy": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),  # 624 uint32 words
+    }
+    if "cuda" in rng:
+        tensors["cuda"] = rng["cuda"]
+    scalars = {
+        "python": [py_version, py_gauss],
+        "numpy": [np_algorithm, int(np_pos), int(np_has_gauss), float(np_cached)],
+    }
+    try:
+        values = json.dumps({"scheduler": scheduler, "rng": scalars})
+    except TypeError as error:
+        raise CheckpointError(
+            f"scheduler state is not plain JSON ({error}); only schedules whose state_dict() holds numbers, "
+            "strings and lists can be checkpointed"
+        ) from error
+    save_file(
+        {name: tensor.contiguous() for name, tensor in tensors.items()}, str(stem.with_suffix(".safetensors"))
+    )
+    stem.with_suffix(".json").write_text(values)
+
+
+def read_rank_state(stem: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read what :func:`write_rank_state` wrote: ``(scheduler state, rng state)``."""
+    stem = Path(stem)
+    values = json.loads(stem.with_suffix(".json").read_text())
+    tensors = load_file(str(stem.with_suffix(".safetensors")))
+    py_version, py_gauss = values["rng"]["python"]
+    np_algorithm, np_pos, np_has_gauss, np_cached = values["rng"]["numpy"]
+    rng = {
+        "python": (py_version, tuple(tensors["python"].tolist()), py_gauss),
+        "numpy": (np_algorithm, tensors["numpy"].numpy().astype(np.uint32), np_pos, np_has_gauss, np_cached),
+        "torch": tensors["torch"],
+    }
+    if "cuda" in tensors:
+        rng["cuda"] = tensors["cuda"]
+    return values["scheduler"], rng
+
+
+def _refuse_legacy(stem: Path) -> None:
+    """Refuse a checkpoint whose rank state is only in an old pickled ``rank-XXXXX.pt`` (never unpickle it)."""
+    legacy = stem.with_suffix(".pt")
+    if legacy.is_file() and not stem.with_suffix(".json").is_file():
+        raise CheckpointError(
+            f"{legacy} was written by an older llavakit as a pickle, and unpickling runs any code the file names, "
+            "so llavakit no longer loads it. If you trust this checkpoint, convert each rank-*.pt in it once with\n  "
+            + LEGACY_CONVERSION.format(file=legacy)
+            + "\nand resume again; otherwise delete the checkpoint or start a new run_dir"
+        )
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickles only the classes a DCP ``.metadata`` file is made of (and torch dtypes)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = (module, name) in _DCP_METADATA_GLOBALS or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        )
+        if not allowed:
+            raise CheckpointError(
+                f"DCP metadata refers to {module}.{name}, which DCP metadata never holds: the file is corrupt or "
+                "malicious, so it is not unpickled; restore the checkpoint from a trusted copy or start a new run_dir"
+            )
+        return super().find_class(module, name)
+
+
+class _SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader with ``.metadata`` read by :class:`_SafeUnpickler` instead of a plain ``pickle.load``.
+
+    ``read_metadata`` takes no ``rank``: we never write per-rank metadata, so DCP must not fall back to it.
+    """
+
+    def read_metadata(self) -> Metadata:  # type: ignore[override]
+        path = Path(self.path) / ".metadata"
+        try:
+            with path.open("rb") as file:
+                metadata = _SafeUnpickler(file).load()
+        except FileNotFoundError as error:
+            raise CheckpointError(
+                f"{path} is missing: the checkpoint is incomplete; start a new run_dir"
+            ) from error
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{path} holds a {type(metadata).__name__}, not DCP metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner, but non-tensor values are read with ``torch.load(weights_only=True)``."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        loaded = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+
 def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Model and optimizer state as DCP saves them, without bitsandbytes' quantisation constants."""
+    """Model and optimizer state as DCP saves them, without Nothing here is unpickled: unpickling a file runs whatever code it names, and checkpoint folders get copied between
+    machines and people. Our own files are JSON and safetensors; DCP's ``.metadata`` is a pickle (torch writes it with
+    ``pickle.dump`` and reads it back with a plain ``pickle.load``), so we read it with an unpickler that only admits the
+    classes DCP's metadata is made of, and DCP's non-tensor values (optimizer hyper-parameters) with
+    ``torch.load(weights_only=True)``. Checkpoints from older llavakit versions hold a pickled ``rank-XXXXX.pt``; they
+    are refused with a conversion recipe (:data:`LEGACY_CONVERSION`) instead of being unpickled.
+
+    bitsandbytes' quantisation constants."""
     model_state, optim_state = get_state_dict(model, optimizer)
     return {k: v for k, v in model_state.items() if not _QUANT_STATE.search(k)}, optim_state
 
