@@ -55,6 +55,9 @@ def load_image(
 ) -> Image.Image:
     """Open and fully decode an image as RGB, or raise `ImageError` saying what is wrong and what to do.
 
+    A path or bytes source is also checked for truncation (`check_complete`) before decoding; an already opened
+    PIL image cannot be (its bytes are gone), so its opener must check.
+
     Args:
         source: a file path, the encoded file bytes, or an already opened PIL image.
         min_side: smallest accepted height/width in pixels.
@@ -68,8 +71,12 @@ def load_image(
     if alpha not in ALPHA_MODES:
         raise ImageError(f"load_image alpha={alpha!r} must be one of {ALPHA_MODES}")
     label = _describe(source)
+    if isinstance(source, (str, os.PathLike)):
+        source = _read_file(source, label)
     image = source if isinstance(source, Image.Image) else _open(source, label)
     _check_dimensions(image.size, label, min_side, max_pixels)
+    if isinstance(source, (bytes, bytearray)):
+        check_complete(bytes(source), image.format, label)
     try:
         image.load()
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
@@ -88,9 +95,12 @@ def image_size(
     `load_image` still decodes and may then find the pixel data truncated.
     """
     label = _describe(source)
-    image = source if isinstance(source, Image.Image) else _open(source, label)
-    _check_dimensions(image.size, label, min_side, max_pixels)
-    return image.height, image.width
+    if isinstance(source, Image.Image):
+        _check_dimensions(source.size, label, min_side, max_pixels)
+        return source.height, source.width
+    with _open(source, label) as image:
+        _check_dimensions(image.size, label, min_side, max_pixels)
+        return image.height, image.width
 
 
 def _describe(source: ImageSource) -> str:
@@ -106,15 +116,26 @@ def _describe(source: ImageSource) -> str:
     )
 
 
+def _read_file(source: str | os.PathLike, label: str) -> bytes:
+    """The whole file, so `check_complete` sees the same bytes that are decoded."""
+    _check_file(Path(source), label)
+    try:
+        return Path(source).read_bytes()
+    except OSError as exc:
+        raise ImageError(f"{label} cannot be read ({exc}); check permissions and the file") from exc
+
+
+def _check_file(path: Path, label: str) -> None:
+    if not path.is_file():
+        reason = "is a directory" if path.is_dir() else "does not exist"
+        raise ImageError(f"{label} {reason}: check the image folder (--image-folder) and the sample's path")
+
+
 def _open(source: str | os.PathLike | bytes, label: str) -> Image.Image:
     """Read the header only (lazy PIL open), translating every failure into an `ImageError`."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if not path.is_file():
-            reason = "is a directory" if path.is_dir() else "does not exist"
-            raise ImageError(
-                f"{label} {reason}: check the image folder (--image-folder) and the sample's path"
-            )
+        _check_file(path, label)
         stream: str | os.PathLike | io.BytesIO = path
     else:
         stream = io.BytesIO(source)
@@ -131,6 +152,32 @@ def _open(source: str | os.PathLike | bytes, label: str) -> Image.Image:
         raise ImageError(f"{label} is too large to decode safely ({exc}); downscale it first") from exc
     except OSError as exc:
         raise ImageError(f"{label} cannot be read ({exc}); check permissions and the file") from exc
+
+
+def check_complete(data: bytes, image_format: str | None, label: str) -> None:
+    """Refuse truncated PNG and JPEG files whatever ``ImageFile.LOAD_TRUNCATED_IMAGES`` says.
+
+    Any imported library may set that process-wide flag (lmms-eval does), and PIL then pads a truncated PNG or
+    JPEG with black instead of failing, so training or evaluation would silently see a half-black image. PNG's
+    ``verify`` walks every chunk's CRC up to IEND regardless of the flag; a complete JPEG has an end-of-image
+    marker after its last start-of-scan marker (a thumbnail's EOI comes earlier). Both are cheap next to the
+    decode. Other formats fail to decode truncated data even with the flag set.
+    """
+    if image_format == "PNG":
+        try:
+            with Image.open(io.BytesIO(data), formats=("PNG",)) as probe:
+                probe.verify()
+        except Exception as exc:  # verify raises OSError / SyntaxError / struct.error on broken chunks
+            raise _truncated(label, exc) from exc
+    elif image_format == "JPEG" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
+        raise _truncated(label, OSError("no end-of-image marker after the last scan"))
+
+
+def _truncated(label: str, exc: Exception) -> ImageError:
+    return ImageError(
+        f"{label}: the image data is corrupt or truncated ({type(exc).__name__}: {exc}); re-download or "
+        "re-encode it"
+    )
 
 
 def _check_dimensions(size: tuple[int, int], label: str, min_side: int, max_pixels: int) -> None:

@@ -2,7 +2,8 @@
 
 ``llavakit data inspect DATA --image-folder DIR --tokenizer DIR`` streams a LLaVA JSON/JSONL file or a YAML
 mixture and reports sample counts, modality split, missing/corrupt images, JSON errors, token lengths after image
-expansion, truncation and tiles per image; ``--show N`` prints rendered samples with the supervised spans marked.
+expansion, truncation and tiles per image; ``--show N`` prints rendered samples with the supervised spans marked;
+``--decode`` fully decodes every image (``--workers`` threads) to find truncated or corrupt files.
 The work happens in `llavakit.data.inspect`; this module only parses arguments and prints.
 
 Other actions register themselves in `register` with one ``_register_<action>(actions)`` call each.
@@ -30,10 +31,11 @@ def _register_inspect(actions: argparse._SubParsersAction) -> None:
         "inspect",
         help="Validate a dataset and report lengths, images, errors and truncation.",
         description=(
-            "Stream a LLaVA JSON/JSONL file or YAML mixture without decoding pixels (image sizes come from file "
-            "headers) and report: sample count, modality split, missing/unreadable images (with sample ids), JSON "
-            "errors (file:line), token lengths after image expansion, truncated/dropped counts and tiles per image. "
-            "Exits 1 when the fraction of bad samples exceeds --max-error-fraction."
+            "Stream a LLaVA JSON/JSONL file or YAML mixture and report: sample count, modality split, "
+            "missing/unreadable images (with sample ids), JSON errors (file:line), token lengths after image "
+            "expansion, truncated/dropped counts and tiles per image. Image sizes come from file headers, checked "
+            "with the training loader's limits; --decode also decodes every image fully. Exits 1 when the fraction "
+            "of bad samples exceeds --max-error-fraction."
         ),
     )
     parser.add_argument("data", help="LLaVA .json / .jsonl file or a .yaml mixture")
@@ -47,7 +49,9 @@ def _register_inspect(actions: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--template", default="vicuna_v1", help="chat template id (default: vicuna_v1)")
     parser.add_argument(
-        "--system-prompt", default=None, help="replace the template's default system prompt (as data.system_prompt)"
+        "--system-prompt",
+        default=None,
+        help="replace the template's default system prompt (as data.system_prompt)",
     )
     parser.add_argument(
         "--image-spec",
@@ -63,12 +67,33 @@ def _register_inspect(actions: argparse._SubParsersAction) -> None:
         help="exit non-zero when more than this fraction of samples is bad (default 0: any error fails)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for random:K mixture sampling")
+    parser.add_argument(
+        "--decode",
+        action="store_true",
+        help="decode every image fully, as training will (finds truncated/corrupt files; slower than headers)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="threads decoding images with --decode (default: up to 8)",
+    )
     parser.set_defaults(func=run_inspect)
 
 
 def run_inspect(args: argparse.Namespace) -> int:
     """Run `llavakit.data.inspect.inspect_data` and print its report; 1 when errors exceed the threshold."""
-    from llavakit.data.inspect import InspectOptions, inspect_data, load_tokenizer_and_spec
+    from llavakit.data.inspect import (
+        DEFAULT_DECODE_WORKERS,
+        InspectOptions,
+        inspect_data,
+        load_tokenizer_and_spec,
+    )
+    from llavakit.errors import ConfigError
+
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers {args.workers} must be at least 1")
 
     tokenizer, image_spec = load_tokenizer_and_spec(args.tokenizer, args.image_spec)
     options = InspectOptions(
@@ -80,6 +105,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         show=args.show,
         max_error_fraction=args.max_error_fraction,
         seed=args.seed,
+        decode=args.decode,
+        decode_workers=DEFAULT_DECODE_WORKERS if args.workers is None else args.workers,
     )
     report = inspect_data(options, tokenizer, image_spec)
     print(report.render())
@@ -112,5 +139,7 @@ def run_synth(args: argparse.Namespace) -> int:
     config = SynthConfig(n_train=args.n, n_heldout=args.heldout, seed=args.seed)
     dataset = generate_synth(args.out_dir, config, overwrite=args.overwrite)
     state = "reused" if dataset.manifest["cached"] else "written"
-    print(f"{dataset.root} ({state}): " + ", ".join(f"{k} {v}" for k, v in dataset.manifest["counts"].items()))
+    print(
+        f"{dataset.root} ({state}): " + ", ".join(f"{k} {v}" for k, v in dataset.manifest["counts"].items())
+    )
     return 0

@@ -42,8 +42,10 @@ class Record:
 def read_records(path: str | Path, issues: IssueLog) -> Iterator[Record]:
     """Stream the records of a ``.json`` (list) or ``.jsonl`` file.
 
-    Malformed JSON is reported to ``issues`` as kind ``json`` with ``file:line``; in a JSONL file reading goes on
-    with the next line, in a JSON list it stops (the rest of the list cannot be located reliably).
+    A malformed JSONL line is reported to ``issues`` as kind ``json`` with ``file:line`` and reading goes on with
+    the next line. A ``.json`` list that does not parse to its closing ``]`` (a malformed element, a missing
+    bracket, trailing text) raises `DataError` whatever the skip policy: the rest of the list cannot be located, so
+    going on would silently train on a shorter dataset. A file that is not UTF-8 raises `DataError` too.
     """
     path = Path(path)
     if not path.is_file():
@@ -59,8 +61,10 @@ def read_records(path: str | Path, issues: IssueLog) -> Iterator[Record]:
 
 
 def _read_jsonl(path: Path, issues: IssueLog) -> Iterator[Record]:
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    # Binary lines decoded one by one, so a non-UTF-8 byte is reported with its line number.
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            line = _decode_utf8(raw, path, line_number)
             if not line.strip():
                 continue
             try:
@@ -80,14 +84,18 @@ def _read_jsonl(path: Path, issues: IssueLog) -> Iterator[Record]:
 
 
 def _read_json_list(path: Path, issues: IssueLog) -> Iterator[Record]:
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, raw.count(b"\n", 0, err.start) + 1, raw[err.start]) from None
     decoder = json.JSONDecoder()
     index = _skip_space(text, 0)
     if index >= len(text) or text[index] != "[":
-        issues.report(
-            "json", DataError(f"{path}:{_line_of(text, index)}: a .json data file must hold a JSON list")
+        raise DataError(
+            f"{path}:{_line_of(text, index)}: a .json data file must hold a JSON list of samples; "
+            "use .jsonl for one object per line"
         )
-        return
     index = _skip_space(text, index + 1)
     line, line_index = 1, 0
     while index < len(text) and text[index] != "]":
@@ -97,10 +105,10 @@ def _read_json_list(path: Path, issues: IssueLog) -> Iterator[Record]:
         try:
             data, index = decoder.raw_decode(text, index)
         except json.JSONDecodeError as err:
-            issues.report(
-                "json", DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg}, column {err.colno})")
-            )
-            return
+            raise DataError(
+                f"{path}:{err.lineno}: malformed JSON ({err.msg}, column {err.colno}); the rest of the list "
+                "cannot be read, fix the file"
+            ) from None
         if isinstance(data, dict):
             yield Record(f"{path}:{line}", data)
         else:
@@ -111,10 +119,39 @@ def _read_json_list(path: Path, issues: IssueLog) -> Iterator[Record]:
         if index < len(text) and text[index] == ",":
             index = _skip_space(text, index + 1)
         elif index < len(text) and text[index] != "]":
-            issues.report(
-                "json", DataError(f"{path}:{_line_of(text, index)}: expected ',' or ']' between samples")
+            raise DataError(
+                f"{path}:{_line_of(text, index)}: expected ',' or ']' after a sample; fix the file"
             )
-            return
+    _check_list_end(text, index, path)
+
+
+def _check_list_end(text: str, index: int, path: Path) -> None:
+    """The list must close with ``]`` and nothing but whitespace may follow (a cut or concatenated file)."""
+    if index >= len(text):
+        raise DataError(
+            f"{path}:{_line_of(text, index)}: the JSON list has no closing ']' (the file is cut short?); "
+            "re-download or re-export the file"
+        )
+    end = _skip_space(text, index + 1)
+    if end < len(text):
+        raise DataError(
+            f"{path}:{_line_of(text, end)}: unexpected text after the closing ']' of the JSON list "
+            f"({text[end : end + 20]!r}); remove it or split the file"
+        )
+
+
+def _decode_utf8(raw: bytes, path: Path, line_number: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, line_number, raw[err.start]) from None
+
+
+def _not_utf8(path: Path, line_number: int, byte: int) -> DataError:
+    return DataError(
+        f"{path}:{line_number}: not UTF-8 (byte {byte:#04x} cannot be decoded); re-save the file as UTF-8, "
+        "e.g. `iconv -f latin1 -t utf-8 IN > OUT`"
+    )
 
 
 def _skip_space(text: str, index: int) -> int:

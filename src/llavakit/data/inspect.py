@@ -1,23 +1,31 @@
 """``llavakit data inspect``: validate a dataset and describe it before spending GPU hours on it.
 
-`inspect_data` streams the records (no pixel decoding: sizes come from image headers) through the same parsing,
-token counting, template rendering and truncation code as training (`llavakit.data.prepare`), and collects:
-sample count, modality split, bad samples by kind with ids and ``file:line`` (JSON errors, missing/unreadable
-images, invalid conversations, nothing to supervise), token lengths after image expansion, truncated and dropped
-counts, and tiles per image. `InspectReport.render` prints it; ``passed`` is False when the fraction of bad
-samples exceeds the threshold.
+`inspect_data` streams the records through the same parsing, token counting, template rendering and truncation
+code as training (`llavakit.data.prepare`), and collects: sample count, modality split, bad samples by kind with
+ids and ``file:line`` (JSON errors, missing/unreadable images, invalid conversations, nothing to supervise), token
+lengths after image expansion, truncated and dropped counts, and tiles per image. `InspectReport.render` prints
+it; ``passed`` is False when the fraction of bad samples exceeds the threshold.
+
+Image sizes come from file headers, checked with the loader's limits (smallest side, largest pixel count). Pixel
+data is only decoded with ``decode=True``: then every image of a usable sample goes through the training loader's
+`llavakit.anyres.pixels.load_image` in a thread pool (PIL releases the GIL while decoding), so truncated and corrupt
+files are found before a run; the report gives images/s. Without it the report says only headers were checked.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from llavakit.anyres.pixels import load_image
 from llavakit.anyres.spec import ImageSpec
 from llavakit.data.formats import Record
 from llavakit.data.issues import IssueLog
@@ -25,11 +33,12 @@ from llavakit.data.mixture import read_data_records
 from llavakit.data.prepare import SampleTooLong, count_tiles, prepare_record
 from llavakit.data.templates import check_system_prompt, get_template
 from llavakit.data.tokenize import SampleEncoder
-from llavakit.errors import ConfigError
+from llavakit.errors import ConfigError, ImageError
 
 LENGTH_BINS = (0, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 BAR_WIDTH = 40
 REPORTED_EXAMPLES = 20
+DEFAULT_DECODE_WORKERS = min(8, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,8 @@ class InspectOptions:
         max_error_fraction: the report fails above this fraction of bad samples.
         seed: seed of ``random:K`` mixture sampling.
         truncation_policy: ``drop`` | ``downscale`` (as in training).
+        decode: fully decode every image of a usable sample (finds truncated/corrupt pixel data).
+        decode_workers: threads decoding images when ``decode`` is set.
     """
 
     data_path: str
@@ -57,6 +68,20 @@ class InspectOptions:
     max_error_fraction: float = 0.0
     seed: int = 0
     truncation_policy: str = "drop"
+    decode: bool = False
+    decode_workers: int = DEFAULT_DECODE_WORKERS
+
+
+@dataclass(frozen=True)
+class _ImagesToDecode:
+    """The images of one usable sample, and what it added to the report (taken back if an image fails)."""
+
+    where: str
+    paths: tuple[Path, ...]
+    length: int
+    tiles: tuple[int, ...]
+    truncated: bool
+    downscaled: bool
 
 
 @dataclass
@@ -74,6 +99,10 @@ class InspectReport:
     lengths: list[int] = field(default_factory=list)
     tiles_per_image: Counter = field(default_factory=Counter)
     shown: list[str] = field(default_factory=list)
+    num_decoded: int = 0
+    num_undecodable: int = 0
+    decode_seconds: float = 0.0
+    to_decode: list[_ImagesToDecode] = field(default_factory=list, repr=False)
 
     @property
     def num_bad(self) -> int:
@@ -89,7 +118,9 @@ class InspectReport:
     def render(self) -> str:
         """The report as text."""
         text_only = self.num_samples - self.num_with_images
-        system = "" if self.options.system_prompt is None else f", system prompt {self.options.system_prompt!r}"
+        system = (
+            "" if self.options.system_prompt is None else f", system prompt {self.options.system_prompt!r}"
+        )
         lines = [
             f"data: {self.options.data_path}  (template {self.options.template}{system}, "
             f"model_max_length {self.options.model_max_length})",
@@ -102,7 +133,8 @@ class InspectReport:
             "tokens per sample after image expansion:",
             *_histogram(_bin_lengths(self.lengths)),
             "tiles per image:",
-            *_histogram([(str(k), v) for k, v in sorted(self.tiles_per_image.items())]),
+            *_histogram([(str(k), v) for k, v in sorted(self.tiles_per_image.items()) if v]),
+            self._render_decoding(),
         ]
         for number, sample in enumerate(self.shown):
             lines += [f"--- sample {number} (supervised spans in ⟦ ⟧) ---", sample]
@@ -110,6 +142,18 @@ class InspectReport:
             "PASS" if self.passed else f"FAIL: more than {self.options.max_error_fraction:.2%} bad samples"
         )
         return "\n".join([*lines, verdict])
+
+    def _render_decoding(self) -> str:
+        if not self.options.decode:
+            return (
+                "images: only headers were checked (size and limits), pixel data was not decoded; run with "
+                "--decode to find truncated or corrupt files"
+            )
+        rate = self.num_decoded / self.decode_seconds if self.decode_seconds else 0.0
+        return (
+            f"images: {self.num_decoded} fully decoded in {self.decode_seconds:.1f} s ({rate:.1f} images/s, "
+            f"{self.options.decode_workers} threads), {self.num_undecodable} unreadable"
+        )
 
 
 def inspect_data(options: InspectOptions, tokenizer: Any, image_spec: ImageSpec) -> InspectReport:
@@ -123,6 +167,8 @@ def inspect_data(options: InspectOptions, tokenizer: Any, image_spec: ImageSpec)
     for record in tqdm(records, desc="inspecting", unit=" samples"):
         report.num_samples += 1
         _inspect_record(record, options, encoder, image_spec, report)
+    if options.decode:
+        _decode_images(report)
     return report
 
 
@@ -151,10 +197,55 @@ def _inspect_record(
     report.lengths.append(prepared.length)
     report.num_truncated += prepared.truncated
     report.num_downscaled += prepared.downscaled
-    for size, tiled in zip(prepared.image_sizes, prepared.image_tiled):
-        report.tiles_per_image[count_tiles(size, spec, tiled)] += 1
+    tiles = tuple(
+        count_tiles(size, spec, tiled) for size, tiled in zip(prepared.image_sizes, prepared.image_tiled)
+    )
+    report.tiles_per_image.update(tiles)
+    if options.decode and prepared.image_paths:
+        where = f"{record.location} (sample {record.data.get('id')!r})"
+        report.to_decode.append(
+            _ImagesToDecode(
+                where, prepared.image_paths, prepared.length, tiles, prepared.truncated, prepared.downscaled
+            )
+        )
     if len(report.shown) < options.show:
         report.shown.append(encoder.render_for_display(prepared.encoded))
+
+
+def _decode_images(report: InspectReport) -> None:
+    """Decode every queued image like the training loader; a sample with an undecodable image becomes bad."""
+    paths = [path for item in report.to_decode for path in item.paths]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max(1, report.options.decode_workers)) as pool:
+        # pool.map yields in the order of ``paths``: results are regrouped per sample below
+        errors = iter(tqdm(pool.map(_decode_error, paths), total=len(paths), desc="decoding", unit=" images"))
+        per_sample = [[next(errors) for _ in item.paths] for item in report.to_decode]
+    report.decode_seconds = time.perf_counter() - start
+    report.num_decoded = len(paths)
+    for item, sample_errors in zip(report.to_decode, per_sample):
+        failures = [error for error in sample_errors if error is not None]
+        report.num_undecodable += len(failures)
+        if failures:
+            _take_back(report, item)
+            report.issues.report("image", ImageError(f"{item.where}: {failures[0]}"))
+    report.to_decode.clear()
+
+
+def _decode_error(path: Path) -> str | None:
+    """The `ImageError` message of decoding ``path`` with the training loader, or None when it decodes."""
+    try:
+        load_image(path)
+    except ImageError as err:
+        return str(err)
+    return None
+
+
+def _take_back(report: InspectReport, item: _ImagesToDecode) -> None:
+    """Remove a sample found undecodable from the usable counts and histograms."""
+    report.lengths.remove(item.length)
+    report.num_truncated -= item.truncated
+    report.num_downscaled -= item.downscaled
+    report.tiles_per_image.subtract(item.tiles)
 
 
 def _bin_lengths(lengths: list[int]) -> list[tuple[str, int]]:

@@ -47,6 +47,11 @@ def load_mixture(path: str | Path) -> list[MixtureEntry]:
         content = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"cannot read data mixture {path}: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"data mixture {path} is not UTF-8 (byte {err.object[err.start]:#04x} at offset {err.start}); "
+            f"convert it, e.g. iconv -f latin1 -t utf-8 {path}"
+        ) from None
     if (
         not isinstance(content, dict)
         or not isinstance(content.get("datasets"), list)

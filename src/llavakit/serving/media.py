@@ -58,7 +58,7 @@ from urllib.parse import unquote, urlsplit
 import httpx
 from PIL import Image, UnidentifiedImageError
 
-from llavakit.anyres.pixels import load_image
+from llavakit.anyres.pixels import check_complete, load_image
 from llavakit.errors import ConfigError, ImageError, LlavakitError
 
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
@@ -505,7 +505,10 @@ def _decode(data: bytes, label: str, policy: MediaPolicy) -> Image.Image:
     width, height = image.size
     if width * height > policy.max_image_pixels:
         raise _too_many_pixels(label, f"{width}x{height} (WxH) = {width * height} pixels", policy)
-    _check_complete(data, image.format, label)
+    try:
+        check_complete(data, image.format, label)
+    except ImageError as exc:
+        raise _corrupt(label, exc) from exc
     try:
         return load_image(image, max_pixels=policy.max_image_pixels)
     except ImageError as exc:  # too small, or truncated/corrupt pixel data
@@ -514,24 +517,6 @@ def _decode(data: bytes, label: str, policy: MediaPolicy) -> Image.Image:
         raise _too_many_pixels(label, str(exc), policy) from exc
     except Exception as exc:  # as above: decoders' own exception types
         raise _corrupt(label, exc) from exc
-
-
-def _check_complete(data: bytes, image_format: str | None, label: str) -> None:
-    """Refuse truncated PNG and JPEG files whatever ``ImageFile.LOAD_TRUNCATED_IMAGES`` says.
-
-    Any imported library may set that process-wide flag (lmms-eval does), and PIL then pads a truncated PNG or
-    JPEG with black instead of failing. PNG's ``verify`` walks every chunk's CRC up to IEND regardless of the flag;
-    a complete JPEG has an end-of-image marker after its last start-of-scan marker (a thumbnail's EOI comes
-    earlier). Other formats fail to decode truncated data even with the flag set.
-    """
-    if image_format == "PNG":
-        try:
-            with Image.open(io.BytesIO(data), formats=("PNG",)) as probe:
-                probe.verify()
-        except Exception as exc:  # verify raises OSError / SyntaxError / struct.error on broken chunks
-            raise _corrupt(label, exc) from exc
-    elif image_format == "JPEG" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
-        raise _corrupt(label, OSError("no end-of-image marker after the last scan"))
 
 
 def _too_many_pixels(label: str, size: str, policy: MediaPolicy) -> MediaError:
