@@ -110,3 +110,9 @@ def test_stages_record_and_inherit_the_system_prompt_with_their_template():
     plain_vicuna = {"model": {"preset": "debug-clip-llama"}, "stages": [{"data": {"template": "vicuna_v1"}}]}
     apply_stage_settings(model, config_from_dict(plain_vicuna).stages[0])
     assert (model.config.template, model.config.system_prompt) == ("vicuna_v1", None)
+
+
+@pytest.mark.parametrize("steps", [0, -5])
+def test_non_positive_max_steps_is_refused(steps):
+    with pytest.raises(ConfigError, match="max_steps must be positive"):
+        StageConfig(max_steps=steps)

@@ -24,7 +24,7 @@ import torch
 from llavakit.anyres.pixels import ImageSource
 from llavakit.data.schema import ASSISTANT, USER, Conversation, Turn
 from llavakit.data.templates import get_template
-from llavakit.errors import CheckpointError, DataError
+from llavakit.errors import CheckpointError, ConfigError, DataError
 from llavakit.inference.feature_cache import ImageFeatureCache
 from llavakit.inference.generate import SamplingParams, decode, generate_ids, stop_token_ids
 from llavakit.inference.prompts import PromptBuilder, Request, user_text
@@ -193,8 +193,16 @@ def load(
     Raises:
         CheckpointError: the folder is missing files or does not match its config.
     """
-    path = resolve_checkpoint(path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ConfigError(f"device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {device!r} was asked for, but this torch has no CUDA device; use --device cpu"
+        )
+    path = resolve_checkpoint(path)
     model = LlavaNextModel.from_pretrained(path, dtype=dtype, device=device)
     return Assistant(
         model,

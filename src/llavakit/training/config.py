@@ -280,6 +280,11 @@ class StageConfig:
             raise ConfigError(f"stage {self.name!r} trains nothing: list at least one of {TRAINABLE_PARTS}")
         if self.global_batch_size <= 0 or self.micro_batch_size <= 0:
             raise ConfigError(f"stage {self.name!r}: global_batch_size and micro_batch_size must be positive")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ConfigError(
+                f"stage {self.name!r}: max_steps must be positive, got {self.max_steps} (remove it to train "
+                "for `epochs`); a stage of no steps would export an untrained model"
+            )
         if self.epochs <= 0 and not self.max_steps:
             raise ConfigError(f"stage {self.name!r}: epochs must be positive (or set max_steps)")
 
