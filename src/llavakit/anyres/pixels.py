@@ -128,7 +128,10 @@ def _read_file(source: str | os.PathLike, label: str) -> bytes:
 def _check_file(path: Path, label: str) -> None:
     if not path.is_file():
         reason = "is a directory" if path.is_dir() else "does not exist"
-        raise ImageError(f"{label} {reason}: check the image folder (--image-folder) and the sample's path")
+        raise ImageError(
+            f"{label} {reason} (looked for {path.absolute()}): check the path; for a dataset, the image folder "
+            "(--image-folder) and the sample's image field"
+        )
 
 
 def _open(source: str | os.PathLike | bytes, label: str) -> Image.Image:
