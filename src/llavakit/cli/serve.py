@@ -12,6 +12,9 @@ import os
 
 from llavakit.serving.config import LOOPBACK, ModelSpec, ServeConfig
 
+# The flags' defaults are ServeConfig's own, so the library and the CLI cannot drift apart.
+_DEFAULTS = ServeConfig(models=(ModelSpec("_", "_"),))
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -55,26 +58,46 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="hosts whose image URLs may be fetched even if they resolve to private or loopback addresses",
     )
     parser.add_argument(
-        "--max-images-per-request", type=int, default=8, help="images per request at most (8)"
+        "--max-images-per-request",
+        type=int,
+        default=_DEFAULTS.max_images_per_request,
+        help="images per request at most (%(default)s)",
     )
     parser.add_argument(
-        "--max-batch", type=int, default=32, help="requests decoded together per model at most (32)"
+        "--max-batch",
+        type=int,
+        default=_DEFAULTS.max_batch,
+        help="requests decoded together per model at most (%(default)s)",
     )
     parser.add_argument(
-        "--max-image-bytes", type=int, default=20 * 1024**2, help="encoded bytes per image at most"
+        "--max-image-bytes",
+        type=int,
+        default=_DEFAULTS.max_image_bytes,
+        help="encoded bytes per image at most (%(default)s)",
     )
     parser.add_argument(
-        "--max-image-pixels", type=int, default=40_000_000, help="width x height per image at most"
+        "--max-image-pixels",
+        type=int,
+        default=_DEFAULTS.max_image_pixels,
+        help="width x height per image at most (%(default)s)",
     )
-    parser.add_argument("--max-body-bytes", type=int, default=64 * 1024**2, help="request body size at most")
     parser.add_argument(
-        "--default-max-tokens", type=int, default=512, help="answer length when a request sets none"
+        "--max-body-bytes",
+        type=int,
+        default=_DEFAULTS.max_body_bytes,
+        help="request body size at most (%(default)s)",
+    )
+    parser.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=_DEFAULTS.default_max_tokens,
+        help="answer length when a request sets none (%(default)s)",
     )
     parser.add_argument(
         "--feature-cache-mb",
         type=int,
-        default=512,
-        help="memory for cached image features, shared by all models (0 turns the cache off; default 512)",
+        default=_DEFAULTS.feature_cache_bytes // 1024**2,
+        help="memory for cached image features, shared by all models (0 turns the cache off; default %(default)s)",
     )
     parser.add_argument("--template", default=None, help="chat template id overriding every checkpoint's own")
     parser.add_argument(
