@@ -38,7 +38,7 @@ def test_deltas_add_up_to_the_decoded_answer(tokenizer, text):
                 break
         sent += detokenizer.finish()
         expected = decode(tokenizer, torch.tensor([ids[:length]]), template)[0]
-        assert sent == expected == detokenizer.text
+        assert sent == expected == detokenizer.text == detokenizer.answer
 
 
 def test_partial_stop_string_is_held_then_released(tokenizer):

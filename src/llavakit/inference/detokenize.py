@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from llavakit.inference.generate import cut_at_stop
+
 REPLACEMENT_CHARACTER = "\ufffd"
 
 
@@ -35,6 +37,7 @@ class IncrementalDetokenizer:
         self.ids: list[int] = []
         self.sent = ""
         self.stopped = False
+        self.answer: str | None = None
 
     def add(self, token_id: int) -> str:
         """Append one id; returns the newly releasable text (may be empty). Sets `stopped` at a stop string."""
@@ -47,17 +50,11 @@ class IncrementalDetokenizer:
         return self._release(text[: len(text) - self._held(text)])
 
     def finish(self) -> str:
-        """The rest of the answer once no token follows (held text that is not a stop string, minus whitespace)."""
-        if self.stopped:
-            return ""
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).strip()
-        return self._release(text)
-
-    def final_text(self) -> str:
-        """The whole answer decoded at once (what was released, unless the tokenizer re-merged characters)."""
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
-        cut = self._stop_position(text)
-        return (text if cut is None else text[:cut]).strip()
+        """Close the answer once no token follows: sets `answer` (decoded at once, as
+        `llavakit.inference.generate.decode` does) and returns what of it was not released yet."""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self.answer = cut_at_stop(text, self.stop_strings).strip()
+        return "" if self.stopped else self._release(self.answer)
 
     @property
     def text(self) -> str:

@@ -369,7 +369,7 @@ class GenerationEngine:
         rest = row.detokenizer.finish()
         if rest and row.request.stream:
             _send(row.request, TextDelta(rest))
-        _send(row.request, Finished(reason, row.generated, row.detokenizer.final_text()))
+        _send(row.request, Finished(reason, row.generated, row.detokenizer.answer))
         return True
 
     def _drop(self, indices: list[int]) -> None:

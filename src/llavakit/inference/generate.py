@@ -118,9 +118,10 @@ def generate_ids(
 def decode(tokenizer: object, ids: torch.Tensor, template: ChatTemplate) -> list[str]:
     """Text of each row of ``ids``: special tokens dropped, cut at the first template stop string, stripped."""
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-    return [_cut_at_stop(text, template.stop_strings).strip() for text in texts]
+    return [cut_at_stop(text, template.stop_strings).strip() for text in texts]
 
 
-def _cut_at_stop(text: str, stop_strings: tuple[str, ...]) -> str:
+def cut_at_stop(text: str, stop_strings: tuple[str, ...]) -> str:
+    """``text`` up to the first occurrence of any stop string (whole when none occurs)."""
     positions = [text.find(stop) for stop in stop_strings if stop and stop in text]
     return text[: min(positions)] if positions else text
