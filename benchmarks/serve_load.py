@@ -40,19 +40,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import httpx  # noqa: E402
 import openai  # noqa: E402
+from eval_throughput import demo_checkpoint  # noqa: E402  (the same demo-sized checkpoint; benchmarks/ is on sys.path)
 from PIL import Image, ImageDraw  # noqa: E402
-
-
-def demo_checkpoint(root: Path) -> Path:
-    """The demo's model (random weights) saved as a checkpoint folder."""
-    from llavakit.data.synth import SynthConfig, generate_synth, training_corpus
-    from llavakit.demo.parts import SYSTEM_PROMPT, build_demo_parts
-    from llavakit.model.llava_next import LlavaNextModel
-
-    dataset = generate_synth(root / "corpus", SynthConfig(n_train=64, n_heldout=1))
-    parts = build_demo_parts(root / "parts", training_corpus(dataset))
-    model = LlavaNextModel.from_parts(**parts.from_parts_kwargs(), system_prompt=SYSTEM_PROMPT)
-    return model.save_pretrained(root / "ckpt")
 
 
 def picture(index: int) -> bytes:
