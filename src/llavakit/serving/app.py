@@ -29,7 +29,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llavakit.data.schema import Conversation
 from llavakit.errors import LlavakitError
 from llavakit.inference.engine import EngineBusy, EngineRequest, Event, Failed, Finished, TextDelta
 from llavakit.inference.prompts import EncodedRequest
@@ -183,9 +182,8 @@ def _encode(served: ServedModel, parsed: ParsedMessages, policy: MediaPolicy) ->
             images.append(load_image_url(ref.url, policy))
         except MediaError as err:
             raise APIError(err.status, str(err), param=ref.param, code=err.code) from None
-    conversation: Conversation = parsed.conversation
     try:
-        return served.assistant.prompts.encode(PromptRequest(conversation, tuple(images)))
+        return served.assistant.prompts.encode(PromptRequest(parsed.conversation, tuple(images)))
     except LlavakitError as err:
         raise bad_request(str(err), param="messages") from None
 
