@@ -163,3 +163,106 @@ def test_sample_lengths():
     # transformers' rule for sdpa: any jump other than +1 starts a sample, not only a return to 0.
     assert attention.sample_lengths(torch.tensor([[0, 1, 2, 3, 10, 11]]), 1) == [[4, 2]]
     assert attention.sample_lengths(torch.tensor([[0, 1, 0]]), 2) == [[2, 1], [2, 1]]
+
+
+def test_varlen_kwargs_number_the_samples_of_all_rows_in_flattened_order():
+    kwargs = attention.varlen_kwargs(torch.tensor([[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]]), 2)
+    assert kwargs["cu_seq_lens_q"].tolist() == [0, 3, 5, 10]
+    assert kwargs["cu_seq_lens_q"].dtype == torch.int32 and kwargs["cu_seq_lens_k"] is kwargs["cu_seq_lens_q"]
+    assert kwargs["max_length_q"] == kwargs["max_length_k"] == 5
+
+
+def test_cpu_and_fp32_run_one_sdpa_call_per_sample():
+    query = torch.zeros(1, 2, 4, 8)
+    assert attention.varlen_kernel_name(query) == "sdpa_per_sample"
+    assert attention.varlen_kernel_name(query.bfloat16()) == "sdpa_per_sample"
+
+
+def test_precomputed_boundaries_give_the_same_outputs_and_are_read_once(monkeypatch):
+    packs = [examples([9, 7, 5]), examples([11, 3], seed=2)]
+    batch = PackingCollator(pad_token_id=0, attn_implementation="sdpa_varlen")(packs)
+    model = tiny_llm("qwen2", "sdpa_varlen").eval()
+    inputs = {key: batch[key] for key in ("input_ids", "position_ids")}
+    derived = _logits(model, **inputs, use_cache=False)
+    calls = []
+    original = attention.sample_lengths
+    monkeypatch.setattr(attention, "sample_lengths", lambda *args: calls.append(args) or original(*args))
+    given = _logits(model, **inputs, **attention.varlen_kwargs(batch["position_ids"], 2), use_cache=False)
+    torch.testing.assert_close(given, derived)
+    assert len(calls) == 1  # the varlen_kwargs call above; no layer reads position_ids again
+
+
+def test_llava_forward_reads_sample_boundaries_once_per_pass(preset_model, monkeypatch):
+    model = preset_model("debug-siglip-qwen2")
+    model.llm.config._attn_implementation = "sdpa_varlen"
+    packs = [examples([9, 7, 5]), examples([11, 3], seed=2)]
+    batch = PackingCollator(pad_token_id=0, attn_implementation="sdpa_varlen")(packs)
+    text_only = batch["input_ids"].masked_fill(batch["input_ids"] == model.config.image_token_id, 1)
+    calls = []
+    original = attention.sample_lengths
+    monkeypatch.setattr(attention, "sample_lengths", lambda *args: calls.append(args) or original(*args))
+    with torch.no_grad():
+        packed = model(input_ids=text_only, position_ids=batch["position_ids"], use_cache=False).logits
+    assert len(calls) == 1
+    alone = text_only[:1, :9]
+    with torch.no_grad():
+        reference = model(input_ids=alone, use_cache=False).logits
+    torch.testing.assert_close(packed[:1, :9], reference, atol=1e-5, rtol=1e-4)
+
+
+def _reference_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, **causal):
+    """varlen_attn's documented contract on ``[T, H, D]`` tokens, computed sample by sample with SDPA (CPU)."""
+    assert causal.get("is_causal", False) or causal.get("window_size") == (-1, 0)
+    assert torch.equal(cu_seq_q, cu_seq_k) and max_q == max_k == int((cu_seq_q[1:] - cu_seq_q[:-1]).max())
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        assert causal.get("enable_gqa"), "fewer key/value heads need enable_gqa"
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    bounds = cu_seq_q.tolist()
+    outputs = [
+        torch.nn.functional.scaled_dot_product_attention(
+            *(t[start:end].transpose(0, 1) for t in (query, key, value)), is_causal=True, scale=scale
+        ).transpose(0, 1)
+        for start, end in zip(bounds[:-1], bounds[1:])
+    ]
+    return torch.cat(outputs)
+
+
+@pytest.mark.parametrize("causal", [{"window_size": (-1, 0), "enable_gqa": True}, {"is_causal": True}])
+def test_the_flash_varlen_call_flattens_rows_and_heads_as_the_kernel_expects(monkeypatch, causal):
+    # varlen_attn runs on CUDA only; its documented contract, emulated here, checks how llavakit calls it (both
+    # spellings of causality across torch versions, grouped key/value heads repeated where enable_gqa is absent).
+    monkeypatch.setattr(attention, "_VARLEN_ATTN", (_reference_varlen_attn, causal))
+    packs = [examples([9, 7, 5]), examples([11, 3], seed=2)]
+    batch = PackingCollator(pad_token_id=0, attn_implementation="sdpa_varlen")(packs)
+    model = tiny_llm("qwen2", "sdpa_varlen").eval()
+    layer = model.model.layers[0].self_attn
+    generator = torch.Generator().manual_seed(7)
+    query = torch.randn(2, 4, 21, 8, generator=generator)
+    key, value = torch.randn(2, 2, 21, 8, generator=generator), torch.randn(2, 2, 21, 8, generator=generator)
+    kwargs = attention.varlen_kwargs(batch["position_ids"], 2)
+    flash = attention._flash_varlen(layer, query, key, value, 0.3, kwargs)
+    per_sample = attention._sdpa_per_sample(layer, query, key, value, 0.0, 0.3, kwargs["cu_seq_lens_q"])
+    torch.testing.assert_close(flash, per_sample)
+
+
+def test_the_flash_varlen_call_computes_in_autocasts_dtype(monkeypatch):
+    # Under bf16 autocast, RoPE's float32 tables promote query and key to float32 while value stays bf16; SDPA
+    # would cast all three to bf16 itself, and the varlen kernel (unknown to autocast) must get bf16 too.
+    seen = []
+
+    def spy(query, key, value, *args, **kwargs):
+        seen.append((query.dtype, key.dtype, value.dtype))
+        return _reference_varlen_attn(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "_VARLEN_ATTN", (spy, {"window_size": (-1, 0), "enable_gqa": True}))
+    layer = tiny_llm("qwen2", "sdpa_varlen").model.layers[0].self_attn
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3]])
+    query, key = torch.randn(1, 4, 7, 8), torch.randn(1, 2, 7, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attention._half_dtype(query) == torch.bfloat16
+        out = attention._flash_varlen(
+            layer, query, key, key.bfloat16(), None, attention.varlen_kwargs(positions, 1)
+        )
+    assert seen == [(torch.bfloat16,) * 3] and out.dtype == torch.bfloat16
+    assert attention._half_dtype(query) is None  # float32 outside autocast: one SDPA call per sample
