@@ -5,9 +5,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Gemma2Config, Gemma2ForCausalLM
+from transformers import Gemma2Config, Gemma2ForCausalLM, modeling_utils
 
+from llavakit.model import loss as loss_module
 from llavakit.model.loss import IGNORE_INDEX, supervised_lm_loss, supervised_mask
+
+
+@pytest.fixture(params=[True, False], ids=["row-masks", "shared-positions"])
+def row_masks(request, monkeypatch):
+    """Both ways of asking transformers for supervised logits: a per-row mask (transformers >= 5.2x) and the union
+    of the rows' positions (earlier 5.x), whichever the installed transformers takes."""
+    if request.param and not hasattr(modeling_utils, "slice_logits_to_keep"):
+        pytest.skip("this transformers release takes no per-row logits_to_keep mask")
+    monkeypatch.setattr(loss_module, "_ROW_MASKS", request.param)
+    return request.param
 
 
 def _padded_batch(vocab_size: int, lengths=(23, 17, 9), seed: int = 0) -> dict[str, torch.Tensor]:
@@ -38,7 +49,7 @@ def test_supervised_mask_marks_positions_that_predict_a_label():
 
 @pytest.mark.parametrize("name", ["debug-clip-llama", "debug-siglip-qwen2"])
 @pytest.mark.parametrize("num_items", [None, 40])
-def test_same_loss_and_gradients_as_the_full_logits(preset_model, name, num_items):
+def test_same_loss_and_gradients_as_the_full_logits(preset_model, name, num_items, row_masks):
     model = preset_model(name).train()
     batch = _padded_batch(model.llm.config.vocab_size)
     extra = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
@@ -50,7 +61,7 @@ def test_same_loss_and_gradients_as_the_full_logits(preset_model, name, num_item
         torch.testing.assert_close(grad, full_grads[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
-def test_logits_are_those_of_the_supervised_positions(preset_model):
+def test_logits_are_those_of_the_supervised_positions(preset_model, row_masks):
     model = preset_model("debug-clip-llama")
     batch = _padded_batch(model.llm.config.vocab_size)
     with torch.no_grad():
@@ -61,7 +72,7 @@ def test_logits_are_those_of_the_supervised_positions(preset_model):
     torch.testing.assert_close(kept, full[mask], rtol=1e-5, atol=1e-5)
 
 
-def test_family_logit_softcapping_still_applies():
+def test_family_logit_softcapping_still_applies(row_masks):
     config = Gemma2Config(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, head_dim=16, final_logit_softcapping=0.5, attn_implementation="eager",

@@ -297,6 +297,7 @@ class LlavaNextModel(nn.Module):
         labels: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         supervised_logits_only: bool = False,
+        loss_kernel: str = "logits",
         **llm_kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Run the model.
@@ -310,6 +311,9 @@ class LlavaNextModel(nn.Module):
             inputs_embeds: precomputed embeddings instead of ``input_ids`` (generation steps).
             supervised_logits_only: with ``labels``, compute the logits of the supervised positions only (the same
                 loss, much less work: see `llavakit.model.loss`); ``logits`` is then ``[N, V]``.
+            loss_kernel: with ``supervised_logits_only``, how the loss is computed from the last hidden states:
+                ``logits`` (the ``[N, V]`` logits, then cross-entropy), ``chunked`` or ``liger`` (fused linear
+                cross-entropy that never holds the logits; ``logits`` is then None). See `llavakit.model.loss`.
             llm_kwargs: passed to the LLM (``past_key_values``, ``use_cache``, ``num_items_in_batch`` ...).
 
         Returns:
@@ -319,9 +323,16 @@ class LlavaNextModel(nn.Module):
             if input_ids is None:
                 raise DataError("forward needs input_ids or inputs_embeds")
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes, image_tiled)
+        llm_kwargs = {**self._varlen_kwargs(attention_mask, position_ids, inputs_embeds.shape[0], llm_kwargs), **llm_kwargs}
         if supervised_logits_only and labels is not None:
             loss, logits = supervised_lm_loss(
-                self.llm, inputs_embeds, labels, attention_mask=attention_mask, position_ids=position_ids, **llm_kwargs
+                self.llm,
+                inputs_embeds,
+                labels,
+                kernel=loss_kernel,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                **llm_kwargs,
             )
             return CausalLMOutputWithPast(loss=loss, logits=logits)
         return self.llm(
@@ -331,6 +342,27 @@ class LlavaNextModel(nn.Module):
             labels=labels,
             **llm_kwargs,
         )
+
+    def _varlen_kwargs(
+        self,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        batch_size: int,
+        llm_kwargs: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Sample boundaries read once per forward for ``sdpa_varlen`` (`attention.varlen_kwargs`), else nothing.
+
+        Only a maskless batch with ``position_ids`` and no cache is split into samples; that is when every layer
+        would otherwise read the boundaries from ``position_ids`` itself (one host sync per layer).
+        """
+        if (
+            getattr(self.llm.config, "_attn_implementation", None) != attention.NAME
+            or attention_mask is not None
+            or position_ids is None
+            or llm_kwargs.get("past_key_values") is not None
+        ):
+            return {}
+        return attention.varlen_kwargs(position_ids, batch_size)
 
     @torch.no_grad()
     def generate(

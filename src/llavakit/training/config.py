@@ -29,6 +29,8 @@ ATTENTION = ("sdpa", "eager", "flash_attention_2", "sdpa_varlen")
 # (`llavakit.data.packing.VARLEN_ATTENTION`; repeated here so that checking a config imports no torch).
 VARLEN_ATTENTION = ("flash_attention_2", "sdpa_varlen")
 REPORTERS = ("tensorboard", "wandb", "none")
+# `llavakit.model.loss.LOSS_KERNELS`, repeated here so that checking a config imports no torch.
+LOSS_KERNELS = ("logits", "chunked", "liger")
 
 
 @dataclass
@@ -317,6 +319,11 @@ class StrategyConfig:
         cpu_offload: FSDP2 `CPUOffloadPolicy` (DeepSpeed ``offload_param``/``offload_optimizer``).
         compile: ``torch.compile`` each shard unit.
         tf32: allow TF32 matmuls on CUDA.
+        loss_kernel: how the loss of the supervised positions is computed (`llavakit.model.loss`): ``logits``
+            (their ``[N, V]`` logits, then cross-entropy), ``chunked`` (our fused linear cross-entropy in PyTorch:
+            no ``[N, V]`` logits held, any device) or ``liger`` (Liger-Kernel's, CUDA and ``pip install
+            liger-kernel``). Same loss and gradients; the fused kernels refuse LLMs whose head post-processes the
+            logits (e.g. Gemma 2 soft-capping).
     """
 
     name: str = "single"
@@ -325,6 +332,7 @@ class StrategyConfig:
     cpu_offload: bool = False
     compile: bool = False
     tf32: bool = False
+    loss_kernel: str = "logits"
 
     def __post_init__(self) -> None:
         if self.name not in STRATEGIES:
@@ -335,6 +343,8 @@ class StrategyConfig:
             )
         if self.cpu_offload and self.name != "fsdp2":
             raise ConfigError("strategy.cpu_offload needs strategy.name=fsdp2")
+        if self.loss_kernel not in LOSS_KERNELS:
+            raise ConfigError(f"strategy.loss_kernel {self.loss_kernel!r} is not one of {LOSS_KERNELS}")
 
 
 @dataclass

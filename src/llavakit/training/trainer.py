@@ -269,7 +269,8 @@ class Trainer:
             self.strategy.set_gradient_sync(self.model, index == len(micro_batches) - 1)
             with self.strategy.autocast():
                 output = self.model(
-                    **_model_inputs(batch, self.context.device), num_items_in_batch=items_per_rank
+                    **_model_inputs(batch, self.context.device, self.config.strategy.loss_kernel),
+                    num_items_in_batch=items_per_rank,
                 )
             output.loss.backward()
             loss_sum += (
@@ -304,7 +305,9 @@ class Trainer:
         for batch in batches:
             count = _supervised_tokens(batch)
             with self.strategy.autocast():
-                output = self.model(**_model_inputs(batch, self.context.device))
+                output = self.model(
+                    **_model_inputs(batch, self.context.device, self.config.strategy.loss_kernel)
+                )
             total += float(output.loss) * count
             items += count
         self.model.train()
@@ -387,10 +390,10 @@ def _token_counts(batches: list[dict[str, Any]]) -> tuple[int, int]:
     return tokens, padding
 
 
-def _model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def _model_inputs(batch: dict[str, Any], device: torch.device, loss_kernel: str = "logits") -> dict[str, Any]:
     inputs = {key: batch[key] for key in (*MODEL_INPUTS, "labels") if batch.get(key) is not None}
     inputs = {key: value.to(device) if torch.is_tensor(value) else value for key, value in inputs.items()}
-    return {**inputs, "supervised_logits_only": True}
+    return {**inputs, "supervised_logits_only": True, "loss_kernel": loss_kernel}
 
 
 def train(

@@ -17,6 +17,8 @@ Mapping rules that are not one-to-one:
   parameters gathered; ``offload_param``/``offload_optimizer`` to cpu → FSDP2 CPU offload. Upstream's shipped
   ``scripts/zero{2,3}[_offload].json`` are recognised by file name when the path does not exist.
 - ``--version`` ``v1`` is upstream's alias of ``vicuna_v1``.
+- ``--use_liger_kernel True`` (transformers' flag) → ``strategy.loss_kernel=liger``: Liger-Kernel's fused linear
+  cross-entropy for the loss; its other kernels (RMSNorm, RoPE, SwiGLU) are speed-only and not applied.
 """
 
 from __future__ import annotations
@@ -270,6 +272,7 @@ def _strategy(flags: _Flags) -> dict[str, Any]:
         "mixed_precision": "bf16" if flags.boolean("bf16") else "no",
         "tf32": flags.boolean("tf32"),
         "compile": flags.boolean("torch_compile"),
+        "loss_kernel": "liger" if flags.boolean("use_liger_kernel") else "logits",
     }
     deepspeed = flags.text("deepspeed")
     if deepspeed:
