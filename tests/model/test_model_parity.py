@@ -15,9 +15,9 @@ from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 from llavakit.anyres.geometry import count_visual_tokens, select_best_resolution
 from llavakit.anyres.pixels import process_image
 from llavakit.model.llava_next import LlavaNextModel
-from llavakit.model.presets import PRESETS
 
-PRESET_NAMES = tuple(PRESETS.names())
+# The tiny debug presets: the real-shape ones (qwen2.5-0.5b-siglip-shapes, ...) are for GPU tests and benchmarks.
+PRESET_NAMES = ("debug-clip-llama", "debug-siglip-qwen2")
 
 # (height, width): tiny, very large, portrait, landscape, square, plus one per grid of each preset's pinpoints.
 BASE_SIZES = [(7, 10), (1200, 3000), (90, 28), (28, 90), (70, 70), (20, 45), (45, 20), (33, 33), (200, 50)]
