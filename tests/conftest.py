@@ -41,8 +41,11 @@ def preset_model(preset_parts):
     from llavakit.model.llava_next import LlavaNextModel
 
     def build(name: str, seed: int = 0):
+        # The parts first: writing them (once per session) draws random numbers, which must not shift the seeded
+        # projector and image_newline of the first model built.
+        kwargs = preset_parts(name).from_parts_kwargs()
         torch.manual_seed(seed)
-        return LlavaNextModel.from_parts(**preset_parts(name).from_parts_kwargs()).eval()
+        return LlavaNextModel.from_parts(**kwargs).eval()
 
     return build
 

@@ -1,13 +1,10 @@
 """Fixtures for data-layer tests: locally trained tokenizers with each family's real special tokens, tiny images
-and LLaVA JSON files written to temporary folders."""
+and LLaVA JSON files written to temporary folders. The file writers live in `data_helpers` (a uniquely named module:
+``from conftest import`` would name whichever folder's conftest pytest loaded last)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
-from PIL import Image
 
 from llavakit.anyres.spec import ImageSpec
 from llavakit.model.tokenizer import DEFAULT_CORPUS, build_bpe_tokenizer
@@ -47,28 +44,3 @@ def tokenizers():
 def tiny_spec() -> ImageSpec:
     """A 32-px-tile AnyRes spec (4 tokens per tile side) so token counts stay small."""
     return ImageSpec(tile_size=32, patch_size=8, pinpoints=((32, 64), (64, 32), (64, 64)))
-
-
-def write_image(path: Path, height: int, width: int, color=(200, 30, 30)) -> Path:
-    """Write a solid-colour PNG and return its path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (width, height), color).save(path)
-    return path
-
-
-def write_json(path: Path, samples: list, jsonl: bool = False) -> Path:
-    """Write samples as a JSON list (indented, one key per line) or as JSONL."""
-    if jsonl:
-        path.write_text("".join(json.dumps(s) + "\n" for s in samples))
-    else:
-        path.write_text(json.dumps(samples, indent=1))
-    return path
-
-
-def chat(*texts: str, image: str | list | None = None, sample_id: str = "s") -> dict:
-    """A LLaVA sample whose turns alternate human/gpt."""
-    turns = [{"from": "human" if i % 2 == 0 else "gpt", "value": t} for i, t in enumerate(texts)]
-    sample = {"id": sample_id, "conversations": turns}
-    if image is not None:
-        sample["image"] = image
-    return sample

@@ -7,9 +7,9 @@ import io
 import numpy as np
 import pytest
 import torch
+from data_helpers import chat, write_image, write_json
 from PIL import Image
 
-from conftest import chat, write_image, write_json
 from llavakit.anyres.geometry import count_visual_tokens, grid_shape
 from llavakit.data.collate import build_collator
 from llavakit.data.config import DataConfig

@@ -11,9 +11,9 @@ import zlib
 
 import numpy as np
 import pytest
+from data_helpers import chat, write_image, write_json
 from PIL import Image, ImageFile
 
-from conftest import chat, write_image, write_json
 from llavakit.anyres.pixels import load_image
 from llavakit.cli.main import main
 from llavakit.data.config import DataConfig

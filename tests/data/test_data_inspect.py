@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from data_helpers import chat, write_image, write_json
 
-from conftest import chat, write_image, write_json
 from llavakit.anyres.geometry import grid_shape
 from llavakit.cli.main import main
 from llavakit.model.tokenizer import build_bpe_tokenizer

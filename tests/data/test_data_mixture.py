@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from data_helpers import chat, write_json
 
-from conftest import chat, write_json
 from llavakit.data.issues import IssueLog
 from llavakit.data.mixture import read_data_records, select_indices
 from llavakit.errors import ConfigError

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from data_helpers import chat, write_image, write_json
 from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from conftest import chat, write_image, write_json
 from llavakit.anyres.geometry import count_visual_tokens
 from llavakit.data.config import DataConfig
 from llavakit.data.dataset import build_dataset

@@ -8,8 +8,8 @@ import copy
 
 import pytest
 import torch
+from data_helpers import chat, write_image, write_json
 
-from conftest import chat, write_image, write_json
 from llavakit.data.collate import BOOKKEEPING_KEYS, build_collator
 from llavakit.data.config import DataConfig
 from llavakit.data.dataset import build_dataset

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from training_helpers import debug_config, debug_stage
 
-from conftest import debug_config, debug_stage
 from llavakit.data import packing
 from llavakit.distributed import init_distributed
 from llavakit.errors import ConfigError

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
+from training_helpers import debug_config, debug_stage
 
-from conftest import debug_config, debug_stage
 from llavakit.data.schema import USER, Conversation, Turn
 from llavakit.distributed import init_distributed
 from llavakit.inference.prompts import Request

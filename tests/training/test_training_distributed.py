@@ -16,8 +16,8 @@ import sys
 
 import pytest
 import yaml
+from training_helpers import debug_config, debug_stage
 
-from conftest import debug_config, debug_stage
 from llavakit.training.config_loading import config_from_dict
 from llavakit.training.trainer import train
 

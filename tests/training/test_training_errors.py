@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from training_helpers import debug_config, debug_stage
 
-from conftest import debug_config, debug_stage
 from llavakit.errors import CheckpointError, ConfigError
 from llavakit.training.config_loading import config_from_dict
 from llavakit.training.recipes import load_recipe

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 import yaml
+from training_helpers import debug_config, debug_stage
 
-from conftest import debug_config, debug_stage
 from llavakit.errors import ConfigError
 from llavakit.evaluation import score
 from llavakit.evaluation.heldout import HELDOUT

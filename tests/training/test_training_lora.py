@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
+from training_helpers import debug_config, debug_stage
 
-from conftest import debug_config, debug_stage
 from llavakit.distributed import init_distributed
 from llavakit.model.llava_next import LlavaNextModel
 from llavakit.training.config_loading import config_from_dict

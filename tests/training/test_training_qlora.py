@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from training_helpers import debug_config, debug_stage
 
-from conftest import debug_config, debug_stage
 from llavakit.anyres.geometry import count_visual_tokens
 from llavakit.anyres.pixels import process_image
 from llavakit.distributed import init_distributed

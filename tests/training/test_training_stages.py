@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
+from training_helpers import debug_config, debug_stage
 
-from conftest import debug_config, debug_stage
 from llavakit.distributed import init_distributed
 from llavakit.training.config import OptimConfig
 from llavakit.training.config_loading import config_from_dict
