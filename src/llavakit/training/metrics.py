@@ -2,8 +2,9 @@
 
 Why: throughput numbers that count padding flatter padded batches; we report *useful* tokens/s (non-padding tokens,
 image tokens included, summed over ranks) and the padding fraction of every interval, so packing's gain is visible.
-MFU is estimated with the usual ``6 × parameters × tokens/s`` over the accelerator's peak (known GPUs or
-``logging.peak_tflops``; omitted when the peak is unknown, e.g. on CPU).
+Each row also has the achieved model TFLOP/s per rank (`llavakit.training.flops`: 6·N per token plus attention,
+vision tower included, frozen parts at their lower cost), and MFU, those FLOP/s over the accelerator's peak (known
+GPUs or ``logging.peak_tflops``; omitted when the peak is unknown, e.g. on CPU).
 
 Only rank 0 writes. Per step the cost is a few float additions; files are written once per ``log_every`` steps.
 """
@@ -39,6 +40,7 @@ class StepMetrics:
     num_tokens: int
     num_padding: int
     seconds: float
+    flops: float = 0.0
 
 
 def peak_flops(context: DistContext, configured_tflops: float | None) -> float | None:
@@ -59,7 +61,6 @@ class MetricsLogger:
         config: the logging section.
         context: rank and world (only rank 0 writes).
         total_steps: optimizer steps of the stage (progress bar and ETA).
-        num_params: model parameters, for the MFU estimate.
         start_step: first step (when resuming).
     """
 
@@ -69,13 +70,11 @@ class MetricsLogger:
         config: LoggingConfig,
         context: DistContext,
         total_steps: int,
-        num_params: int,
         start_step: int = 0,
     ) -> None:
         self.config = config
         self.context = context
         self.stage_dir = stage_dir
-        self.flops_per_token = 6.0 * num_params
         self.peak = peak_flops(context, config.peak_tflops)
         self.losses: list[tuple[int, float]] = []
         self._interval: list[StepMetrics] = []
@@ -127,8 +126,10 @@ class MetricsLogger:
             "time": time.time(),
         }
         row.update({f"lr/{name}": lr for name, lr in window[-1].lr.items()})
+        flops_per_rank = sum(m.flops for m in window) / seconds / self.context.world_size if seconds else 0.0
+        row["model_tflops"] = flops_per_rank / 1e12
         if self.peak:
-            row["mfu"] = row["tokens_per_s"] * self.flops_per_token / (self.peak * self.context.world_size)
+            row["mfu"] = flops_per_rank / self.peak
         return row
 
     def _emit(self, row: dict[str, float]) -> None:

@@ -41,6 +41,7 @@ from llavakit.training.checkpoint import CheckpointManager, TrainerState
 from llavakit.training.config import StageConfig, TrainConfig
 from llavakit.training.evaluation import Evaluation, StageEvaluator, check_evaluations
 from llavakit.training.export import export_model
+from llavakit.training.flops import FlopCounter
 from llavakit.training.lora import apply_lora, restrict_llm_to_lora
 from llavakit.training.metrics import MetricsLogger, StepMetrics
 from llavakit.training.model_setup import build_model, preflight
@@ -169,6 +170,7 @@ class Trainer:
         """Load and prepare the model, optimizer, schedule, data plan and checkpoint manager."""
         self.unwrapped = build_model(self.config, self.stage, self.previous, self.context)
         self.trainable = self._set_trainable(self.unwrapped)
+        self.flop_counter = FlopCounter.from_model(self.unwrapped, self._flop_parts())
         self.model = self.strategy.prepare(self.unwrapped)
         self.optimizer = build_optimizer(self.model, self.stage.optim)
         self.data = self.data_factory(self.stage, self.unwrapped)
@@ -195,6 +197,13 @@ class Trainer:
             # With LoRA, "language_model" means its adapters only (upstream mm_tunable_parts semantics).
             restrict_llm_to_lora(model, "language_model" in self.stage.trainable)
         return [name for name, param in model.named_parameters() if param.requires_grad]
+
+    def _flop_parts(self) -> list[str]:
+        """The parts whose weights get gradients, for the FLOP count: with LoRA the LLM's weights are frozen (its
+        adapters' FLOPs are not counted; gradients still flow through it when anything before it trains)."""
+        if self.config.lora.enabled:
+            return [part for part in self.stage.trainable if part != "language_model"]
+        return list(self.stage.trainable)
 
     def _total_steps(self) -> int:
         if self.stage.max_steps:
@@ -281,8 +290,9 @@ class Trainer:
         lrs = {group["name"]: group["lr"] for group in self.optimizer.param_groups}
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss, tokens, padding = all_reduce_sums(
-            [float(loss_sum), *_token_counts(micro_batches)], self.context
+        flops = sum(self.flop_counter.batch_flops(batch) for batch in micro_batches)
+        loss, tokens, padding, flops = all_reduce_sums(
+            [float(loss_sum), *_token_counts(micro_batches), flops], self.context
         )
         self.state.step += 1
         self.state.tokens_seen += int(global_items)
@@ -295,6 +305,7 @@ class Trainer:
             num_tokens=int(tokens),
             num_padding=int(padding),
             seconds=time.perf_counter() - started,
+            flops=flops,
         )
 
     @torch.no_grad()
@@ -325,7 +336,6 @@ class Trainer:
             self.config.logging,
             self.context,
             self.total_steps,
-            num_params=sum(p.numel() for p in self.unwrapped.parameters()),
             start_step=self.state.step,
         )
         stream = self.micro_batches()
