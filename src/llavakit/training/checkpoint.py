@@ -93,6 +93,7 @@ class TrainerState:
         batches_in_epoch: micro-batches this rank consumed in ``epoch`` (the sampler resumes after them).
         tokens_seen: supervised tokens over all ranks so far.
         losses: mean loss of every optimizer step so far.
+        world_size: ranks of the run that saved it (None in checkpoints of older llavakit versions).
     """
 
     step: int = 0
@@ -100,6 +101,7 @@ class TrainerState:
     batches_in_epoch: int = 0
     tokens_seen: int = 0
     losses: list[float] = field(default_factory=list)
+    world_size: int | None = None
 
 
 class CheckpointManager:
@@ -125,10 +127,7 @@ class CheckpointManager:
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
-        if not self.directory.is_dir():
-            return []
-        found = [path for path in self.directory.iterdir() if _STEP_DIR.match(path.name)]
-        return sorted(found, key=lambda path: int(_STEP_DIR.match(path.name).group(1)))
+        return complete_checkpoints(self.directory)
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint, or None."""
@@ -152,7 +151,8 @@ class CheckpointManager:
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(partial))
         write_rank_state(partial / f"rank-{self.context.rank:05d}", scheduler.state_dict(), _rng_state())
         if self.context.is_main:
-            (partial / "trainer_state.json").write_text(json.dumps(asdict(state)))
+            saved = {**asdict(state), "world_size": self.context.world_size}
+            (partial / "trainer_state.json").write_text(json.dumps(saved))
         barrier(self.context)
         if self.context.is_main:
             partial.rename(final)
@@ -176,6 +176,7 @@ class CheckpointManager:
         Raises:
             CheckpointError: files are missing or were written with a different world size.
         """
+        check_world_size(path, self.context.world_size)
         stem = path / f"rank-{self.context.rank:05d}"
         state_file = path / "trainer_state.json"
         _refuse_legacy(stem)
@@ -196,6 +197,44 @@ class CheckpointManager:
         scheduler.load_state_dict(scheduler_state)
         _set_rng_state(rng)
         return TrainerState(**json.loads(state_file.read_text()))
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """The complete checkpoints in a stage's ``checkpoints`` folder, oldest first (partial saves are not listed)."""
+    if not directory.is_dir():
+        return []
+    found = [path for path in directory.iterdir() if _STEP_DIR.match(path.name)]
+    return sorted(found, key=lambda path: int(_STEP_DIR.match(path.name).group(1)))
+
+
+def saved_world_size(path: Path) -> int:
+    """Ranks of the run that wrote checkpoint ``path``: recorded in ``trainer_state.json``, else (older checkpoints)
+    the number of per-rank state files."""
+    state_file = path / "trainer_state.json"
+    if state_file.is_file():
+        recorded = json.loads(state_file.read_text()).get("world_size")
+        if recorded is not None:
+            return int(recorded)
+    return len({file.stem for file in path.glob("rank-*.*")})
+
+
+def check_world_size(path: Path, world_size: int) -> None:
+    """Refuse to resume checkpoint ``path`` with another number of ranks than the run that wrote it.
+
+    Why not reshard: DCP could reshard the model and optimizer, but each rank's sampler position, scheduler and RNG
+    stream belong to the layout that wrote them; a resumed run must see exactly the samples the uninterrupted one
+    would have, so a different world size is a new run.
+
+    Raises:
+        CheckpointError: the world sizes differ; the message names both and the two ways out.
+    """
+    saved = saved_world_size(path)
+    if saved != world_size:
+        raise CheckpointError(
+            f"checkpoint {path} was written by a run of {saved} rank(s) but this launch has {world_size}: relaunch "
+            f"with {saved} rank(s) (torchrun --nnodes x --nproc_per_node = {saved}) to resume it, or delete "
+            f"{path.parent} to restart the stage from its first step"
+        )
 
 
 def write_rank_state(stem: str | Path, scheduler: dict[str, Any], rng: dict[str, Any]) -> None:

@@ -37,7 +37,12 @@ from llavakit.errors import ConfigError
 from llavakit.model.llava_next import LlavaNextModel
 from llavakit.model.loss import supervised_mask
 from llavakit.training.batches import BatchPlan, length_grouped_order, modality_grouped_order, random_order
-from llavakit.training.checkpoint import CheckpointManager, TrainerState
+from llavakit.training.checkpoint import (
+    CheckpointManager,
+    TrainerState,
+    check_world_size,
+    complete_checkpoints,
+)
 from llavakit.training.config import StageConfig, TrainConfig
 from llavakit.training.evaluation import Evaluation, StageEvaluator, check_evaluations
 from llavakit.training.export import export_model
@@ -406,6 +411,15 @@ def _model_inputs(batch: dict[str, Any], device: torch.device, loss_kernel: str 
     return {**inputs, "supervised_logits_only": True, "loss_kernel": loss_kernel}
 
 
+def _check_resumes(config: TrainConfig, world_size: int) -> None:
+    """Before anything loads: every stage that will resume from a checkpoint was saved by ``world_size`` ranks."""
+    for stage in config.stages:
+        stage_dir = Path(config.run_dir) / stage.name
+        checkpoints = complete_checkpoints(stage_dir / "checkpoints")
+        if checkpoints and not (stage_dir / "final" / "config.json").is_file():
+            check_world_size(checkpoints[-1], world_size)
+
+
 def train(
     config: TrainConfig, data_factory: DataFactory | None = None, hooks: Sequence[StepHook] = ()
 ) -> TrainResult:
@@ -422,7 +436,9 @@ def train(
     Returns:
         A `TrainResult` with the final checkpoint path, per-stage losses and tokens/s.
     """
-    preflight(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    preflight(config, world_size=world_size)
+    _check_resumes(config, world_size)
     evaluators = check_evaluations(config)
     context = init_distributed(STRATEGIES.get(config.strategy.name).needs_process_group)
     if data_factory is None:
