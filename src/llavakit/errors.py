@@ -25,3 +25,7 @@ class DataError(LlavakitError, ValueError):
 
 class CheckpointError(LlavakitError, ValueError):
     """A checkpoint folder is missing files, has mismatched shapes, or was written by an incompatible tool."""
+
+
+class TrainingError(LlavakitError, RuntimeError):
+    """Training cannot go on, e.g. the gradients stopped being finite (the update is not applied)."""

@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from llavakit.distributed import DistContext, all_reduce_sum, all_reduce_sums, init_distributed
-from llavakit.errors import ConfigError
+from llavakit.errors import ConfigError, TrainingError
 from llavakit.model.llava_next import LlavaNextModel
 from llavakit.model.loss import supervised_mask
 from llavakit.training.batches import BatchPlan, length_grouped_order, modality_grouped_order, random_order
@@ -291,6 +291,9 @@ class Trainer:
                 output.loss.detach()
             )  # stays on the device: one host sync per step, not per micro-batch
         grad_norm = self.strategy.clip_grad_norm(self.model, self.stage.optim.max_grad_norm)
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise self._diverged(grad_norm, float(loss_sum), micro_batches)
         self.optimizer.step()
         lrs = {group["name"]: group["lr"] for group in self.optimizer.param_groups}
         self.scheduler.step()
@@ -311,6 +314,23 @@ class Trainer:
             num_padding=int(padding),
             seconds=time.perf_counter() - started,
             flops=flops,
+        )
+
+    def _diverged(self, grad_norm: float, loss: float, micro_batches: list[dict[str, Any]]) -> TrainingError:
+        """The error that stops training at a non-finite gradient, before the optimizer applies it.
+
+        The norm is the global one (all ranks stop together); the loss and sample ids are this rank's.
+        """
+        step = self.state.step + 1
+        ids = [sample for batch in micro_batches for sample in batch.get("sample_ids", [])]
+        shown = ", ".join(map(str, ids[:8])) + (f" (+{len(ids) - 8} more)" if len(ids) > 8 else "")
+        latest = self.checkpoints.latest()
+        return TrainingError(
+            f"stage {self.stage.name!r}, step {step}: the gradient norm is {grad_norm} (loss on rank "
+            f"{self.context.rank}: {loss}); the update was not applied and training stopped. The newest checkpoint "
+            f"({latest or 'none: set logging.save_every'}) holds the weights from before. This rank's samples of the "
+            f"step: {shown or 'unknown'}. Lower optim.lr or raise optim.warmup_ratio, check those samples "
+            "(llavakit data inspect), and resume"
         )
 
     @torch.no_grad()
