@@ -44,8 +44,14 @@ def test_resume_after_kill_gives_the_same_losses(tmp_path, synth):
     partial.mkdir()
     (partial / "__0_0.distcp").write_bytes(b"half-written")  # a save that crashed midway
 
+    metrics = tmp_path / "killed" / "finetune" / "metrics.jsonl"
+    metrics.write_text(
+        "".join(json.dumps({"step": step, "loss": 9.0}) + "\n" for step in (1, 2, 3)) + '{"step": 4, "lo'
+    )  # the interrupted run logged steps 1-3 and was killed while writing step 4
     resumed = _trainer(config).fit()
     assert not partial.exists()
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # steps 3-4 redone after the step-2 checkpoint, each logged once
     assert resumed.losses[:2] == pytest.approx(reference[:2], rel=1e-6)
     assert resumed.losses == pytest.approx(reference, rel=1e-5)
 

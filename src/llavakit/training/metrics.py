@@ -79,7 +79,7 @@ class MetricsLogger:
         self.losses: list[tuple[int, float]] = []
         self._interval: list[StepMetrics] = []
         self._writer = self._open_writer() if context.is_main else None
-        self._jsonl = (stage_dir / "metrics.jsonl").open("a") if context.is_main else None
+        self._jsonl = _open_jsonl(stage_dir / "metrics.jsonl", start_step) if context.is_main else None
         self._bar = tqdm(
             total=total_steps,
             initial=start_step,
@@ -175,6 +175,27 @@ class MetricsLogger:
             (self._writer.close if self.config.report_to == "tensorboard" else self._writer.finish)()
         if self.losses:
             plot_losses(self.losses, self.stage_dir / "loss.png")
+
+
+def _open_jsonl(path: Path, start_step: int) -> Any:
+    """``metrics.jsonl`` opened for appending, without the rows of steps after ``start_step``.
+
+    A resumed stage redoes the steps after its checkpoint; their rows from the interrupted run (and a last line cut
+    by the kill) would otherwise appear twice. The file is rewritten atomically (temporary file, then rename).
+    """
+    if path.is_file():
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("step", 0) <= start_step:
+                kept.append(line + "\n")
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text("".join(kept))
+        partial.replace(path)
+    return path.open("a")
 
 
 def plot_losses(losses: list[tuple[int, float]], path: Path) -> None:
