@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch.utils.data import DataLoader
 
 from llavakit.distributed import DistContext, all_reduce_sum, all_reduce_sums, init_distributed
@@ -431,6 +432,56 @@ def _model_inputs(batch: dict[str, Any], device: torch.device, loss_kernel: str 
     return {**inputs, "supervised_logits_only": True, "loss_kernel": loss_kernel}
 
 
+# Sections a re-run may change without becoming another run: where and how often it reports.
+_FREE_SECTIONS = ("logging",)
+
+
+def _check_same_run(config: TrainConfig) -> None:
+    """Refuse to continue a run folder that holds progress of another config (a stage's checkpoints or export).
+
+    Re-running a run folder resumes it, skipping exported stages; with a changed config that would silently mix
+    two runs (the finished stages trained with the old values). Only `_FREE_SECTIONS` may change.
+
+    Raises:
+        ConfigError: the differing keys with their saved and new values, and the two ways out.
+    """
+    run_dir = Path(config.run_dir)
+    saved_file = run_dir / "config.yaml"
+    progress = any(
+        (run_dir / stage.name / "final").is_dir() or complete_checkpoints(run_dir / stage.name / "checkpoints")
+        for stage in config.stages
+    )
+    if not (progress and saved_file.is_file()):
+        return
+    saved = yaml.safe_load(saved_file.read_text()) or {}
+    changed = [
+        f"{key}: {old!r} -> {new!r}"
+        for key, (old, new) in _differences(saved, config.to_dict()).items()
+        if key.split(".")[0] not in _FREE_SECTIONS
+    ]
+    if changed:
+        shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
+        raise ConfigError(
+            f"{run_dir} holds a run trained with another config ({saved_file}): {shown}. Use a new run_dir for the "
+            "new config, or delete the stage folders to retrain them (only logging.* may change on a re-run)"
+        )
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """Dotted keys of ``old`` whose values differ in ``new`` (lists indexed by position). Keys only ``new`` has are
+    not compared: a config saved by an older llavakit lacks the fields added since, which hold their defaults."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        pairs = [(f"{prefix}{key}", value, new.get(key)) for key, value in old.items()]
+    elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        pairs = [(f"{prefix}{index}", a, b) for index, (a, b) in enumerate(zip(old, new, strict=True))]
+    else:
+        return {} if old == new else {prefix.rstrip("."): (old, new)}
+    found: dict[str, tuple[Any, Any]] = {}
+    for key, a, b in pairs:
+        found.update(_differences(a, b, f"{key}."))
+    return found
+
+
 def _check_resumes(config: TrainConfig, world_size: int) -> None:
     """Before anything loads: every stage that will resume from a checkpoint was saved by ``world_size`` ranks."""
     for stage in config.stages:
@@ -458,6 +509,7 @@ def train(
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     preflight(config, world_size=world_size)
+    _check_same_run(config)
     _check_resumes(config, world_size)
     evaluators = check_evaluations(config)
     context = init_distributed(STRATEGIES.get(config.strategy.name).needs_process_group)
