@@ -6,12 +6,20 @@ Not a test: it prints numbers. The mix (no real data can be downloaded here) fol
 VG / GQA / TextVQA / OCR-VQA sizes, mostly 4:3) with 1-8 question/answer rounds of ~250 text tokens in total.
 Images come from a small pool of JPEG files of those sizes, so decoding and AnyRes tiling are real.
 
+It also times AnyRes preprocessing alone (decode, resize, pad, tile, normalise) on one thread against
+transformers' ``LlavaNextImageProcessorPil`` for the CLIP-336 and SigLIP-384 ``anyres_max_9`` grids
+(``(1x1),...,(6x6)`` pinpoints), after checking that both give equal float32 tiles for every pool image. The runs
+alternate, best of ``--rounds``. "PIL floor" is the ratio for decoding and the two PIL resizes alone: both
+pipelines need exactly those resizes for identical pixels, so it bounds what any faster tiling can reach.
+
     python benchmarks/data_pipeline.py [--samples 4000] [--batch-size 8] [--budget 16384] [--rows 2] [--timed 200]
+        [--rounds 7]
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import random
@@ -24,9 +32,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from llavakit.anyres.spec import ImageSpec  # noqa: E402
+from llavakit.anyres.geometry import letterbox_size, parse_pinpoints, select_best_resolution  # noqa: E402
+from llavakit.anyres.pixels import load_image, process_image  # noqa: E402
+from llavakit.anyres.spec import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, ImageSpec  # noqa: E402
 from llavakit.data.collate import build_collator  # noqa: E402
 from llavakit.data.config import DataConfig  # noqa: E402
 from llavakit.data.dataset import build_dataset  # noqa: E402
@@ -109,6 +120,83 @@ def packed_padding(packs: list[list[int]], lengths: list[int], rows: int) -> flo
     return 1.0 - real / padded
 
 
+def anyres_max_9(tile: int, mean: tuple[float, ...], std: tuple[float, ...]) -> ImageSpec:
+    """The OneVision-style grid: ``anyres_max_9`` over the ``(1x1),...,(6x6)`` pinpoints."""
+    return ImageSpec(
+        tile_size=tile,
+        patch_size=14,
+        aspect_ratio="anyres_max_9",
+        pinpoints=parse_pinpoints("(1x1),...,(6x6)", tile),
+        image_mean=mean,
+        image_std=std,
+    )
+
+
+def transformers_processor(spec: ImageSpec):
+    """transformers' PIL-backend LLaVA-NeXT image processor configured like ``spec``."""
+    from transformers.models.llava_next import LlavaNextImageProcessorPil
+
+    return LlavaNextImageProcessorPil(
+        size={"shortest_edge": spec.tile_size},
+        crop_size={"height": spec.tile_size, "width": spec.tile_size},
+        image_grid_pinpoints=[list(p) for p in spec.pinpoints],
+        image_mean=list(spec.image_mean),
+        image_std=list(spec.image_std),
+    )
+
+
+def preprocessing_ratios(files: list[bytes], spec: ImageSpec, rounds: int) -> dict[str, float]:
+    """Seconds per image of llavakit, transformers and the PIL floor (best of ``rounds``, alternating)."""
+    processor = transformers_processor(spec)
+
+    def reference(data: bytes) -> torch.Tensor:
+        return processor(images=[Image.open(io.BytesIO(data))], return_tensors="pt")["pixel_values"][0]
+
+    def floor(data: bytes) -> None:
+        image = load_image(data)
+        image.resize((spec.tile_size, spec.tile_size), Image.Resampling.BICUBIC)
+        target = select_best_resolution((image.height, image.width), spec.pinpoints)
+        height, width = letterbox_size((image.height, image.width), target)
+        image.resize((width, height), Image.Resampling.BICUBIC)
+
+    runs = {"llavakit": lambda data: process_image(load_image(data), spec), "transformers": reference}
+    runs["PIL floor"] = floor
+    for data in files:
+        if not torch.equal(runs["llavakit"](data), reference(data)):
+            raise SystemExit(
+                f"tiles differ from transformers for a {spec.tile_size}px image: fix before timing"
+            )
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            for data in files:
+                run(data)
+            best[name] = min(best[name], (time.perf_counter() - start) / len(files))
+    return best
+
+
+def report_preprocessing(folder: Path, rounds: int) -> None:
+    """Print images/s per core and the ratio to transformers for both ``anyres_max_9`` grids."""
+    files = [(folder / "{}x{}.jpg".format(*size)).read_bytes() for size in IMAGE_SIZES]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, spec in (
+            ("CLIP-336", anyres_max_9(336, CLIP_MEAN, CLIP_STD)),
+            ("SigLIP-384", anyres_max_9(384, SIGLIP_MEAN, SIGLIP_STD)),
+        ):
+            best = preprocessing_ratios(files, spec, rounds)
+            reference = best["transformers"]
+            print(
+                f"AnyRes preprocessing {name} anyres_max_9, 1 thread: llavakit {1 / best['llavakit']:.0f} images/s, "
+                f"transformers {1 / reference:.0f} images/s, ratio {reference / best['llavakit']:.2f}x "
+                f"(PIL floor {reference / best['PIL floor']:.2f}x)"
+            )
+    finally:
+        torch.set_num_threads(threads)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -121,6 +209,9 @@ def main() -> None:
         "--timed", type=int, default=200, help="samples decoded + collated for the throughput figure"
     )
     parser.add_argument("--max-length", type=int, default=4096, help="model_max_length")
+    parser.add_argument(
+        "--rounds", type=int, default=7, help="alternating rounds of the preprocessing timing"
+    )
     args = parser.parse_args()
 
     spec = ImageSpec()  # LLaVA-1.6 CLIP-336 AnyRes: 1x2 ... 3x1 grids, spatial_unpad
@@ -144,6 +235,7 @@ def main() -> None:
         for first in range(0, timed, args.batch_size):
             collate([dataset[i] for i in range(first, min(first + args.batch_size, timed))])
         load_seconds = time.perf_counter() - start
+        report_preprocessing(Path(folder), args.rounds)
 
     order = np.random.default_rng(0).permutation(len(lengths)).tolist()
     plain = [order[i : i + args.batch_size] for i in range(0, len(order), args.batch_size)]
