@@ -247,6 +247,22 @@ def load_checkpoint(
 ) -> LlavaNextModel:
     """Load a llava-hf layout folder into ``cls`` (strict: every parameter must come from the files)."""
     path = Path(path)
+    model, saved_dtype = build_skeleton(cls, path, attn_implementation)
+    state = _read_weights(path)
+    base = model.llm.base_model_prefix
+    load_state_strict(model, state, path, lambda key: from_disk_key(key, base))
+    cast_parameters(model, dtype or saved_dtype)
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def build_skeleton(
+    cls: type[LlavaNextModel], path: Path, attn_implementation: str | None = None
+) -> tuple[LlavaNextModel, torch.dtype]:
+    """The model ``path/config.json`` describes, randomly initialised, with the folder's tokenizer and chat template,
+    and the dtype its weights were saved in. Built under `llavakit.training.sharded_load.empty_parameters`, its
+    parameters have no storage (meta), for loading them shard by shard."""
     data = _read_config_json(path)
     chat_template = read_chat_template(path)
     config = LlavaKitConfig.from_config_json(
@@ -255,16 +271,10 @@ def load_checkpoint(
     tokenizer = _load_tokenizer(path)
     _use_checkpoint_template(tokenizer, chat_template, config.template, path)
     model = cls.from_config(config, tokenizer=tokenizer, attn_implementation=attn_implementation)
-    state = _read_weights(path)
-    base = model.llm.base_model_prefix
-    load_state_strict(model, state, path, lambda key: from_disk_key(key, base))
     saved_dtype = getattr(
         torch, str(data.get("dtype") or data.get("torch_dtype") or "float32"), torch.float32
     )
-    cast_parameters(model, dtype or saved_dtype)
-    if device is not None:
-        model.to(device)
-    return model.eval()
+    return model, saved_dtype
 
 
 def read_config(path: Path) -> LlavaKitConfig:
@@ -316,25 +326,37 @@ def _load_tokenizer(path: Path) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder (one, or those its index names).
+
+    Raises:
+        CheckpointError: neither ``model.safetensors`` nor an index, or an indexed file is missing.
+    """
     index = path / INDEX_NAME
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     elif (path / WEIGHTS_NAME).is_file():
-        files = [WEIGHTS_NAME]
+        names = [WEIGHTS_NAME]
     else:
         raise CheckpointError(f"{path} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
+    for name in names:
+        if not (path / name).is_file():
+            raise CheckpointError(f"{index} names {name}, which is missing from {path}")
+    return [path / name for name in names]
+
+
+def unreadable_weights(file: Path, err: Exception) -> CheckpointError:
+    """The error for a safetensors file that does not open or read."""
+    return CheckpointError(f"{file} is not a readable safetensors file ({err}); re-download or re-save it")
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    for filename in files:
-        file = path / filename
-        if not file.is_file():
-            raise CheckpointError(f"{index} names {filename}, which is missing from {path}")
+    for file in weight_files(path):
         try:
             state.update(load_file(str(file)))
         except Exception as err:  # safetensors raises a bare Exception subtype on corrupt headers
-            raise CheckpointError(
-                f"{file} is not a readable safetensors file ({err}); re-download or re-save it"
-            ) from None
+            raise unreadable_weights(file, err) from None
     return state
 
 
@@ -353,24 +375,51 @@ def load_state_strict(
         to_ours: maps a checkpoint key to our parameter name (None: a key we have no place for).
 
     Raises:
+        CheckpointError: see `match_checkpoint`.
+    """
+    shapes = {key: tuple(tensor.shape) for key, tensor in source_state.items()}
+    sources = match_checkpoint(model, shapes, path, to_ours)
+    model.load_state_dict({name: source_state[key] for name, key in sources.items()}, strict=False)
+    if model.config.tie_word_embeddings:
+        model.llm.tie_weights()
+
+
+def match_checkpoint(
+    model: LlavaNextModel,
+    source_shapes: dict[str, tuple[int, ...]],
+    path: Path,
+    to_ours: Callable[[str], str | None],
+) -> dict[str, str]:
+    """Which checkpoint key fills each entry of ``model.state_dict()``, checked before anything is read.
+
+    Args:
+        model: the model built from the checkpoint's config (its parameters may be on the meta device).
+        source_shapes: the checkpoint's keys and tensor shapes.
+        path: the checkpoint, named in errors.
+        to_ours: maps a checkpoint key to our parameter name (None: a key we have no place for).
+
+    Returns:
+        our state-dict name → checkpoint key, for every entry (a tied ``lm_head`` may have none).
+
+    Raises:
         CheckpointError: a missing parameter (a tied ``lm_head`` excepted), an unexpected key or a shape mismatch.
     """
-    expected = model.state_dict()
-    state: dict[str, torch.Tensor] = {}
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    sources: dict[str, str] = {}
     unexpected: list[str] = []
-    for key, tensor in source_state.items():
+    for key, shape in source_shapes.items():
         if key.endswith(".inv_freq"):  # rotary buffers are recomputed, never loaded
             continue
         name = to_ours(key)
         if name is None or name not in expected:
             unexpected.append(key)
             continue
-        if tuple(tensor.shape) != tuple(expected[name].shape):
+        if tuple(shape) != expected[name]:
             raise CheckpointError(
-                f"{path}: {key} has shape {tuple(tensor.shape)} but the config builds {tuple(expected[name].shape)}"
+                f"{path}: {key} has shape {tuple(shape)} but the config builds {expected[name]}"
             )
-        state[name] = tensor
-    missing = sorted(set(expected) - set(state))
+        sources[name] = key
+    missing = sorted(set(expected) - set(sources))
     if model.config.tie_word_embeddings:
         missing = [k for k in missing if not k.endswith("lm_head.weight")]
     if missing or unexpected:
@@ -378,6 +427,4 @@ def load_state_strict(
             f"{path} does not match its config: missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
             f"unexpected {sorted(unexpected)[:8]}{' ...' if len(unexpected) > 8 else ''}"
         )
-    model.load_state_dict(state, strict=False)
-    if model.config.tie_word_embeddings:
-        model.llm.tie_weights()
+    return sources

@@ -324,6 +324,10 @@ class StrategyConfig:
             no ``[N, V]`` logits held, any device) or ``liger`` (Liger-Kernel's, CUDA and ``pip install
             liger-kernel``). Same loss and gradients; the fused kernels refuse LLMs whose head post-processes the
             logits (e.g. Gemma 2 soft-capping).
+        param_dtype: dtype of the parameters the optimizer updates (FSDP2: of the shards): ``auto`` (a
+            checkpoint's saved dtype, fp32 for a model from parts), ``fp32`` (fp32 master weights; with
+            ``mixed_precision: bf16`` FSDP2 computes in bf16 copies) or ``bf16`` (half the parameter, gradient
+            and optimizer-state memory, no fp32 master copy).
     """
 
     name: str = "single"
@@ -333,8 +337,11 @@ class StrategyConfig:
     compile: bool = False
     tf32: bool = False
     loss_kernel: str = "logits"
+    param_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.param_dtype not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"strategy.param_dtype {self.param_dtype!r} is not one of auto, fp32, bf16")
         if self.name not in STRATEGIES:
             raise ConfigError(f"strategy.name {self.name!r} is not one of {STRATEGIES}")
         if self.mixed_precision not in MIXED_PRECISION:

@@ -6,7 +6,12 @@ of loading a 7B model on every GPU. `preflight` checks all of that from file met
 
 - a debug preset (``model.preset``): its parts are written to ``run_dir/parts`` by rank 0, then assembled;
 - ``model.vision`` + ``model.llm``: a fresh model from two checkpoints;
-- ``model.path`` or the previous stage's export: ``LlavaNextModel.from_pretrained``.
+- ``model.path`` or the previous stage's export: ``LlavaNextModel.from_pretrained``; under FSDP2 instead a model
+  without weights (`llavakit.training.sharded_load.meta_model`) whose shards each rank reads after sharding, so no
+  rank ever holds the whole model. Models from parts are still built whole on every rank (transformers loads the
+  hub checkpoints), then sharded.
+
+The parameters are built in ``strategy.param_dtype`` (``auto``: as saved / fp32 from parts).
 
 QLoRA (``lora.bits`` 4/8, `llavakit.training.lora`) loads the LLM quantised by bitsandbytes. From parts, the
 quantisation config goes to the LLM's ``from_pretrained`` (``LlavaNextModel.from_parts(llm_kwargs=...)``). From a
@@ -45,6 +50,10 @@ from llavakit.model.projector import load_upstream_projector_state, read_upstrea
 from llavakit.model.vision import backbone_for_model_type
 from llavakit.training.config import StageConfig, TrainConfig
 from llavakit.training.lora import is_quantised, quantization_config, require_bitsandbytes
+from llavakit.training.sharded_load import meta_model
+
+# strategy.param_dtype → the parameters' dtype (None: as loaded).
+_PARAM_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def preflight(config: TrainConfig, world_size: int) -> None:
@@ -124,7 +133,8 @@ def _hidden_size(config: Any) -> int:
 def build_model(
     config: TrainConfig, stage: StageConfig, previous: Path | None, context: DistContext
 ) -> LlavaNextModel:
-    """Load the model a stage starts from (see module docstring) on CPU, identically on every rank.
+    """Load the model a stage starts from (see module docstring) on CPU, identically on every rank (under FSDP2
+    from a checkpoint: on the meta device, for the strategy to shard and fill).
 
     Args:
         config: the run config.
@@ -135,8 +145,13 @@ def build_model(
     model_config = config.model
     attention = resolve_attention(model_config.attn_implementation)
     quantization = _llm_quantization(config)
-    if previous is not None or model_config.path:
-        model = LlavaNextModel.from_pretrained(previous or model_config.path, attn_implementation=attention)
+    dtype = _PARAM_DTYPES[config.strategy.param_dtype]
+    if _loads_sharded(config, previous):
+        model = meta_model(Path(previous or model_config.path), attention, dtype)
+    elif previous is not None or model_config.path:
+        model = LlavaNextModel.from_pretrained(
+            previous or model_config.path, dtype=dtype, attn_implementation=attention
+        )
         if quantization is not None:
             folder = Path(config.run_dir) / stage.name / "llm-to-quantise"
             model.llm = _reload_quantised(model.llm, quantization, folder, attention, context)
@@ -146,13 +161,21 @@ def build_model(
             kwargs["llm_kwargs"] = {"quantization_config": quantization, "device_map": "cpu"}
         # Seed after the preset parts are written: only rank 0 writes them, and that consumes random numbers.
         torch.manual_seed(config.seed)
-        model = LlavaNextModel.from_parts(**kwargs)
+        model = LlavaNextModel.from_parts(**kwargs, dtype=dtype)
     if model_config.pretrained_projector and previous is None:
         load_upstream_projector_state(model.projector, model_config.pretrained_projector)
     apply_stage_settings(model, stage)
     if stage.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
+
+
+def _loads_sharded(config: TrainConfig, previous: Path | None) -> bool:
+    """Whether the stage's model is read shard by shard (`llavakit.training.sharded_load`): FSDP2 from a checkpoint
+    folder; not when the first stage also loads an upstream projector file into it (that needs the whole model)."""
+    from_folder = previous is not None or bool(config.model.path)
+    projector_file = bool(config.model.pretrained_projector) and previous is None
+    return config.strategy.name == "fsdp2" and from_folder and not projector_file
 
 
 def _llm_quantization(config: TrainConfig) -> Any:
@@ -266,7 +289,9 @@ def resolve_attention(requested: str) -> str:
     """
     if requested != "flash_attention_2" or is_flash_attn_2_available():
         return requested
-    warnings.warn("flash_attention_2 requested but flash-attn is not installed: using sdpa_varlen", stacklevel=2)
+    warnings.warn(
+        "flash_attention_2 requested but flash-attn is not installed: using sdpa_varlen", stacklevel=2
+    )
     return "sdpa_varlen"
 
 

@@ -3,7 +3,12 @@
 Each unit from ``model.shard_units()`` (decoder layers, vision encoder layers) becomes one FSDP group, and the
 root holds the rest (embeddings, projector, head). ``reshard_after_forward=False`` keeps a unit's parameters
 gathered between forward and backward, which is DeepSpeed ZeRO-2's trade-off; True is ZeRO-3. Mixed precision is
-FSDP2's own (bf16 compute copies, fp32 gradient reduction, fp32 master weights), so no autocast is used.
+FSDP2's own (bf16 compute copies, fp32 gradient reduction), so no autocast is used. The sharded parameters the
+optimizer updates are in ``strategy.param_dtype`` (fp32 master weights, or bf16 to halve their memory).
+
+A model built by `llavakit.training.sharded_load.meta_model` has no weights yet: it is sharded on the meta device
+and each rank then reads only its own shards from the checkpoint files (see that module). Any other model is
+loaded whole on every rank and rank 0's weights are broadcast before sharding.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from llavakit.errors import ConfigError
+from llavakit.training.sharded_load import LoadStats, materialise, take_source
 from llavakit.training.strategies.base import STRATEGIES, Strategy
 
 
@@ -26,6 +32,8 @@ class FSDP2Strategy(Strategy):
     """``fully_shard`` per shard unit, then the root, over a 1-D mesh of all ranks."""
 
     needs_process_group = True
+    #: What reading the shards cost on this rank, once `wrap` has read them (None: the model came with weights).
+    load_stats: LoadStats | None = None
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """Shard ``model`` in place (its class becomes an FSDP subclass; names are unchanged)."""
@@ -34,9 +42,11 @@ class FSDP2Strategy(Strategy):
                 "strategy.cpu_offload needs a CUDA device (FSDP2 offloads from the accelerator); on a CPU-only "
                 "machine the parameters already live in CPU memory: set strategy.cpu_offload=false"
             )
-        if not self.config.cpu_offload:
-            model = model.to(self.context.device)
-        _broadcast_from_rank0(model, self.context.device)
+        source = take_source(model)
+        if source is None:
+            if not self.config.cpu_offload:
+                model = model.to(self.context.device)
+            _broadcast_from_rank0(model, self.context.device)
         mesh = init_device_mesh(self.context.device.type, (self.context.world_size,))
         options = {
             "mesh": mesh,
@@ -48,6 +58,9 @@ class FSDP2Strategy(Strategy):
         for unit in _trainable_units(model):
             fully_shard(unit, **options)
         fully_shard(model, **options)
+        if source is not None:
+            device = torch.device("cpu") if self.config.cpu_offload else self.context.device
+            self.load_stats = materialise(model, source, device)
         return model
 
     def _mixed_precision(self) -> MixedPrecisionPolicy:
