@@ -20,6 +20,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("convert", "convert", "Convert between original LLaVA and llava-hf checkpoints."),
     ("data", "data", "Inspect and prepare training data (LLaVA JSON/JSONL/YAML mixtures)."),
     ("train", "train", "Train a model stage by stage (recipes, YAML configs or upstream train_mem.py flags)."),
+    ("plan", "plan", "Plan a run's per-GPU memory (weights, gradients, optimizer, activations) and whether it fits."),
     ("eval", "eval", "Evaluate a checkpoint on standard benchmarks (MME, MMBench, POPE, ...) or score predictions."),
     ("chat", "chat", "Chat with a trained model about images (multi-turn, interactive or piped)."),
     ("serve", "serve", "Serve checkpoints over an OpenAI-compatible HTTP API (streaming, batching, images)."),
