@@ -55,7 +55,7 @@ class FSDP2Strategy(Strategy):
         }
         if self.config.cpu_offload:
             options["offload_policy"] = CPUOffloadPolicy()
-        for unit in _trainable_units(model):
+        for unit in _sharded_units(model):
             fully_shard(unit, **options)
         fully_shard(model, **options)
         if source is not None:
@@ -78,13 +78,16 @@ class FSDP2Strategy(Strategy):
         model.set_requires_gradient_sync(enabled)
 
 
-def _trainable_units(model: nn.Module) -> list[nn.Module]:
-    """The shard units with a trainable parameter; frozen units stay in the root group.
+def _sharded_units(model: nn.Module) -> list[nn.Module]:
+    """The shard units that run, frozen ones included; vision layers after the selected one stay in the root group.
 
-    Frozen units reduce no gradient, and a unit that never runs (vision layers after the selected one) breaks
-    FSDP2's gradient accumulation (its parameters are never unsharded), so neither gets its own group.
+    A frozen unit gets its own group too: in the root group it would stay gathered from forward to backward (a
+    frozen 72B LLM in an align stage: its whole bf16 copy on every GPU). A unit that never runs (vision layers after
+    ``select_layer``) would break FSDP2's gradient accumulation (its parameters are never unsharded).
     """
-    return [unit for unit in model.shard_units() if any(param.requires_grad for param in unit.parameters())]
+    units = list(model.shard_units())
+    unused = {id(layer) for layer in model.vision_encoder.layers[model.vision_encoder.num_layers_run :]}
+    return [unit for unit in units if id(unit) not in unused]
 
 
 @torch.no_grad()
