@@ -2,14 +2,17 @@
 
 Usage (trainer)::
 
-    dataset = build_dataset(DataConfig(data_path=..., image_folder=..., template="qwen_2"), tokenizer, image_spec)
+    dataset = build_dataset(DataConfig(data_path=..., image_folder=..., template="qwen_2"), tokenizer, image_spec,
+                            index_dir=run_dir / ".index", context=context)
     print(dataset.stats.summary())            # kept / truncated / dropped / skipped-by-kind
     loader = DataLoader(dataset, batch_sampler=..., collate_fn=build_collator(tokenizer))
 
 Construction scans every record once without decoding pixels (image sizes come from file headers): it parses,
 counts visual tokens, encodes, applies the truncation policy and checks that something is supervised. Bad samples
 go to the `IssueLog` (raise, or skip and count); over-long samples are dropped or downscaled and counted. The
-scan yields exact token ``lengths`` (and signed ``modality_lengths``) for the samplers and for packing.
+scan yields exact token ``lengths`` (and signed ``modality_lengths``) for the samplers and for packing. With an
+``index_dir`` the scan is stored there once and shared by ranks, stages and runs (`llavakit.data.index`); the
+dataset then holds arrays, and each `Entry` is decoded from them on access.
 
 ``__getitem__`` re-encodes the sample (cheap, deterministic) and decodes its images in the DataLoader worker. An
 image whose header was fine but whose data is corrupt raises `ImageError` under ``skip_policy="error"``; under
@@ -20,6 +23,7 @@ where decoding and encoding are a measurable share of a CPU step (the demo: ~7 %
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,26 +34,16 @@ from torch.utils.data import Dataset
 from llavakit.anyres.spec import ImageSpec
 from llavakit.data.config import DataConfig
 from llavakit.data.images import load_pixels
-from llavakit.data.issues import IssueLog
+from llavakit.data.index import Entry, ScanIndex, ScanPart, scan_key, shared_scan
+from llavakit.data.issues import EXAMPLES_PER_KIND, IssueLog
 from llavakit.data.mixture import read_data_records
 from llavakit.data.prepare import SampleTooLong, encode_fitted, prepare_record
-from llavakit.data.schema import Sample
 from llavakit.data.templates import ChatTemplate, check_system_prompt, get_template
 from llavakit.data.tokenize import SampleEncoder
+from llavakit.distributed import DistContext
 from llavakit.errors import DataError, ImageError
 
-Size = tuple[int, int]
-
-
-@dataclass(frozen=True)
-class Entry:
-    """What the dataset keeps per sample after the scan (no token ids: they are rebuilt in ``__getitem__``)."""
-
-    sample: Sample
-    image_paths: tuple[Path, ...]
-    image_sizes: tuple[Size, ...]
-    image_tiled: tuple[bool, ...]
-    length: int
+__all__ = ["DatasetStats", "Entry", "LlavaDataset", "build_dataset"]
 
 
 @dataclass
@@ -81,12 +75,44 @@ class DatasetStats:
             f"skipped (bad): {self.issues.total}\n{self.issues.summary()}"
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        """The counts as JSON-ready data (``data_stats.json``, the index's ``meta.json``)."""
+        return {
+            "num_records": self.num_records,
+            "num_kept": self.num_kept,
+            "num_truncated": self.num_truncated,
+            "num_downscaled": self.num_downscaled,
+            "num_dropped_too_long": self.num_dropped_too_long,
+            "num_skipped": self.issues.total,
+            "skipped": dict(self.issues.counts),
+            "dropped_examples": list(self.dropped_examples),
+            "skipped_examples": {kind: list(messages) for kind, messages in self.issues.examples.items()},
+        }
+
+    @classmethod
+    def from_dicts(cls, parts: list[dict[str, Any]], issues: IssueLog) -> DatasetStats:
+        """The sum of several `to_dict` counts (the parts of a scan), with ``issues`` filled from them."""
+        stats = cls(issues)
+        for part in parts:
+            stats.num_records += part["num_records"]
+            stats.num_kept += part["num_kept"]
+            stats.num_truncated += part["num_truncated"]
+            stats.num_downscaled += part["num_downscaled"]
+            stats.num_dropped_too_long += part["num_dropped_too_long"]
+            room = EXAMPLES_PER_KIND - len(stats.dropped_examples)
+            stats.dropped_examples.extend(part["dropped_examples"][:room])
+            issues.counts.update(Counter(part["skipped"]))
+            for kind, messages in part["skipped_examples"].items():
+                kept = issues.examples.setdefault(kind, [])
+                kept.extend(messages[: issues.max_examples - len(kept)])
+        return stats
+
 
 class LlavaDataset(Dataset):
     """Scanned samples; items are dicts ready for `llavakit.data.collate.Collator`.
 
     Args:
-        entries: the kept samples.
+        entries: the kept samples (decoded on access).
         encoder: tokenizer + template.
         image_spec: preprocessing spec (token counts and pixels).
         model_max_length: token cap (same as in the scan).
@@ -97,7 +123,7 @@ class LlavaDataset(Dataset):
 
     def __init__(
         self,
-        entries: list[Entry],
+        entries: ScanIndex,
         encoder: SampleEncoder,
         image_spec: ImageSpec,
         model_max_length: int,
@@ -119,12 +145,12 @@ class LlavaDataset(Dataset):
     @property
     def lengths(self) -> list[int]:
         """Exact tokens per sample after image expansion and truncation."""
-        return [entry.length for entry in self.entries]
+        return self.entries.lengths
 
     @property
     def modality_lengths(self) -> list[int]:
         """Token lengths, positive for samples with images and negative for text-only ones (upstream convention)."""
-        return [entry.length if entry.image_paths else -entry.length for entry in self.entries]
+        return [n if image else -n for n, image in zip(self.entries.lengths, self.entries.has_image)]
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         """One example: ``input_ids [T]``, ``labels [T]``, ``pixel_values [n_tiles,3,S,S]`` or None,
@@ -163,15 +189,23 @@ class LlavaDataset(Dataset):
 
 
 def build_dataset(
-    config: DataConfig, tokenizer: Any, image_spec: ImageSpec, template: ChatTemplate | None = None
+    config: DataConfig,
+    tokenizer: Any,
+    image_spec: ImageSpec,
+    template: ChatTemplate | None = None,
+    *,
+    index_dir: str | Path | None = None,
+    context: DistContext | None = None,
 ) -> LlavaDataset:
-    """Read, validate and scan ``config.data_path``; see the module docstring.
+    """Read, validate and scan ``config.data_path``, or load the stored scan; see the module docstring.
 
     Args:
         config: data settings.
         tokenizer: transformers tokenizer with ``<image>``.
         image_spec: the model's preprocessing spec.
         template: overrides ``config.template`` / ``config.upstream_quirks`` / ``config.system_prompt`` when given.
+        index_dir: where the scan is stored and looked up (`llavakit.data.index`); None scans in memory.
+        context: this process's rank; with a process group every rank scans a share (needs ``index_dir``).
 
     Raises:
         ConfigError: ``config.system_prompt`` is set for a template that ignores it in training.
@@ -182,21 +216,49 @@ def build_dataset(
         if config.system_prompt is not None:
             check_system_prompt(template, "data.system_prompt")
     encoder = SampleEncoder(tokenizer, template)
+
+    def scan(rank: int, world: int) -> ScanPart:
+        return _scan_share(config, encoder, image_spec, rank, world)
+
+    def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+        issues = IssueLog(config.skip_policy, config.max_skip_fraction)
+        return DatasetStats.from_dicts(parts, issues).to_dict()
+
+    key = scan_key(config, tokenizer, image_spec, template) if index_dir is not None else {}
+    index = shared_scan(Path(index_dir) if index_dir is not None else None, key, scan, merge, context)
     issues = IssueLog(config.skip_policy, config.max_skip_fraction)
-    stats = DatasetStats(issues)
-    entries = []
-    for record in read_data_records(config.data_path, issues, config.seed):
-        stats.num_records += 1
-        entry = _scan_record(record, config, encoder, image_spec, stats)
-        if entry is not None:
-            entries.append(entry)
-    stats.num_kept = len(entries)
+    stats = DatasetStats.from_dicts([index.stats], issues)
     issues.check_fraction(stats.num_records + issues.counts["json"])
-    if not entries:
+    if not len(index):
         raise DataError(f"{config.data_path}: no usable sample\n{stats.summary()}")
     return LlavaDataset(
-        entries, encoder, image_spec, config.model_max_length, config.skip_policy, stats, config.cache_samples
+        index, encoder, image_spec, config.model_max_length, config.skip_policy, stats, config.cache_samples
     )
+
+
+def _scan_share(
+    config: DataConfig, encoder: SampleEncoder, spec: ImageSpec, rank: int, world: int
+) -> ScanPart:
+    """Scan records ``rank, rank + world, ...`` of the stream. Every rank reads every record (a small share of the
+    cost) so mixtures sample identically; unreadable records are counted by rank 0 only."""
+    reading = IssueLog(config.skip_policy, max_examples=EXAMPLES_PER_KIND)
+    stats = DatasetStats(IssueLog(config.skip_policy))
+    part = ScanPart()
+    for number, record in enumerate(read_data_records(config.data_path, reading, config.seed)):
+        if number % world != rank:
+            continue
+        stats.num_records += 1
+        entry = _scan_record(record, config, encoder, spec, stats)
+        if entry is not None:
+            part.records.append(number)
+            part.entries.append(entry)
+    if rank == 0:
+        stats.issues.counts.update(reading.counts)
+        for kind, messages in reading.examples.items():
+            stats.issues.examples.setdefault(kind, []).extend(messages)
+    stats.num_kept = len(part.entries)
+    part.stats = stats.to_dict()
+    return part
 
 
 def _scan_record(
@@ -214,7 +276,7 @@ def _scan_record(
         )
     except SampleTooLong as err:
         stats.num_dropped_too_long += 1
-        if len(stats.dropped_examples) < 5:
+        if len(stats.dropped_examples) < EXAMPLES_PER_KIND:
             stats.dropped_examples.append(str(err))
         return None
     if prepared is None:

@@ -99,6 +99,16 @@ class DataSection:
         cache_samples: build each sample once and serve it from memory afterwards: for small datasets trained for
             many epochs (the demo); it holds every sample's pixels. Needs ``num_workers`` 0 (workers restart every
             epoch, so their caches would be rebuilt each time).
+        upstream_quirks: reproduce upstream's training masks of the template (Qwen/Llama-3: hard-coded system
+            prompt, unmasked headers); False fixes them.
+        truncation_policy: a sample whose cut at ``max_length`` would go through an image is ``drop``-ped, or its
+            images are ``downscale``-d to one tile (last image first) until it fits; counted either way.
+        skip_policy: bad samples (unreadable image, malformed record, nothing supervised) ``error`` (raise on the
+            first) or ``skip`` (count, report in ``data_stats.json``, go on).
+        max_skip_fraction: with ``skip``, fail when more than this fraction of the samples is bad.
+        max_tokens_per_pack: token budget of a packed row (``packing``); 0 = ``max_length``.
+        index_dir: where the dataset scan is stored and shared by ranks, stages and runs (`llavakit.data.index`);
+            None = ``<run_dir>/.index``.
     """
 
     path: str = ""
@@ -112,10 +122,33 @@ class DataSection:
     group_by_length: bool = False
     num_workers: int = 0
     cache_samples: bool = False
+    upstream_quirks: bool = True
+    truncation_policy: str = "drop"
+    skip_policy: str = "error"
+    max_skip_fraction: float = 0.01
+    max_tokens_per_pack: int = 0
+    index_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_length <= 0:
             raise ConfigError(f"data.max_length must be positive, got {self.max_length}")
+        # `llavakit.data.config.TRUNCATION_POLICIES` and `llavakit.data.issues.POLICIES`, repeated (no data imports).
+        if self.truncation_policy not in ("drop", "downscale"):
+            raise ConfigError(
+                f"data.truncation_policy {self.truncation_policy!r} must be 'drop' or 'downscale' (images reduced "
+                "to one tile until the sample fits)"
+            )
+        if self.skip_policy not in ("error", "skip"):
+            raise ConfigError(f"data.skip_policy {self.skip_policy!r} must be 'error' or 'skip'")
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            raise ConfigError(f"data.max_skip_fraction must be between 0 and 1, got {self.max_skip_fraction}")
+        if self.max_tokens_per_pack and not self.packing:
+            raise ConfigError("data.max_tokens_per_pack is the packed row budget: it needs data.packing true")
+        if self.max_tokens_per_pack and self.max_tokens_per_pack < self.max_length:
+            raise ConfigError(
+                f"data.max_tokens_per_pack ({self.max_tokens_per_pack}) must be at least data.max_length "
+                f"({self.max_length}), or 0 for max_length: a sample of max_length tokens must fit in a row"
+            )
         if self.group_by_length and self.group_by_modality_length:
             raise ConfigError("choose one of data.group_by_length and data.group_by_modality_length")
         if self.packing and (self.group_by_length or self.group_by_modality_length):

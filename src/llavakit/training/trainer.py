@@ -514,9 +514,9 @@ def train(
     evaluators = check_evaluations(config)
     context = init_distributed(STRATEGIES.get(config.strategy.name).needs_process_group)
     if data_factory is None:
-        from llavakit.training.data import build_train_data
+        from llavakit.training.data import train_data_factory
 
-        data_factory = build_train_data
+        data_factory = train_data_factory(config, context)
     if config.strategy.tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     if context.is_main:
