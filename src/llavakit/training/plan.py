@@ -12,8 +12,8 @@ counts what the trainer's strategy allocates:
 - ``fsdp2``: every parameter sharded over the GPUs along dim 0 (padded to a multiple of N; rank 0's share is the
   largest, so it is the one counted), float32 shards, gradients and states as above but sharded. On top: the
   gathered ``param_dtype`` copies (bf16 with ``mixed_precision: bf16``) of the root group (everything outside the
-  trainable shard units: embeddings, head, projector, frozen layers; FSDP2 keeps the root gathered from forward to
-  backward) and of the shard units (two at a time with ``reshard_after_forward``, current and prefetched; all of
+  shard units the strategy wraps, `llavakit.training.strategies.fsdp.sharded_units`: embeddings, head, projector,
+  unused vision layers; FSDP2 keeps the root gathered from forward to backward) and of the shard units (two at a time with ``reshard_after_forward``, current and prefetched; all of
   them without, ZeRO-2), the largest unit's gradient while it is reduce-scattered (its bf16 gradient and float32
   reduce copy), and, when a step accumulates several micro-batches, the unsharded float32 gradients FSDP2 keeps
   between them (``set_requires_gradient_sync(False)`` upcasts them to ``reduce_dtype``, unsharded).
@@ -54,6 +54,7 @@ from llavakit.errors import ConfigError
 from llavakit.model.config import LlavaKitConfig
 from llavakit.model.fused_loss import CHUNK_LOGITS_BYTES
 from llavakit.training.config import StageConfig, TrainConfig
+from llavakit.training.strategies.fsdp import sharded_units
 
 GIB = 2**30
 # CUDA context, cuBLAS/NCCL workspaces and allocator fragmentation, kept free on every GPU.
@@ -475,7 +476,7 @@ def static_memory(
     grad_shards = sum(_shard_numel(p, gpus) * _element_size(p, strategy) for p in trainable)
     optimizer = 2 * grad_shards + step_bytes
     gathered_size = 2 if strategy.mixed_precision == "bf16" else 4
-    units = [u for u in model.shard_units() if any(p.requires_grad for p in u.parameters())]
+    units = sharded_units(model)
     unit_sizes = [sum(_numel(p) for p in unit.parameters()) for unit in units]
     in_units = {id(p) for unit in units for p in unit.parameters()}
     root = sum(_numel(p) for p in params if id(p) not in in_units)
@@ -701,11 +702,10 @@ def advise(plan: StagePlan, config: TrainConfig, gpus: int, gpu_memory: int) -> 
                     f"{plan.accumulation} micro-batches per step keep unsharded float32 gradients between them: "
                     "raise micro_batch_size or the GPU count so that accumulation is 1"
                 )
-            if static.gathered:
+            if static.gathered and not strategy.reshard_after_forward:
                 advice.append(
                     f"{format_bytes(static.gathered)} of gathered bf16 parameters (root group and shard units): "
-                    "strategy.reshard_after_forward=true, or train the frozen layers' parts too so they shard per "
-                    "layer"
+                    "strategy.reshard_after_forward=true"
                 )
             if not strategy.cpu_offload:
                 advice.append("strategy.cpu_offload=true (parameters and optimizer states on the host)")

@@ -55,7 +55,7 @@ class FSDP2Strategy(Strategy):
         }
         if self.config.cpu_offload:
             options["offload_policy"] = CPUOffloadPolicy()
-        for unit in _sharded_units(model):
+        for unit in sharded_units(model):
             fully_shard(unit, **options)
         fully_shard(model, **options)
         if source is not None:
@@ -78,7 +78,7 @@ class FSDP2Strategy(Strategy):
         model.set_requires_gradient_sync(enabled)
 
 
-def _sharded_units(model: nn.Module) -> list[nn.Module]:
+def sharded_units(model: nn.Module) -> list[nn.Module]:
     """The shard units that run, frozen ones included; vision layers after the selected one stay in the root group.
 
     A frozen unit gets its own group too: in the root group it would stay gathered from forward to backward (a
