@@ -13,10 +13,10 @@ counts what the trainer's strategy allocates:
   largest, so it is the one counted), float32 shards, gradients and states as above but sharded. On top: the
   gathered ``param_dtype`` copies (bf16 with ``mixed_precision: bf16``) of the root group (everything outside the
   shard units the strategy wraps, `llavakit.training.strategies.fsdp.sharded_units`: embeddings, head, projector,
-  unused vision layers; FSDP2 keeps the root gathered from forward to backward) and of the shard units (two at a time with ``reshard_after_forward``, current and prefetched; all of
-  them without, ZeRO-2), the largest unit's gradient while it is reduce-scattered (its bf16 gradient and float32
-  reduce copy), and, when a step accumulates several micro-batches, the unsharded float32 gradients FSDP2 keeps
-  between them (``set_requires_gradient_sync(False)`` upcasts them to ``reduce_dtype``, unsharded).
+  unused vision layers; FSDP2 keeps the root gathered from forward to backward) and of the shard units (two at a
+  time with ``reshard_after_forward``, current and prefetched; all of them without, ZeRO-2) and the largest unit's
+  gradient while it is reduce-scattered (its bf16 gradient and float32 reduce copy). Gradients are reduce-scattered
+  after every micro-batch, so accumulation keeps no unsharded copy.
 - ``cpu_offload``: sharded parameters, gradients and optimizer states live on the host; the GPU holds the gathered
   copies and the activations.
 
@@ -151,8 +151,7 @@ class StaticMemory:
         gradients: gradients of the trainable parameters after backward (their shards under FSDP2).
         optimizer: AdamW states (``exp_avg``, ``exp_avg_sq``, ``step``) of the trainable parameters.
         gathered: FSDP2's unsharded ``param_dtype`` copies held during forward/backward (see module docstring).
-        transient: gradient buffers alive during backward only: DDP's buckets, FSDP2's reduce-scatter of one unit
-            and its unsharded gradients kept across accumulation micro-batches.
+        transient: gradient buffers alive during backward only: DDP's buckets, FSDP2's reduce-scatter of one unit.
         host: bytes held in host memory instead (CPU offload).
     """
 
@@ -483,13 +482,10 @@ def static_memory(
     held_units = sum(sorted(unit_sizes)[-2:]) if strategy.reshard_after_forward else sum(unit_sizes)
     gathered = gathered_size * (root + held_units)
     reduce_scatter = (gathered_size + 4) * max(unit_sizes, default=0)
-    trainable_numel = sum(_numel(p) for p in trainable)
-    # Accumulated unsharded gradients (reduce_dtype float32, or the float32 parameters' own dtype).
-    unsharded_grads = 4 * trainable_numel if accumulation > 1 else 0
     if strategy.cpu_offload:
         host = shards + grad_shards + optimizer
-        return StaticMemory(0, buffers, 0, 0, gathered, reduce_scatter + unsharded_grads, host)
-    return StaticMemory(shards, buffers, grad_shards, optimizer, gathered, reduce_scatter + unsharded_grads)
+        return StaticMemory(0, buffers, 0, 0, gathered, reduce_scatter, host)
+    return StaticMemory(shards, buffers, grad_shards, optimizer, gathered, reduce_scatter)
 
 
 # ---------------------------------------------------------------------------------------------- activations
@@ -697,11 +693,6 @@ def advise(plan: StagePlan, config: TrainConfig, gpus: int, gpu_memory: int) -> 
                 "shard the model: strategy.name=fsdp2 (parameters, gradients and states divided by GPUs)"
             )
         else:
-            if plan.accumulation > 1 and static.transient:
-                advice.append(
-                    f"{plan.accumulation} micro-batches per step keep unsharded float32 gradients between them: "
-                    "raise micro_batch_size or the GPU count so that accumulation is 1"
-                )
             if static.gathered and not strategy.reshard_after_forward:
                 advice.append(
                     f"{format_bytes(static.gathered)} of gathered bf16 parameters (root group and shard units): "
