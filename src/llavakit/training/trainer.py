@@ -253,6 +253,8 @@ class Trainer:
                 batch_sampler=batches,
                 collate_fn=self.data.collate,
                 num_workers=self.stage.data.num_workers,
+                # Page-locked batches let the host-to-GPU copies run asynchronously (`_model_inputs`).
+                pin_memory=self.context.device.type == "cuda",
             )
             for batch in loader:
                 self.state.batches_in_epoch += 1
@@ -428,7 +430,9 @@ def _token_counts(batches: list[dict[str, Any]]) -> tuple[int, int]:
 
 def _model_inputs(batch: dict[str, Any], device: torch.device, loss_kernel: str = "logits") -> dict[str, Any]:
     inputs = {key: batch[key] for key in (*MODEL_INPUTS, "labels") if batch.get(key) is not None}
-    inputs = {key: value.to(device) if torch.is_tensor(value) else value for key, value in inputs.items()}
+    inputs = {
+        key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value for key, value in inputs.items()
+    }
     return {**inputs, "supervised_logits_only": True, "loss_kernel": loss_kernel}
 
 
