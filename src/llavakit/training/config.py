@@ -11,6 +11,7 @@ by `llavakit.training.config_loading`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,10 @@ class DataSection:
     def __post_init__(self) -> None:
         if self.max_length <= 0:
             raise ConfigError(f"data.max_length must be positive, got {self.max_length}")
+        if self.num_workers < 0:
+            raise ConfigError(
+                f"data.num_workers must be >= 0 (0 loads data in the training process), got {self.num_workers}"
+            )
         # `llavakit.data.config.TRUNCATION_POLICIES` and `llavakit.data.issues.POLICIES`, repeated (no data imports).
         if self.truncation_policy not in ("drop", "downscale"):
             raise ConfigError(
@@ -210,10 +215,16 @@ class OptimConfig:
             raise ConfigError(f"optim.schedule {self.schedule!r} is not one of {SCHEDULES}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        for name in ("lr", "vision_tower_lr", "projector_lr"):
+        for name in ("lr", "vision_tower_lr", "projector_lr", "weight_decay", "max_grad_norm"):
             value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ConfigError(f"optim.{name} must be >= 0, got {value}")
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"optim.{name} must be a finite number >= 0, got {value}")
+        if len(self.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in self.betas):
+            raise ConfigError(
+                f"optim.betas must be two numbers in [0, 1) (AdamW's beta1, beta2), got {list(self.betas)}"
+            )
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ConfigError(f"optim.eps must be a small positive number (e.g. 1e-8), got {self.eps}")
 
 
 @dataclass
@@ -320,8 +331,11 @@ class StageConfig:
                 f"stage {self.name!r}: max_steps must be positive, got {self.max_steps} (remove it to train "
                 "for `epochs`); a stage of no steps would export an untrained model"
             )
-        if self.epochs <= 0 and not self.max_steps:
-            raise ConfigError(f"stage {self.name!r}: epochs must be positive (or set max_steps)")
+        unbounded = self.epochs <= 0 or math.isinf(self.epochs)
+        if math.isnan(self.epochs) or (unbounded and not self.max_steps):
+            raise ConfigError(
+                f"stage {self.name!r}: epochs must be a finite positive number (or set max_steps), got {self.epochs}"
+            )
 
     @property
     def writes_projector(self) -> bool:
@@ -455,6 +469,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not self.stages:
             raise ConfigError("stages is empty: a run needs at least one stage")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
         names = [stage.name for stage in self.stages]
         if len(set(names)) != len(names):
             raise ConfigError(f"stage names must be unique (they name the run sub-folders), got {names}")

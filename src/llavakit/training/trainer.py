@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 import yaml
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
 from llavakit.distributed import DistContext, all_reduce_sum, all_reduce_sums, init_distributed
@@ -319,6 +320,20 @@ class Trainer:
             flops=flops,
         )
 
+    def _check_finite_weights(self) -> None:
+        """Refuse to export trained weights that are not finite (collective: the count is summed over ranks)."""
+        bad = [
+            name
+            for name, param in self.unwrapped.named_parameters()
+            if param.requires_grad and not bool(torch.isfinite(_local(param)).all())
+        ]
+        if all_reduce_sum(len(bad), self.context):
+            shown = ", ".join(bad[:3]) or "on another rank"
+            raise TrainingError(
+                f"stage {self.stage.name!r}: after step {self.state.step} trained weights are not finite ({shown}); "
+                "the stage was not exported. Lower optim.lr or raise optim.warmup_ratio and train the stage again"
+            )
+
     def _diverged(self, grad_norm: float, loss: float, micro_batches: list[dict[str, Any]]) -> TrainingError:
         """The error that stops training at a non-finite gradient, before the optimizer applies it.
 
@@ -381,6 +396,7 @@ class Trainer:
             if save_every and self.state.step % save_every == 0 and self.state.step < self.total_steps:
                 self.save()
         logger.close()
+        self._check_finite_weights()
         export_dir = self.export()
         return StageResult(
             name=self.stage.name,
@@ -407,6 +423,11 @@ class Trainer:
         for hook in self.hooks:
             hook(event)
         self.model.train()
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a (possibly FSDP2-sharded) tensor."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _supervised_tokens(batch: dict[str, Any]) -> int:
@@ -438,6 +459,21 @@ def _model_inputs(batch: dict[str, Any], device: torch.device, loss_kernel: str 
 
 # Sections a re-run may change without becoming another run: where and how often it reports.
 _FREE_SECTIONS = ("logging",)
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    """The run folder can hold the run: a folder (made here if missing) that this process may write into."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir {run_dir} is a file, not a folder: choose another run_dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(
+            f"run_dir {run_dir} cannot be written ({err.strerror}): choose a folder you can write to"
+        ) from None
 
 
 def _check_same_run(config: TrainConfig) -> None:
@@ -512,6 +548,7 @@ def train(
         A `TrainResult` with the final checkpoint path, per-stage losses and tokens/s.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    _check_run_dir(Path(config.run_dir))
     preflight(config, world_size=world_size)
     _check_same_run(config)
     _check_resumes(config, world_size)
