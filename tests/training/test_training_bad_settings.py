@@ -75,3 +75,25 @@ def test_weights_that_became_non_finite_are_not_exported(tmp_path, synth, monkey
     with pytest.raises(TrainingError, match="trained weights are not finite.*not exported"):
         train(config)
     assert not (tmp_path / "run" / "finetune" / "final").exists()
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"projector": "linear"},
+        {"template": "vicuna_v1"},
+        {"select_layer": -1},
+        {"image_spec": {"tile_size": 64}},
+    ],
+)
+def test_fresh_model_fields_with_a_checkpoint_path_are_refused(tmp_path, synth, checkpoint, field):
+    # With model.path the checkpoint's own projector, template and image spec are used: these would be ignored.
+    name = next(iter(field))
+    with pytest.raises(ConfigError, match=rf"model\.{name} builds a fresh model.*remove it"):
+        config_from_dict(
+            debug_config(
+                tmp_path / "run",
+                [debug_stage(synth)],
+                model={"preset": None, "path": str(checkpoint), **field},
+            )
+        )

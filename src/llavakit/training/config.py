@@ -70,6 +70,13 @@ class ModelConfig:
             )
         if bool(self.vision) != bool(self.llm):
             raise ConfigError("model.vision and model.llm go together: set both (hub ids or local folders)")
+        fresh_only = [name for name in ("projector", "template", "select_layer", "image_spec") if getattr(self, name)]
+        if self.path and fresh_only:
+            raise ConfigError(
+                f"model.{fresh_only[0]} builds a fresh model (model.preset or model.vision+model.llm); with "
+                f"model.path the checkpoint's own is used and model.{fresh_only[0]} would be ignored: remove it "
+                "(a stage's data.template and image_spec change the template and the image spec from that stage on)"
+            )
         if self.attn_implementation not in ATTENTION:
             raise ConfigError(
                 f"model.attn_implementation {self.attn_implementation!r} is not one of {ATTENTION}"
