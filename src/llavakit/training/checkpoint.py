@@ -8,7 +8,7 @@ during ``save`` can leave a half-written ``checkpoint-N`` that the next run then
         step-000010/            <- complete: renamed from .partial-* only after every rank finished writing
             __0_0.distcp ...    model + optimizer, one shard file per rank (DCP; works for single/DDP/FSDP2)
             trainer_state.json  step, epoch, sampler position, loss history
-            rank-00000.json         scheduler state and this rank's RNG scalars (plain JSON)
+            rank-00000.json         scheduler state, this rank's RNG scalars, the fp16 loss scaler's state (JSON)
             rank-00000.safetensors  this rank's RNG state arrays (torch, CUDA, numpy, Python)
 
 A directory rename is atomic on POSIX, so a ``step-*`` folder is complete by construction. Only the newest
@@ -94,6 +94,7 @@ class TrainerState:
         tokens_seen: supervised tokens over all ranks so far.
         losses: mean loss of every optimizer step so far.
         world_size: ranks of the run that saved it (None in checkpoints of older llavakit versions).
+        skipped_steps: steps (counted in ``step``) whose update an fp16 overflow skipped.
     """
 
     step: int = 0
@@ -102,6 +103,7 @@ class TrainerState:
     tokens_seen: int = 0
     losses: list[float] = field(default_factory=list)
     world_size: int | None = None
+    skipped_steps: int = 0
 
 
 class CheckpointManager:
@@ -140,8 +142,12 @@ class CheckpointManager:
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         state: TrainerState,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> Path:
-        """Write a checkpoint for ``state.step`` (collective: every rank must call it) and rotate old ones."""
+        """Write a checkpoint for ``state.step`` (collective: every rank must call it) and rotate old ones.
+
+        ``grad_scaler``: the fp16 loss scaler, whose scale and growth tracker are saved (None: not fp16).
+        """
         final = self.directory / f"step-{state.step:06d}"
         partial = self.directory / f".partial-{final.name}"
         if self.context.is_main:
@@ -149,7 +155,12 @@ class CheckpointManager:
         barrier(self.context)
         model_state, optim_state = _state_dicts(model, optimizer)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(partial))
-        write_rank_state(partial / f"rank-{self.context.rank:05d}", scheduler.state_dict(), _rng_state())
+        write_rank_state(
+            partial / f"rank-{self.context.rank:05d}",
+            scheduler.state_dict(),
+            _rng_state(),
+            None if grad_scaler is None else grad_scaler.state_dict(),
+        )
         if self.context.is_main:
             saved = {**asdict(state), "world_size": self.context.world_size}
             (partial / "trainer_state.json").write_text(json.dumps(saved))
@@ -170,11 +181,14 @@ class CheckpointManager:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> TrainerState:
-        """Restore model, optimizer, scheduler and this rank's RNG from ``path``; returns the loop state.
+        """Restore model, optimizer, scheduler, this rank's RNG and the fp16 ``grad_scaler`` from ``path``; returns
+        the loop state.
 
         Raises:
-            CheckpointError: files are missing or were written with a different world size.
+            CheckpointError: files are missing, were written with a different world size, or hold a loss scaler
+                state where ``grad_scaler`` is None or none where it is not (fp16 on one side only).
         """
         check_world_size(path, self.context.world_size)
         stem = path / f"rank-{self.context.rank:05d}"
@@ -196,6 +210,7 @@ class CheckpointManager:
         scheduler_state, rng = read_rank_state(stem)
         scheduler.load_state_dict(scheduler_state)
         _set_rng_state(rng)
+        _load_grad_scaler(stem, grad_scaler)
         return TrainerState(**json.loads(state_file.read_text()))
 
 
@@ -237,13 +252,19 @@ def check_world_size(path: Path, world_size: int) -> None:
         )
 
 
-def write_rank_state(stem: str | Path, scheduler: dict[str, Any], rng: dict[str, Any]) -> None:
+def write_rank_state(
+    stem: str | Path,
+    scheduler: dict[str, Any],
+    rng: dict[str, Any],
+    grad_scaler: dict[str, Any] | None = None,
+) -> None:
     """Write one rank's scheduler and RNG state as ``<stem>.json`` and ``<stem>.safetensors`` (no pickle).
 
     Args:
         stem: the files' path without suffix, e.g. ``<checkpoint>/rank-00000``.
         scheduler: ``scheduler.state_dict()``; plain numbers and lists for transformers' LambdaLR schedules.
         rng: as :func:`_rng_state` returns it (also the ``"rng"`` entry of an old ``rank-XXXXX.pt``).
+        grad_scaler: ``GradScaler.state_dict()`` under fp16 (plain numbers), else None (not written).
     """
     stem = Path(stem)
     py_version, py_state, py_gauss = rng["python"]
@@ -260,7 +281,8 @@ def write_rank_state(stem: str | Path, scheduler: dict[str, Any], rng: dict[str,
         "numpy": [np_algorithm, int(np_pos), int(np_has_gauss), float(np_cached)],
     }
     try:
-        values = json.dumps({"scheduler": scheduler, "rng": scalars})
+        extra = {} if grad_scaler is None else {"grad_scaler": grad_scaler}
+        values = json.dumps({"scheduler": scheduler, "rng": scalars, **extra})
     except TypeError as error:
         raise CheckpointError(
             f"scheduler state is not plain JSON ({error}); only schedules whose state_dict() holds numbers, "
@@ -287,6 +309,25 @@ def read_rank_state(stem: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if "cuda" in tensors:
         rng["cuda"] = tensors["cuda"]
     return values["scheduler"], rng
+
+
+def read_grad_scaler_state(stem: str | Path) -> dict[str, Any] | None:
+    """The fp16 loss scaler state :func:`write_rank_state` wrote to ``<stem>.json``, or None (not an fp16 run)."""
+    return json.loads(Path(stem).with_suffix(".json").read_text()).get("grad_scaler")
+
+
+def _load_grad_scaler(stem: Path, grad_scaler: torch.amp.GradScaler | None) -> None:
+    """Restore the loss scale and growth tracker, refusing an fp16 state mismatch (never a silent reset)."""
+    saved = read_grad_scaler_state(stem)
+    if (saved is None) != (grad_scaler is None):
+        written, running = ("with", "without") if saved is not None else ("without", "with")
+        raise CheckpointError(
+            f"checkpoint {stem.parent} was written {written} an fp16 loss scaler and this run is {running} one "
+            "(strategy.mixed_precision changed): resume with the mixed_precision it was saved with, or start a "
+            "new run_dir"
+        )
+    if grad_scaler is not None:
+        grad_scaler.load_state_dict(saved)
 
 
 def _refuse_legacy(stem: Path) -> None:

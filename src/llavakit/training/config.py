@@ -24,7 +24,7 @@ TRAINABLE_PARTS = ("vision_tower", "projector", "language_model")
 STAGE_KINDS = ("align", "mid", "finetune")
 SCHEDULES = ("cosine", "linear", "constant")
 STRATEGIES = ("single", "ddp", "fsdp2")
-MIXED_PRECISION = ("no", "bf16")
+MIXED_PRECISION = ("no", "bf16", "fp16")
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "sdpa_varlen")
 # The implementations that isolate packed samples by position_ids with no T x T mask, as data.padding_free needs
 # (`llavakit.data.packing.VARLEN_ATTENTION`; repeated here so that checking a config imports no torch).
@@ -368,7 +368,9 @@ class StrategyConfig:
 
     Attributes:
         name: ``single`` | ``ddp`` | ``fsdp2``.
-        mixed_precision: ``bf16`` autocast (single/DDP) or FSDP2 bf16 params with fp32 reduction; ``no`` = fp32.
+        mixed_precision: ``bf16`` autocast (single/DDP) or FSDP2 bf16 params with fp32 reduction; ``fp16`` the
+            same in float16 with a dynamic loss scaler (GPUs before Ampere; needs float32 trainable parameters,
+            overflowing steps are skipped: `llavakit.training.strategies.base`); ``no`` = fp32.
         reshard_after_forward: FSDP2 ZeRO-3 behaviour (False = ZeRO-2: params stay gathered between fwd and bwd).
         cpu_offload: FSDP2 `CPUOffloadPolicy` (DeepSpeed ``offload_param``/``offload_optimizer``).
         compile: ``torch.compile`` each shard unit.
@@ -401,6 +403,11 @@ class StrategyConfig:
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(
                 f"strategy.mixed_precision {self.mixed_precision!r} is not one of {MIXED_PRECISION}"
+            )
+        if self.mixed_precision == "fp16" and self.param_dtype == "bf16":
+            raise ConfigError(
+                "strategy.mixed_precision=fp16 trains float32 master weights (its loss scaler unscales float32 "
+                "gradients): set strategy.param_dtype to fp32 (or auto), or use mixed_precision=bf16"
             )
         if self.cpu_offload and self.name != "fsdp2":
             raise ConfigError("strategy.cpu_offload needs strategy.name=fsdp2")

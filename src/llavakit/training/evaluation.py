@@ -133,7 +133,7 @@ def generation_model(model: nn.Module, strategy: Strategy, context: DistContext)
 
     if not any(isinstance(param, DTensor) for param in model.parameters()):
         return model
-    dtype = torch.bfloat16 if strategy.config.mixed_precision == "bf16" else None
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(strategy.config.mixed_precision)
     return full_copy(model, context.device, dtype)
 
 

@@ -474,7 +474,7 @@ def static_memory(
     shards = sum(_shard_numel(p, gpus) * _element_size(p, strategy) for p in params)
     grad_shards = sum(_shard_numel(p, gpus) * _element_size(p, strategy) for p in trainable)
     optimizer = 2 * grad_shards + step_bytes
-    gathered_size = 2 if strategy.mixed_precision == "bf16" else 4
+    gathered_size = 2 if strategy.mixed_precision in ("bf16", "fp16") else 4
     units = sharded_units(model)
     unit_sizes = [sum(_numel(p) for p in unit.parameters()) for unit in units]
     in_units = {id(p) for unit in units for p in unit.parameters()}
@@ -504,7 +504,7 @@ class _Dtypes:
 
     @classmethod
     def of(cls, config: TrainConfig) -> _Dtypes:
-        bf16 = config.strategy.mixed_precision == "bf16"
+        bf16 = config.strategy.mixed_precision in ("bf16", "fp16")  # both 16-bit: the same bytes
         if not bf16:
             # float32: RMSNorm keeps x * rsqrt and weight * that (the input is the saved residual).
             return cls(linear=4, residual=4, rms_norm=8, layer_norm=4, autocast_cast=0)

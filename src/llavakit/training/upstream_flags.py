@@ -17,6 +17,9 @@ Mapping rules that are not one-to-one:
   parameters gathered; ``offload_param``/``offload_optimizer`` to cpu → FSDP2 CPU offload. Upstream's shipped
   ``scripts/zero{2,3}[_offload].json`` are recognised by file name when the path does not exist.
 - ``--version`` ``v1`` is upstream's alias of ``vicuna_v1``.
+- ``--fp16 True`` → ``strategy.mixed_precision=fp16`` with ``param_dtype=fp32`` (HF Trainer's AMP: float32
+  weights, float16 autocast, a dynamic loss scaler; upstream loads the model in float32 unless ``--bf16``).
+  ``--bf16 True --fp16 True`` is refused, as HF Trainer refuses it.
 - ``--use_liger_kernel True`` (transformers' flag) → ``strategy.loss_kernel=liger``: Liger-Kernel's fused linear
   cross-entropy for the loss; its other kernels (RMSNorm, RoPE, SwiGLU) are speed-only and not applied.
 """
@@ -55,7 +58,6 @@ _NO_OP_FLAGS: dict[str, tuple[str, ...] | None] = {
     "mm_use_im_start_end": ("False", "false"),  # <im_start>/<im_end> wrapping is not implemented
     "mm_use_im_patch_token": ("False", "false"),
     "mm_vision_select_feature": ("patch",),
-    "fp16": ("False", "false"),
     "save_strategy": ("steps", "no"),
 }
 
@@ -269,7 +271,7 @@ def _image_spec_flags(flags: _Flags) -> dict[str, Any]:
 def _strategy(flags: _Flags) -> dict[str, Any]:
     strategy: dict[str, Any] = {
         "name": "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single",
-        "mixed_precision": "bf16" if flags.boolean("bf16") else "no",
+        **_precision(flags.boolean("bf16"), flags.boolean("fp16")),
         "tf32": flags.boolean("tf32"),
         "compile": flags.boolean("torch_compile"),
         "loss_kernel": "liger" if flags.boolean("use_liger_kernel") else "logits",
@@ -278,6 +280,15 @@ def _strategy(flags: _Flags) -> dict[str, Any]:
     if deepspeed:
         strategy.update(deepspeed_to_fsdp(deepspeed))
     return strategy
+
+
+def _precision(bf16: bool, fp16: bool) -> dict[str, Any]:
+    """``--bf16``/``--fp16`` → the strategy's mixed precision (fp16: float32 master weights, as upstream loads)."""
+    if bf16 and fp16:
+        raise ConfigError("--bf16 True and --fp16 True exclude each other: pick one (bf16 needs an Ampere or newer GPU)")
+    if fp16:
+        return {"mixed_precision": "fp16", "param_dtype": "fp32"}
+    return {"mixed_precision": "bf16" if bf16 else "no"}
 
 
 def deepspeed_to_fsdp(path: str) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from llavakit.training.strategies.base import STRATEGIES, Strategy
 
 @STRATEGIES.register("single")
 class SingleStrategy(Strategy):
-    """No distribution; bf16 autocast when configured."""
+    """No distribution; bf16/fp16 autocast (and the fp16 loss scaler) when configured."""
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """Move ``model`` to this process's device."""
