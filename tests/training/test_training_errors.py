@@ -68,8 +68,8 @@ def test_mismatched_projector_file(tmp_path, synth, preset_parts, no_weight_load
 def test_unsupported_lora_combinations(tmp_path, synth, no_weight_loading):
     with pytest.raises(ConfigError, match="QLoRA"):
         _run(tmp_path, synth, lora={"enabled": False, "bits": 4})
-    with pytest.raises(ConfigError, match="lora with strategy fsdp2"):
-        _run(tmp_path, synth, lora={"enabled": True}, strategy={"name": "fsdp2"})
+    with pytest.raises(ConfigError, match="FSDP2 cannot shard bitsandbytes"):
+        _run(tmp_path, synth, lora={"enabled": True, "bits": 4}, strategy={"name": "fsdp2"})
 
 
 SYSTEM = {"system_prompt": "Answer the questions."}

@@ -5,6 +5,11 @@ Why: a stage's output must load in `LlavaNextModel.from_pretrained` (next stage,
 upstream scripts (``--pretrain_mm_mlp_adapter``) can consume it. Under FSDP2 the weights are sharded DTensors: they
 are gathered to rank 0's CPU and written through a fresh skeleton of the same model. LoRA adapters are merged into
 the LLM first. The folder is written under a temporary name and renamed, like checkpoints.
+
+A LoRA stage also writes its adapters alone to ``<out_dir>/adapter/`` (`llavakit.training.lora.save_adapter`):
+peft's ``adapter_config.json`` + ``adapter_model.safetensors``, which ``PeftModel.from_pretrained(llm, folder)``
+loads onto the LLM the stage started from. Under FSDP2 the gathered state is loaded into a skeleton with the same
+peft wrapping (its config taken from the trained model), so both artifacts come from one gathered copy.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from torch.distributed.tensor import DTensor
 from llavakit.distributed import DistContext, barrier
 from llavakit.model.llava_next import LlavaNextModel
 from llavakit.model.projector import upstream_projector_state
-from llavakit.training.lora import merge_lora
+from llavakit.training.lora import ADAPTER_DIR, merge_lora, peft_skeleton, save_adapter
 
 UPSTREAM_PROJECTOR_FILE = "mm_projector.bin"
 
@@ -36,6 +41,8 @@ def export_model(
         out_dir: the export folder (``<stage_dir>/final``).
         write_projector: also write upstream's ``mm_projector.bin`` into ``out_dir``.
 
+    With LoRA, ``unwrapped`` (unsharded runs) has its adapters merged in place: export only after training.
+
     Returns:
         ``out_dir``.
     """
@@ -46,9 +53,11 @@ def export_model(
         else None
     )
     if context.is_main:
-        plain = _plain_copy(unwrapped, full_state) if sharded else merge_lora(unwrapped)
+        trained = _plain_copy(unwrapped, full_state) if sharded else unwrapped
         partial = out_dir.with_name(out_dir.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
+        save_adapter(trained, partial / ADAPTER_DIR)
+        plain = merge_lora(trained)
         plain.save_pretrained(partial)
         if write_projector:
             torch.save(upstream_projector_state(plain.projector), partial / UPSTREAM_PROJECTOR_FILE)
@@ -59,6 +68,8 @@ def export_model(
 
 
 def _plain_copy(unwrapped: LlavaNextModel, full_state: dict[str, torch.Tensor]) -> LlavaNextModel:
+    """A fresh unsharded model (LoRA-wrapped like ``unwrapped`` when it is) holding ``full_state``."""
     skeleton = LlavaNextModel.from_config(unwrapped.config, tokenizer=unwrapped.tokenizer)
+    peft_skeleton(skeleton, unwrapped)
     skeleton.load_state_dict(full_state)
     return skeleton

@@ -12,23 +12,50 @@ and projector stay in full precision. `apply_lora` then runs peft's ``prepare_mo
 LLM, casts its non-quantised weights such as norms to fp32) before adding the adapters. Export dequantises the LLM
 to fp32 and merges the adapters in fp32 (`merge_lora`), so the exported checkpoint is a plain llava-hf model that
 loads without bitsandbytes. Preflight (`llavakit.training.model_setup`) rejects, before any weight loads, QLoRA
-without bitsandbytes installed, ``bits`` without ``lora.enabled``, and LoRA under FSDP2 (DDP or single only).
+without bitsandbytes installed, ``bits`` without ``lora.enabled``, and QLoRA under FSDP2 (bitsandbytes' packed
+quantised weights cannot be sharded as DTensors; QLoRA runs with DDP or single).
+
+LoRA under FSDP2: the adapters live inside the decoder layers, so each layer's FSDP2 group holds its frozen base
+weights and its trainable adapters together (FSDP2 reduces gradients only of parameters that require them). Under
+FSDP2 from a checkpoint the model is built on the meta device (`llavakit.training.sharded_load`): peft renames the
+adapted weights (``llm.base_model.model.<name>``, ``<linear>.base_layer.weight``), so `peft_checkpoint_keys` maps
+the sharded source's names onto the wrapped ones, and `initialise_sharded_adapters` fills the adapters after the
+shards are read (peft's initialisation ran on meta tensors): ``lora_A`` with peft's default (Kaiming-uniform,
+``a=sqrt(5)``) drawn as whole tensors from a fixed seed, each rank keeping its rows, so the values do not depend on
+the world size (the run's ``seed`` does not reach the strategy); ``lora_B`` zeros, so the adapted model starts equal
+to the base model.
+
+Export writes the merged model and, besides it, the adapters alone (`save_adapter`: peft's ``adapter_config.json``
++ ``adapter_model.safetensors`` in ``<stage>/final/adapter/``), loadable with ``PeftModel.from_pretrained`` onto
+the LLM the stage started from (for QLoRA: onto that LLM quantised with the same ``BitsAndBytesConfig``).
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import math
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
-from llavakit.errors import ConfigError
+from llavakit.errors import CheckpointError, ConfigError
 from llavakit.model.llava_next import LlavaNextModel
 from llavakit.training.config import LoraConfig
 
 # Precision of the dequantised LLM weights and of the adapter merge at export.
 MERGE_DTYPE = torch.float32
+# The adapter-only export inside a stage's ``final`` folder (peft's adapter folder layout).
+ADAPTER_DIR = "adapter"
+# The prefix peft puts before the wrapped LLM's own parameter names, and the name of the wrapped linear inside a
+# LoRA layer.
+_PEFT_PREFIX = "llm.base_model.model."
+_BASE_LAYER = ".base_layer."
+# Seed of the adapters' initial values when they are filled after a sharded load (`initialise_sharded_adapters`).
+SHARDED_ADAPTER_SEED = 0
 
 
 def is_quantised(config: LoraConfig) -> bool:
@@ -140,3 +167,89 @@ def _plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     if bias is not None:
         linear.bias = nn.Parameter(bias.detach().to(MERGE_DTYPE), requires_grad=False)
     return linear
+
+
+def has_lora(model: LlavaNextModel) -> bool:
+    """Whether ``model.llm`` is wrapped by peft (`apply_lora`); peft is not imported when it is not."""
+    llm = getattr(model, "llm", None)
+    return llm is not None and hasattr(llm, "peft_config")
+
+
+def save_adapter(model: LlavaNextModel, folder: Path) -> None:
+    """Write the adapters of ``model.llm`` as peft's adapter folder (nothing without LoRA; call before merging)."""
+    if has_lora(model):
+        model.llm.save_pretrained(folder, safe_serialization=True)
+
+
+def peft_skeleton(skeleton: LlavaNextModel, trained: LlavaNextModel) -> None:
+    """Wrap ``skeleton.llm`` with the peft config of ``trained.llm`` (nothing when ``trained`` has no LoRA), so
+    ``trained``'s state dict loads into it. The global RNG is left as it was (peft initialises the adapters)."""
+    from peft import get_peft_model
+
+    if not has_lora(trained):
+        return
+    with torch.random.fork_rng(devices=[]):
+        skeleton.llm = get_peft_model(skeleton.llm, copy.deepcopy(trained.llm.peft_config["default"]))
+
+
+def unwrapped_name(name: str) -> str:
+    """The name a parameter of the peft-wrapped model had before `apply_lora` (adapters keep theirs)."""
+    if name.startswith(_PEFT_PREFIX):
+        name = "llm." + name[len(_PEFT_PREFIX) :]
+    return name.replace(_BASE_LAYER, ".")
+
+
+def peft_checkpoint_keys(model: nn.Module, keys: dict[str, str]) -> dict[str, str]:
+    """``keys`` (our pre-LoRA name → checkpoint key) re-keyed by the names of the LoRA-wrapped ``model``.
+
+    Raises:
+        CheckpointError: a parameter other than an adapter has no checkpoint key (a wrapping this mapping does not
+            know), instead of being left uninitialised.
+    """
+    mapped = {}
+    for name, _ in [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]:
+        key = keys.get(unwrapped_name(name))
+        if key is not None:
+            mapped[name] = key
+    names_of: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    missing = [
+        names[0]
+        for names in names_of.values()
+        if not any(name in mapped or _is_adapter(name) for name in names)
+    ]
+    if missing:
+        raise CheckpointError(
+            f"{len(missing)} parameters of the LoRA-wrapped model have no checkpoint key (first: {missing[0]}); "
+            "this peft release names wrapped weights differently: use strategy.name=ddp or single for LoRA"
+        )
+    return mapped
+
+
+def _is_adapter(name: str) -> bool:
+    return ".lora_" in name
+
+
+@torch.no_grad()
+def initialise_sharded_adapters(model: nn.Module) -> None:
+    """Give the adapters of an FSDP2-sharded model built on the meta device their initial values (see module
+    docstring): ``lora_A`` Kaiming-uniform from `SHARDED_ADAPTER_SEED`, ``lora_B`` zeros, each rank its rows.
+
+    Every rank computes the same whole tensors (in the same parameter order) and keeps its own rows.
+    """
+    generator = torch.Generator().manual_seed(SHARDED_ADAPTER_SEED)
+    for name, param in model.named_parameters():
+        if not _is_adapter(name):
+            continue
+        full = torch.zeros(param.shape, dtype=MERGE_DTYPE)
+        if ".lora_A." in name:
+            nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=generator)
+        if isinstance(param, DTensor):
+            full = distribute_tensor(full, param.device_mesh, param.placements).to_local()
+            param.to_local().copy_(full)
+        else:
+            param.copy_(full)

@@ -98,10 +98,14 @@ def _check_lora(config: TrainConfig) -> None:
                 "LoRA adapters; set lora.enabled=true, or lora.bits=16 for full-precision training"
             )
         return
-    if config.strategy.name == "fsdp2":
-        qualifier = f" (QLoRA, lora.bits={lora.bits})" if is_quantised(lora) else ""
+    if config.strategy.name == "fsdp2" and is_quantised(lora):
+        # bitsandbytes' quantised weights are Params4bit/Int8Params tensor subclasses with their quantisation
+        # state attached; FSDP2 shards parameters as DTensors along dim 0, which splits the packed bytes from
+        # that state, and the meta-device load cannot build them.
         raise ConfigError(
-            f"lora{qualifier} with strategy fsdp2 is not supported; use strategy.name=ddp or single"
+            f"lora (QLoRA, lora.bits={lora.bits}) with strategy fsdp2 is not supported: FSDP2 cannot shard "
+            "bitsandbytes' quantised weights; use strategy.name=ddp or single for QLoRA, or lora.bits=16 "
+            "(LoRA on full-precision weights) with fsdp2"
         )
     if is_quantised(lora):
         require_bitsandbytes()
@@ -182,7 +186,7 @@ def _llm_quantization(config: TrainConfig) -> Any:
     """The LLM's ``BitsAndBytesConfig`` for QLoRA (compute dtype = the run's dtype), else None."""
     if not is_quantised(config.lora):
         return None
-    compute_dtype = torch.bfloat16 if config.strategy.mixed_precision == "bf16" else torch.float32
+    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.strategy.mixed_precision, torch.float32)
     return quantization_config(config.lora, compute_dtype)
 
 

@@ -55,6 +55,7 @@ from llavakit.training.model_setup import build_model, preflight
 from llavakit.training.optim import build_optimizer, build_scheduler
 from llavakit.training.stages import apply_trainable_parts, model_frozen_names
 from llavakit.training.strategies import STRATEGIES, build_strategy
+from llavakit.training.strategies.base import MIN_LOSS_SCALE
 
 # Keys of a collated batch that the model's forward takes; the rest is bookkeeping (token counts, ids).
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_sizes", "image_tiled")
@@ -225,12 +226,16 @@ class Trainer:
         latest = self.checkpoints.latest()
         if latest is None:
             return False
-        self.state = self.checkpoints.load(latest, self.model, self.optimizer, self.scheduler)
+        self.state = self.checkpoints.load(
+            latest, self.model, self.optimizer, self.scheduler, self.strategy.grad_scaler
+        )
         return True
 
     def save(self) -> Path:
         """Write a resumable checkpoint of the current step (collective)."""
-        return self.checkpoints.save(self.model, self.optimizer, self.scheduler, self.state)
+        return self.checkpoints.save(
+            self.model, self.optimizer, self.scheduler, self.state, self.strategy.grad_scaler
+        )
 
     def export(self) -> Path:
         """Write the stage's final model folder (and ``mm_projector.bin`` for projector-only stages)."""
@@ -256,6 +261,9 @@ class Trainer:
                 num_workers=self.stage.data.num_workers,
                 # Page-locked batches let the host-to-GPU copies run asynchronously (`_model_inputs`).
                 pin_memory=self.context.device.type == "cuda",
+                # Its own generator: drawn from the global one, the loader's seed would shift every later dropout
+                # mask of a resumed run (the loader is made anew after the RNG state is restored).
+                generator=torch.Generator().manual_seed(self.config.seed + self.state.epoch),
             )
             for batch in loader:
                 self.state.batches_in_epoch += 1
@@ -276,7 +284,15 @@ class Trainer:
         return modality_grouped_order(self.data.modality_lengths, self.stage.global_batch_size)
 
     def train_step(self, micro_batches: list[dict[str, Any]]) -> StepMetrics:
-        """One optimizer step over this rank's micro-batches of a global batch (see module docstring)."""
+        """One optimizer step over this rank's micro-batches of a global batch (see module docstring).
+
+        With ``mixed_precision: fp16`` the loss is scaled for backward and the gradients unscaled before clipping
+        (the norm reported is the true one). A step whose gradients overflowed (non-finite norm) is skipped as HF
+        Trainer and DeepSpeed skip it: the weights and optimizer state stay, the loss scale halves, the LR schedule
+        does not advance, but the step is counted (its batch consumed, its loss logged; ``state.skipped_steps``
+        counts them), so a run still ends after ``total_steps``. Only a scale falling below
+        `MIN_LOSS_SCALE` stops training (`_diverged`); without fp16 any non-finite norm does.
+        """
         started = time.perf_counter()
         self.model.train()
         local_items = sum(_supervised_tokens(batch) for batch in micro_batches)
@@ -290,18 +306,28 @@ class Trainer:
                     **_model_inputs(batch, self.context.device, self.config.strategy.loss_kernel),
                     num_items_in_batch=items_per_rank,
                 )
-            output.loss.backward()
+            self.strategy.scale_loss(output.loss).backward()
             loss_sum += (
                 output.loss.detach()
             )  # stays on the device: one host sync per step, not per micro-batch
+        self.strategy.unscale_gradients(self.optimizer)
         grad_norm = self.strategy.clip_grad_norm(self.model, self.stage.optim.max_grad_norm)
-        if not math.isfinite(grad_norm):
+        if not math.isfinite(grad_norm) and self.strategy.grad_scaler is None:
             self.optimizer.zero_grad(set_to_none=True)
             raise self._diverged(grad_norm, float(loss_sum), micro_batches)
-        self.optimizer.step()
+        scale = self.strategy.loss_scale()
+        applied = self.strategy.optimizer_step(self.optimizer, grad_norm)
         lrs = {group["name"]: group["lr"] for group in self.optimizer.param_groups}
-        self.scheduler.step()
+        if applied:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if not applied:
+            # An overflow lowers the scale; a non-finite norm that did not (finite float32 gradients whose norm
+            # overflows) or a scale below the minimum is a diverged run.
+            lowered = self.strategy.loss_scale()
+            if not lowered < scale or lowered < MIN_LOSS_SCALE:
+                raise self._diverged(grad_norm, float(loss_sum), micro_batches, loss_scale=lowered)
+            self.state.skipped_steps += 1
         flops = sum(self.flop_counter.batch_flops(batch) for batch in micro_batches)
         loss, tokens, padding, flops = all_reduce_sums(
             [float(loss_sum), *_token_counts(micro_batches), flops], self.context
@@ -334,17 +360,31 @@ class Trainer:
                 "the stage was not exported. Lower optim.lr or raise optim.warmup_ratio and train the stage again"
             )
 
-    def _diverged(self, grad_norm: float, loss: float, micro_batches: list[dict[str, Any]]) -> TrainingError:
+    def _diverged(
+        self,
+        grad_norm: float,
+        loss: float,
+        micro_batches: list[dict[str, Any]],
+        loss_scale: float | None = None,
+    ) -> TrainingError:
         """The error that stops training at a non-finite gradient, before the optimizer applies it.
 
-        The norm is the global one (all ranks stop together); the loss and sample ids are this rank's.
+        The norm is the global one (all ranks stop together); the loss and sample ids are this rank's. With fp16,
+        ``loss_scale`` is the scale after this step's overflow (the stop is for a collapsed scale, see `train_step`).
         """
         step = self.state.step + 1
         ids = [sample for batch in micro_batches for sample in batch.get("sample_ids", [])]
         shown = ", ".join(map(str, ids[:8])) + (f" (+{len(ids) - 8} more)" if len(ids) > 8 else "")
         latest = self.checkpoints.latest()
+        fp16 = (
+            ""
+            if loss_scale is None
+            else f" and the fp16 loss scale {loss_scale} after {self.state.skipped_steps} earlier skipped step(s): "
+            f"an overflow below scale {MIN_LOSS_SCALE}, or a norm overflowing float32, is not one a smaller scale "
+            "fixes (bf16 on Ampere or newer GPUs, or mixed_precision=no, has float32's range)"
+        )
         return TrainingError(
-            f"stage {self.stage.name!r}, step {step}: the gradient norm is {grad_norm} (loss on rank "
+            f"stage {self.stage.name!r}, step {step}: the gradient norm is {grad_norm}{fp16} (loss on rank "
             f"{self.context.rank}: {loss}); the update was not applied and training stopped. The newest checkpoint "
             f"({latest or 'none: set logging.save_every'}) holds the weights from before. This rank's samples of the "
             f"step: {shown or 'unknown'}. Lower optim.lr or raise optim.warmup_ratio, check those samples "

@@ -8,12 +8,15 @@ optimizer updates are in ``strategy.param_dtype`` (fp32 master weights, or bf16 
 
 A model built by `llavakit.training.sharded_load.meta_model` has no weights yet: it is sharded on the meta device
 and each rank then reads only its own shards from the checkpoint files (see that module). Any other model is
-loaded whole on every rank and rank 0's weights are broadcast before sharding.
+loaded whole on every rank and rank 0's weights are broadcast before sharding. LoRA adapters (peft, inside the
+decoder layers) are sharded in their layer's group with its frozen base weights; on a meta model they are filled
+after the shards are read (`llavakit.training.lora.initialise_sharded_adapters`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 
 import torch
@@ -23,8 +26,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from llavakit.errors import ConfigError
+from llavakit.training.lora import has_lora, initialise_sharded_adapters, peft_checkpoint_keys
 from llavakit.training.sharded_load import LoadStats, materialise, take_source
-from llavakit.training.strategies.base import STRATEGIES, Strategy
+from llavakit.training.strategies.base import COMPUTE_DTYPES, STRATEGIES, Strategy
 
 
 @STRATEGIES.register("fsdp2")
@@ -43,6 +47,9 @@ class FSDP2Strategy(Strategy):
                 "machine the parameters already live in CPU memory: set strategy.cpu_offload=false"
             )
         source = take_source(model)
+        lora_on_meta = source is not None and has_lora(model)
+        if lora_on_meta:
+            source = dataclasses.replace(source, keys=peft_checkpoint_keys(model, source.keys))
         if source is None:
             if not self.config.cpu_offload:
                 model = model.to(self.context.device)
@@ -61,12 +68,20 @@ class FSDP2Strategy(Strategy):
         if source is not None:
             device = torch.device("cpu") if self.config.cpu_offload else self.context.device
             self.load_stats = materialise(model, source, device)
+        if lora_on_meta:
+            initialise_sharded_adapters(model)
         return model
 
     def _mixed_precision(self) -> MixedPrecisionPolicy:
-        if self.config.mixed_precision == "bf16":
-            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        return MixedPrecisionPolicy()
+        """bf16/fp16 compute copies of the gathered parameters, gradients reduced in float32.
+
+        fp16 gradients are reduced in float32 too: a sum over ranks of scaled fp16 gradients would overflow where
+        each rank's did not. The scaler (`Strategy.grad_scaler`) sees the float32 sharded DTensor gradients.
+        """
+        dtype = COMPUTE_DTYPES[self.config.mixed_precision]
+        if dtype is None:
+            return MixedPrecisionPolicy()
+        return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
