@@ -128,7 +128,12 @@ def _register_synth(actions: argparse._SubParsersAction) -> None:
     parser.add_argument("--n", type=int, default=2000, help="training images (default 2000)")
     parser.add_argument("--heldout", type=int, default=120, help="held-out images (default 120)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--overwrite", action="store_true", help="regenerate even if OUT_DIR holds a dataset")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="regenerate even if OUT_DIR holds a synthetic dataset: replaces only the files its manifest.json "
+        "lists (a folder holding no synthetic dataset is refused)",
+    )
     parser.set_defaults(func=run_synth)
 
 

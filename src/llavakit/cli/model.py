@@ -56,9 +56,14 @@ def run_build(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
     from llavakit.anyres.geometry import parse_pinpoints
+    from llavakit.errors import CheckpointError
+    from llavakit.io_safety import check_separate
+    from llavakit.model.checkpoint import save_checkpoint
     from llavakit.model.llava_next import LlavaNextModel, default_image_spec
     from llavakit.model.vision import backbone_for_model_type
 
+    sources = [args.vision, args.llm]
+    check_separate(args.out, sources, CheckpointError, "model build")  # before the (long) load
     vision_config = AutoConfig.from_pretrained(args.vision)
     backbone = backbone_for_model_type(vision_config.model_type)
     vision_config = getattr(vision_config, "vision_config", vision_config)
@@ -71,7 +76,7 @@ def run_build(args: argparse.Namespace) -> int:
         select_layer=args.select_layer, image_spec=replace(spec, **changes), vision_encoder=backbone.id,
         system_prompt=args.system_prompt,
     )
-    print(f"saved {model.save_pretrained(args.out)}")
+    print(f"saved {save_checkpoint(model, args.out, sources=sources)}")
     return 0
 
 

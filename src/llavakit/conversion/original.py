@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import torch
 from llavakit.anyres.geometry import parse_pinpoints
 from llavakit.anyres.spec import ImageSpec
 from llavakit.errors import CheckpointError
+from llavakit.io_safety import check_separate, write_folder
 from llavakit.model.checkpoint import load_state_strict
 from llavakit.model.config import LlavaKitConfig
 from llavakit.model.llava_next import LlavaNextModel, cast_parameters
@@ -187,22 +189,40 @@ def _add_image_token(model: LlavaNextModel, tokenizer: Any) -> None:
     model.config.pad_token_id = tokenizer.pad_token_id
 
 
-def export_original(model: LlavaNextModel, path: str | Path) -> Path:
+def export_original(model: LlavaNextModel, path: str | Path, sources: Iterable[str | Path] = ()) -> Path:
     """Write ``model`` in the original LLaVA layout (config with ``mm_*`` fields, original keys, tokenizer).
 
     The layout has no field for a system prompt: a model trained with its own (``config.system_prompt``) is exported
     with a warning, since upstream code prompts it with the template's default unless ``conv.system`` is set.
-    """
-    from safetensors.torch import save_file
+    Like `llavakit.model.checkpoint.save_checkpoint`, the files are written into a partial folder and then moved
+    in (`llavakit.io_safety`): an error while writing leaves ``path`` as it was, and other files there are kept.
 
+    Args:
+        model: the model to export.
+        path: the output folder.
+        sources: the folders the model was read from; ``path`` must be none of them, nor inside or around one
+            (the export would replace a llava-hf checkpoint's ``config.json`` and weights, and with them its
+            template and system prompt).
+
+    Raises:
+        CheckpointError: ``path`` overlaps a source, is a file, or holds a ``config.json`` that is not an
+            original-layout LLaVA checkpoint's (a llava-hf checkpoint, an LLM), which the export would overwrite.
+    """
+    path = Path(path)
+    check_separate(path, sources, CheckpointError, "export_original")
+    _refuse_foreign_config(path)
     if model.config.system_prompt is not None:
         warnings.warn(
             f"{path}: the original LLaVA layout cannot record the system prompt this model was trained with "
             f"({model.config.system_prompt!r}); set conv.system to it in upstream code",
             stacklevel=2,
         )
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    return write_folder(path, lambda folder: _write_original(model, folder), CheckpointError)
+
+
+def _write_original(model: LlavaNextModel, path: Path) -> None:
+    from safetensors.torch import save_file
+
     state, seen = {}, set()
     for name, tensor in model.state_dict().items():
         pointer = tensor.data_ptr()
@@ -212,7 +232,24 @@ def export_original(model: LlavaNextModel, path: str | Path) -> Path:
     (path / "config.json").write_text(json.dumps(_original_config(model.config), indent=2))
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(path)
-    return path
+
+
+def _refuse_foreign_config(path: Path) -> None:
+    """Refuse a folder whose ``config.json`` is not an original LLaVA checkpoint's: the export would overwrite it."""
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        return
+    try:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        data = None
+    if isinstance(data, dict) and data.get("model_type") in ORIGINAL_MODEL_TYPES and "text_config" not in data:
+        return
+    model_type = data.get("model_type") if isinstance(data, dict) else "unreadable"
+    raise CheckpointError(
+        f"{path} holds a config.json (model_type {model_type!r}) that is not an original-layout LLaVA "
+        "checkpoint's; exporting there would overwrite that model. Choose a new or empty output folder"
+    )
 
 
 def _original_config(config: LlavaKitConfig) -> dict[str, Any]:

@@ -10,7 +10,8 @@ them in the formats the rest of llavakit reads::
       align.json        LLaVA captions for the align stage           [{"id", "image", "conversations"}]
       finetune.json     LLaVA instructions: single/multi-turn, text-only, multi-image samples
       heldout.jsonl     one QA record per line: question_id, image, question, answer, type
-      manifest.json     seed, sizes, counts and version: a matching manifest means the folder is reused
+      manifest.json     seed, sizes, counts, version and the files written: a matching manifest means the
+                        folder is reused; ``overwrite`` replaces exactly the files it lists
 
 Image paths are relative to ``OUT_DIR``. Every answer is one canonical word (``red``, ``circle``, ``three``,
 ``left``, ``cat``), so exact-match scoring is meaningful. Training and held-out scenes come from two independent RNG
@@ -25,7 +26,6 @@ import hashlib
 import io
 import json
 import random
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +33,12 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from llavakit.errors import DataError
+from llavakit.io_safety import write_folder
 
 SYNTH_VERSION = 5
+MANIFEST_NAME = "manifest.json"
+# The files next to images/, the manifest last.
+DATA_FILES = ("align.json", "finetune.json", "heldout.jsonl", MANIFEST_NAME)
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -384,44 +388,92 @@ def _heldout_records(heldout: list[tuple[str, Scene]]) -> list[dict[str, Any]]:
     return records
 
 
-def _manifest_matches(root: Path, config: SynthConfig) -> dict[str, Any] | None:
-    path = root / "manifest.json"
+def _read_manifest(root: Path) -> dict[str, Any] | None:
+    """The folder's synthetic-dataset manifest; None when there is none or it is not one of ours."""
+    path = root / MANIFEST_NAME
     if not path.is_file():
         return None
-    manifest = json.loads(path.read_text())
-    if manifest.get("version") != SYNTH_VERSION or manifest.get("config") != asdict(config):
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return None
-    return manifest
+    return manifest if isinstance(manifest, dict) and "version" in manifest and "config" in manifest else None
 
 
-def generate_synth(out_dir: str | Path, config: SynthConfig | None = None, overwrite: bool = False) -> SynthDataset:
+def _manifest_files(manifest: dict[str, Any]) -> list[str]:
+    """The files a manifest's generation wrote: its ``files`` list, or (manifests before the list) the fixed names
+    that version wrote, from its counts."""
+    if isinstance(manifest.get("files"), list):
+        return [str(name) for name in manifest["files"]]
+    counts = manifest.get("counts", {})
+    return [
+        *(f"images/train/{i:05d}.png" for i in range(int(counts.get("train_images", 0)))),
+        *(f"images/heldout/{i:05d}.png" for i in range(int(counts.get("heldout_images", 0)))),
+        *DATA_FILES,
+    ]
+
+
+def generate_synth(
+    out_dir: str | Path, config: SynthConfig | None = None, overwrite: bool = False
+) -> SynthDataset:
     """Generate the synthetic dataset into ``out_dir``, or reuse it when its manifest matches ``config``.
+
+    The files are written into a partial folder next to ``out_dir`` and moved in at the end (`llavakit.io_safety`),
+    so an error or interruption leaves ``out_dir`` as it was. ``manifest.json`` lists every file written: with
+    ``overwrite``, exactly those files of the earlier dataset are replaced or deleted, nothing else in the folder.
 
     Args:
         out_dir: destination folder (created if missing).
         config: what to generate; defaults to `SynthConfig()`.
-        overwrite: regenerate even when a matching manifest exists.
+        overwrite: regenerate even when ``out_dir`` holds a synthetic dataset (a matching one, or one generated
+            with another seed or sizes).
 
     Returns:
         The dataset's paths and manifest (``manifest["cached"]`` says whether it was reused).
 
     Raises:
-        DataError: ``out_dir`` holds a different synthetic dataset (different seed or sizes) and ``overwrite`` is
-            False, or it is a non-empty folder that is not a synthetic dataset.
+        DataError: ``out_dir`` holds a different synthetic dataset and ``overwrite`` is False; it is a non-empty
+            folder that holds no synthetic dataset (with or without ``overwrite``: nothing there is ours to
+            replace); or a file the new dataset would write exists there without being listed in the manifest.
     """
     config = config or SynthConfig()
     root = Path(out_dir)
-    manifest = None if overwrite else _manifest_matches(root, config)
-    if manifest is not None:
-        return _dataset(root, {**manifest, "cached": True})
-    if root.exists() and any(root.iterdir()) and not overwrite:
-        raise DataError(
-            f"synth: {root} is not empty and holds no synthetic dataset generated with {asdict(config)}; "
-            "choose an empty folder or pass overwrite=True (CLI: --overwrite)"
-        )
-    # Note: a smaller regeneration must not leave the previous run's extra images behind.
-    shutil.rmtree(root / "images", ignore_errors=True)
-    root.mkdir(parents=True, exist_ok=True)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"synth: {root} is a file; choose a folder path for the dataset")
+    previous = _read_manifest(root) if root.is_dir() else None
+    if previous is not None and not overwrite and _same_dataset(previous, config):
+        return _dataset(root, {**previous, "cached": True})
+    if root.is_dir() and any(root.iterdir()):
+        if previous is None:
+            raise DataError(
+                f"synth: {root} is not empty and holds no synthetic dataset (no llavakit {MANIFEST_NAME}); "
+                "choose a new or empty folder (--overwrite only replaces a dataset this command wrote)"
+            )
+        if not overwrite:
+            raise DataError(
+                f"synth: {root} is not empty: it holds a synthetic dataset generated with {previous['config']}, not "
+                f"{asdict(config)}; choose another folder, or pass overwrite=True (CLI: --overwrite) to replace "
+                f"the files its {MANIFEST_NAME} lists (nothing else in the folder is touched)"
+            )
+    written: dict[str, Any] = {}
+    owned = set(_manifest_files(previous)) if previous is not None else set()
+    write_folder(
+        root,
+        lambda folder: written.update(_write_dataset(folder, config)),
+        DataError,
+        owned=lambda _: owned,
+        replace_others=False,
+        last=(MANIFEST_NAME,),
+    )
+    return _dataset(root, {**written, "cached": False})
+
+
+def _same_dataset(manifest: dict[str, Any], config: SynthConfig) -> bool:
+    return manifest.get("version") == SYNTH_VERSION and manifest.get("config") == asdict(config)
+
+
+def _write_dataset(root: Path, config: SynthConfig) -> dict[str, Any]:
+    """Draw and write the whole dataset into ``root`` (an empty folder); returns the manifest written."""
     # Contract: independent streams, so the held-out scenes never depend on (or repeat) the training draw.
     train_rng, heldout_rng, sample_rng = (random.Random(f"{config.seed}:{name}") for name in ("train", "heldout", "samples"))
     train, train_hashes, _ = _write_scenes(root, "train", train_rng, config, config.n_train, set())
@@ -432,6 +484,7 @@ def generate_synth(out_dir: str | Path, config: SynthConfig | None = None, overw
     (root / "align.json").write_text(json.dumps(align, indent=1))
     (root / "finetune.json").write_text(json.dumps(finetune, indent=1))
     (root / "heldout.jsonl").write_text("".join(json.dumps(record) + "\n" for record in heldout_qa))
+    files = [path for path, _ in train + heldout] + list(DATA_FILES)
     manifest = {
         "version": SYNTH_VERSION,
         "config": asdict(config),
@@ -443,13 +496,16 @@ def generate_synth(out_dir: str | Path, config: SynthConfig | None = None, overw
             "heldout_questions": len(heldout_qa),
             "heldout_redrawn_duplicates": redrawn,
         },
+        "files": files,
     }
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    return _dataset(root, {**manifest, "cached": False})
+    (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+    return manifest
 
 
 def _dataset(root: Path, manifest: dict[str, Any]) -> SynthDataset:
-    return SynthDataset(root, root / "align.json", root / "finetune.json", root / "heldout.jsonl", manifest)
+    """The dataset's paths; its manifest without the file list (thousands of names no report needs)."""
+    summary = {key: value for key, value in manifest.items() if key != "files"}
+    return SynthDataset(root, root / "align.json", root / "finetune.json", root / "heldout.jsonl", summary)
 
 
 def training_corpus(dataset: SynthDataset) -> list[str]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llavakit.errors import CheckpointError
+from llavakit.io_safety import check_separate, write_folder
 from llavakit.model.config import LlavaKitConfig
 from llavakit.model.llava_next import cast_parameters
 
@@ -48,6 +49,13 @@ INDEX_NAME = "model.safetensors.index.json"
 CHAT_TEMPLATE_NAME = "chat_template.jinja"
 LEGACY_CHAT_TEMPLATE_NAME = "chat_template.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+# Files a save writes that an earlier save may have left and this one not rewritten (see `_owned_files`).
+_WEIGHT_FILE = re.compile(r"model(-\d+-of-\d+)?\.safetensors")
+_OWNED_NAMES = frozenset(
+    {INDEX_NAME, CHAT_TEMPLATE_NAME, LEGACY_CHAT_TEMPLATE_NAME, "processor_config.json", "preprocessor_config.json"}
+)
+# config.json model types of the llava-hf checkpoints saving may replace.
+_LLAVA_HF_TYPES = ("llava_next", "llava_onevision", "llava", "llavakit")
 # transformers 5 saves generic fast tokenizers under a class name 4.x lacks; 4.x knows the same class by this name.
 _TOKENIZER_CLASS_RENAMES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
 
@@ -91,13 +99,42 @@ def from_disk_key(key: str, base_prefix: str) -> str | None:
     return None
 
 
-def save_checkpoint(model: LlavaNextModel, path: str | Path, max_shard_size: str = "5GB") -> Path:
-    """Write ``model`` to ``path`` (weights, config, tokenizer, transformers processor when representable)."""
+def save_checkpoint(
+    model: LlavaNextModel, path: str | Path, max_shard_size: str = "5GB", sources: Iterable[str | Path] = ()
+) -> Path:
+    """Write ``model`` to ``path`` (weights, config, tokenizer, transformers processor when representable).
+
+    The files are written into a partial folder next to ``path`` and then moved in (`llavakit.io_safety`): an error
+    while writing leaves an earlier checkpoint at ``path`` intact. Saving into an existing llava-hf checkpoint folder
+    replaces the files this function writes, deletes the weight shards, chat templates and processor configs of the
+    earlier save that this one does not write again (stale ones would make loaders disagree), and keeps anything
+    else (a user's notes, an ``adapter/`` folder).
+
+    Args:
+        model: the model to save.
+        path: the checkpoint folder.
+        max_shard_size: largest safetensors file (``"5GB"``, ``"100KB"``).
+        sources: the folders the model was read from (CLI inputs); ``path`` must be none of them, nor inside or
+            around one.
+
+    Raises:
+        CheckpointError: ``path`` overlaps a source, is a file, or holds another model's ``config.json`` (an LLM,
+            a vision tower, an original-layout LLaVA checkpoint), which saving would overwrite.
+    """
+    path = Path(path)
+    check_separate(path, sources, CheckpointError, "save_checkpoint")
+    _refuse_foreign_config(path)
+    return write_folder(
+        path,
+        lambda folder: _write_checkpoint(model, folder, max_shard_size),
+        CheckpointError,
+        owned=_owned_files,
+    )
+
+
+def _write_checkpoint(model: LlavaNextModel, path: Path, max_shard_size: str) -> None:
     from huggingface_hub import split_torch_state_dict_into_shards
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    _remove_old_weights(path)
     state = _disk_state_dict(model)
     split = split_torch_state_dict_into_shards(
         state, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
@@ -118,13 +155,35 @@ def save_checkpoint(model: LlavaNextModel, path: str | Path, max_shard_size: str
     _save_generation_config(model, path)
     if model.tokenizer is not None:
         _save_tokenizer_and_processor(model, path)
-    return path
 
 
-def _remove_old_weights(path: Path) -> None:
-    """Delete weight files of an earlier save: a stale shard or index would make loaders disagree on the weights."""
-    for file in [*path.glob("model*.safetensors"), path / INDEX_NAME]:
-        file.unlink(missing_ok=True)
+def _owned_files(path: Path) -> list[str]:
+    """Files of an earlier save in ``path`` that must go when this save does not write them again: weight shards
+    and their index (a stale shard or index would make loaders disagree on the weights), chat templates and
+    processor configs."""
+    return [
+        file.name
+        for file in path.iterdir()
+        if file.is_file() and (file.name in _OWNED_NAMES or _WEIGHT_FILE.fullmatch(file.name))
+    ]
+
+
+def _refuse_foreign_config(path: Path) -> None:
+    """Refuse a folder whose ``config.json`` is not a llava-hf checkpoint's: saving would overwrite another model."""
+    config_path = path / CONFIG_NAME
+    if not config_path.is_file():
+        return
+    try:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        data = None
+    if isinstance(data, dict) and data.get("model_type") in _LLAVA_HF_TYPES and "text_config" in data:
+        return
+    model_type = data.get("model_type") if isinstance(data, dict) else "unreadable"
+    raise CheckpointError(
+        f"{path} holds another model's {CONFIG_NAME} (model_type {model_type!r}, not a llava-hf checkpoint); "
+        "saving there would overwrite it. Choose a new or empty output folder"
+    )
 
 
 def _disk_state_dict(model: LlavaNextModel) -> dict[str, torch.Tensor]:
@@ -156,8 +215,6 @@ def _save_tokenizer_and_processor(model: LlavaNextModel, path: Path) -> None:
     chat_template = jinja_chat_template(
         get_template(model.config.template, system_prompt=model.config.system_prompt), tokenizer
     )
-    for name in (CHAT_TEMPLATE_NAME, LEGACY_CHAT_TEMPLATE_NAME):  # a stale template of an earlier save
-        (path / name).unlink(missing_ok=True)
     own_template = tokenizer.chat_template
     tokenizer.chat_template = chat_template  # only while saving: the in-memory tokenizer keeps its own
     try:
