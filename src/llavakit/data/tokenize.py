@@ -12,13 +12,36 @@ quirk) are then unmasked.
 Because labels are built alongside ids, a template/tokenizer mismatch cannot silently mask a whole sample (the
 upstream "tokenization mismatch" bug); a sample that ends up with no supervised token is reported by the dataset.
 `render_for_display` shows an encoded sample with its supervised spans marked, for ``llavakit data inspect --show``.
+
+Sample text never becomes a control token. A turn's text (or a sample's system prompt) that spells one of the
+tokenizer's special tokens (``</s>``, ``<s>``, ``<|im_end|>``, ``<|im_start|>``, ``<|eot_id|>``...) is tokenised as
+ordinary text, as transformers' ``split_special_tokens=True`` does, while the template's own control text keeps its
+tokens: otherwise a reply quoting ``</s>`` would teach the model to stop mid-answer, and a served user could open a
+new turn (``<|im_start|>assistant``). ``<image>`` is the exception: it stays the image placeholder, counted against
+the sample's images. Text the tokenizer does not hold as special tokens cannot be told apart from a template's
+(``[INST]`` or ``USER:`` in a Llama-2 / Vicuna tokenizer, non-special added tokens such as Qwen2.5's
+``<tool_call>``); that is the format's own ambiguity. Upstream LLaVA tokenises the rendered prompt with special tokens
+parsed everywhere, so the few samples that spell a special token train differently from upstream; this is not a
+named quirk because no published checkpoint depends on it (it only corrupts those samples' labels), and serving
+must never parse user text. Samples without such strings tokenise exactly as before, in one call.
+
+How: before rendering, each special-token string in the conversation's texts is replaced by a private-use
+character absent from them (templates copy content verbatim, or strip its whitespace), so that after rendering the
+template's control tokens are exactly the special tokens found in the text. The text between two control tokens is
+what the tokenizer would have tokenised as one piece anyway; those pieces are tokenised again with the strings put
+back and special tokens split (`_PlainPieces`), and concatenated with the control tokens.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any
+
+from tokenizers import Tokenizer
 
 from llavakit.data.formats import IMAGE_PLACEHOLDER
 from llavakit.data.schema import Conversation
@@ -28,6 +51,8 @@ from llavakit.errors import ConfigError, DataError
 IGNORE_INDEX = -100
 SUPERVISED_OPEN = "⟦"
 SUPERVISED_CLOSE = "⟧"
+# Stand-ins for special-token strings in sample text while a template renders it (Unicode's private-use area).
+PRIVATE_USE = range(0xE000, 0xF900)
 
 
 @dataclass(frozen=True)
@@ -78,30 +103,101 @@ class SampleEncoder:
         bos = tokenizer.bos_token_id
         adds_bos = bos is not None and bos in tokenizer("", add_special_tokens=True)["input_ids"]
         self.bos_ids = [bos] if template.add_bos and adds_bos else []
+        self.added_tokens = {int(i): token.content for i, token in tokenizer.added_tokens_decoder.items()}
+        self.special_text = _special_text_pattern(tokenizer)
 
     def encode(
         self, conversation: Conversation, image_token_counts: Sequence[int], *, for_generation: bool = False
     ) -> EncodedSample:
         """Render and tokenise ``conversation``; ``image_token_counts[i]`` is the token count of image ``i``."""
-        segments = self.template.render(conversation, for_generation=for_generation, tokenizer=self.tokenizer)
+        guarded, restore = self._guard(conversation)
+        segments = self.template.render(guarded, for_generation=for_generation, tokenizer=self.tokenizer)
         text, trainable_chars = self._concatenate(segments)
-        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = encoding["input_ids"]
+        ids, starts = self._tokenize_pieces(text, restore) if restore else self._tokenize(text)
         num_placeholders = ids.count(self.image_token_id)
         if num_placeholders != len(image_token_counts):
             raise DataError(
                 f"the rendered prompt has {num_placeholders} {IMAGE_PLACEHOLDER} placeholders but "
                 f"{len(image_token_counts)} images were given"
             )
-        starts = [start for start, _ in encoding["offset_mapping"]]
-        return self._assemble(ids, [bool(trainable_chars[min(i, len(text) - 1)]) for i in starts], list(image_token_counts))
+        return self._assemble(
+            ids, [bool(trainable_chars[min(i, len(text) - 1)]) for i in starts], list(image_token_counts)
+        )
+
+    def _guard(self, conversation: Conversation) -> tuple[Conversation, dict[str, str]]:
+        """``conversation`` with every special-token string in its texts replaced by a private-use character
+        absent from them, and the map from those characters back to the strings (empty when none occurs, the
+        conversation then unchanged)."""
+        texts = [turn.text for turn in conversation.turns] + [conversation.system or ""]
+        pattern = self.special_text
+        found = sorted({match for text in texts for match in pattern.findall(text)}) if pattern else []
+        if not found:
+            return conversation, {}
+        taken = set("".join(texts)) | set(self.template.system)
+        free = [chr(code) for code in PRIVATE_USE if chr(code) not in taken][: len(found)]
+        if len(free) < len(found):
+            raise DataError(
+                f"the sample spells {len(found)} distinct special tokens and uses most of Unicode's private-use "
+                "characters, so they cannot be kept as text; remove the special-token strings from the sample"
+            )
+        hidden = dict(zip(found, free))
+
+        def hide(text: str) -> str:
+            return pattern.sub(lambda match: hidden[match.group(0)], text)
+
+        turns = tuple(replace(turn, text=hide(turn.text)) for turn in conversation.turns)
+        system = None if conversation.system is None else hide(conversation.system)
+        return replace(conversation, turns=turns, system=system), {
+            char: text for text, char in hidden.items()
+        }
+
+    def _tokenize(self, text: str) -> tuple[list[int], list[int]]:
+        """One tokenizer call: the ids of ``text`` (special tokens parsed) and each token's first character."""
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return encoding["input_ids"], [int(start) for start, _ in encoding["offset_mapping"]]
+
+    def _tokenize_pieces(self, text: str, restore: Mapping[str, str]) -> tuple[list[int], list[int]]:
+        """`_tokenize` of ``text`` with each character of ``restore`` put back as its string, as ordinary text;
+        first characters index ``text`` (a put-back string's tokens point at its stand-in).
+
+        The control tokens are the added tokens matched by one call on ``text``, where no put-back string can be
+        one; the text between two of them is then tokenised again with the strings restored and special tokens
+        split. With an empty ``restore`` this equals `_tokenize` token for token (tested on every template and
+        tokenizer style).
+        """
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        tokens = zip(encoding["input_ids"], encoding["offset_mapping"])
+        # An added token's id from the model (an unknown character's <unk>) is not a control token: its text is not
+        # the token's (the text of a matched one can hold whitespace besides, stripped by lstrip/rstrip).
+        controls = [
+            (token, span)
+            for token, span in tokens
+            if self.added_tokens.get(token, "\0") in text[span[0] : span[1]]
+        ]
+        bounds = [0, *(int(edge) for _, span in controls for edge in span), len(text)]
+        pieces = [_restored(text, start, end, restore) for start, end in zip(bounds[::2], bounds[1::2])]
+        encoded = self._plain.encode([piece for piece, _ in pieces])
+        out_ids, out_starts = [], []
+        for index, ((_, origin), (piece_ids, piece_starts)) in enumerate(zip(pieces, encoded)):
+            out_ids.extend(piece_ids)
+            out_starts.extend(origin[min(start, len(origin) - 1)] for start in piece_starts)
+            if index < len(controls):
+                out_ids.append(controls[index][0])
+                out_starts.append(int(controls[index][1][0]))
+        return out_ids, out_starts
+
+    @cached_property
+    def _plain(self) -> _PlainPieces:
+        return _PlainPieces(self.tokenizer)
 
     def _concatenate(self, segments: list[Segment]) -> tuple[str, bytearray]:
         """The prompt text and, per character, 1 where it belongs to a trainable segment."""
         parts, flags = [], bytearray()
         for segment in segments:
             if segment.trainable and IMAGE_PLACEHOLDER in segment.text:
-                raise DataError(f"template {self.template.id}: an image placeholder landed in a supervised span")
+                raise DataError(
+                    f"template {self.template.id}: an image placeholder landed in a supervised span"
+                )
             parts.append(segment.text)
             flags.extend((1 if segment.trainable else 0,) * len(segment.text))
         return "".join(parts), flags
@@ -157,3 +253,80 @@ def _single_token_id(tokenizer: Any, token: str, fix: str) -> int:
     if len(ids) != 1:
         raise ConfigError(f"the tokenizer encodes {token!r} as {len(ids)} tokens {ids}, not one: {fix}")
     return int(ids[0])
+
+
+def _special_text_pattern(tokenizer: Any) -> re.Pattern[str] | None:
+    """A pattern matching the tokenizer's special-token strings but ``<image>``, longest first (as the tokenizer
+    matches them); None when it has none."""
+    strings = {
+        token.content
+        for token in tokenizer.added_tokens_decoder.values()
+        if token.special and token.content and token.content != IMAGE_PLACEHOLDER
+    }
+    if not strings:
+        return None
+    return re.compile("|".join(re.escape(string) for string in sorted(strings, key=lambda s: (-len(s), s))))
+
+
+def _restored(text: str, start: int, end: int, restore: Mapping[str, str]) -> tuple[str, list[int]]:
+    """``text[start:end]`` with ``restore``'s characters put back, and for each of its characters the index in
+    ``text`` it comes from."""
+    pieces, origin = [], []
+    for index in range(start, end):
+        piece = restore.get(text[index], text[index])
+        pieces.append(piece)
+        origin.extend([index] * len(piece))
+    return "".join(pieces), origin
+
+
+class _PlainPieces:
+    """Tokenises the pieces of a prompt between its control tokens with special tokens split into ordinary text,
+    each exactly as the tokenizer tokenises that piece inside the whole prompt.
+
+    A tokenizer call cuts its text at added tokens and normalises, pre-tokenises and tokenises each piece on its
+    own, so a piece tokenised alone gives the same ids, with one exception: a Metaspace pre-tokenizer with
+    ``prepend_scheme="first"`` (SentencePiece-style tokenizers in transformers 5) prepends ``▁`` only to the piece at
+    the very start of the text. So pieces are tokenised by private copies of the tokenizer's backend (special
+    tokens split, no truncation or padding): the piece at the start by a faithful copy, the others by one whose
+    scheme is ``"never"``. The copies are made once per encoder, from the backend's own JSON (tokenizer.json).
+
+    Args:
+        tokenizer: a transformers fast tokenizer.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        spec = json.loads(tokenizer.backend_tokenizer.to_str())
+        spec["truncation"] = spec["padding"] = None
+        self.at_start = _split_special_backend(spec)
+        _never_prepend(spec.get("pre_tokenizer"))
+        self.elsewhere = _split_special_backend(spec)
+
+    def encode(self, pieces: list[str]) -> list[tuple[list[int], list[int]]]:
+        """Ids and first-character offsets of each piece, ``pieces[0]`` being at the start of the prompt."""
+        encodings = [self.at_start.encode(pieces[0], add_special_tokens=False)] + self.elsewhere.encode_batch(
+            pieces[1:], add_special_tokens=False
+        )
+        return [(list(e.ids), [start for start, _ in e.offsets]) for e in encodings]
+
+
+def _split_special_backend(spec: dict[str, Any]) -> Tokenizer:
+    backend = Tokenizer.from_str(json.dumps(spec))
+    if not hasattr(backend, "encode_special_tokens"):
+        raise ConfigError(
+            "this tokenizers version cannot split special tokens in sample text (Tokenizer.encode_special_tokens); "
+            "install tokenizers >= 0.15"
+        )
+    backend.encode_special_tokens = True
+    return backend
+
+
+def _never_prepend(node: Any) -> None:
+    """Set every Metaspace ``prepend_scheme="first"`` under ``node`` (a tokenizer.json pre_tokenizer) to "never"."""
+    if isinstance(node, dict):
+        if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
+            node["prepend_scheme"] = "never"
+        for value in node.values():
+            _never_prepend(value)
+    elif isinstance(node, list):
+        for value in node:
+            _never_prepend(value)

@@ -7,6 +7,10 @@ are expanded with `llavakit.anyres.geometry.count_visual_tokens`, and images are
 `llavakit.inference.images.prepare_images` (a lone image is tiled per the spec, each image of a multi-image request
 is one tile, as in training); they are encoded at generation time, through the image-feature cache.
 
+User and system text that spells a control token (``</s>``, ``<|im_start|>assistant``...) stays ordinary text, as in
+training (`llavakit.data.tokenize`), so a request cannot open or close a turn: the prompt's control tokens are
+exactly the template's. Only ``<image>`` keeps a meaning, and must match the request's images in number.
+
 Rows are padded on the **left** so that every row's next token is predicted at the last position::
 
     row 0:  <pad> <pad> <s> USER: <image>×88 What colour ... ASSISTANT:
