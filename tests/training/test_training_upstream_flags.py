@@ -186,3 +186,26 @@ def test_seed_finetune_script_runs_through_the_cli(tmp_path, synth, preset_model
         for line in (tmp_path / "out" / "finetune" / "metrics.jsonl").read_text().splitlines()
     ]
     assert rows and all(row["loss"] > 0 for row in rows)
+
+
+def test_print_config_shows_what_upstream_flags_resolve_to(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from llavakit.cli.main import main
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    (tmp_path / "prev").mkdir()
+    (tmp_path / "prev" / "config.json").write_text(json.dumps({"model_type": "llava_next"}))
+    args = _seed_finetune_args(
+        prev=str(tmp_path / "prev"),
+        data="d.json",
+        images="img",
+        vision="v",
+        run_name="r",
+        out=str(tmp_path / "out"),
+    )
+    assert main(["train", *args, "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == config_from_upstream_flags(args).to_dict()
+    assert printed["stages"][0]["global_batch_size"] == 64 and printed["strategy"]["name"] == "fsdp2"
+    assert not (tmp_path / "out").exists()  # printed, not trained

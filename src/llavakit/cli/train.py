@@ -66,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
     if _is_upstream(arguments):
         if any(token.split("=")[0] in ("--config", "--recipe") for token in arguments):
             raise ConfigError("upstream flags cannot be mixed with --config/--recipe; use one style")
-        config = config_from_upstream_flags(arguments)
-        print_only = False
+        print_only = "--print-config" in arguments
+        config = config_from_upstream_flags([token for token in arguments if token != "--print-config"])
     else:
         options = _own_parser().parse_args(arguments)
         config = resolve_config(options.config, options.recipe, options.overrides)
