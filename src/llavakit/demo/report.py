@@ -109,7 +109,8 @@ def plot_curve(result: DemoResult, path: Path) -> None:
     for kind in result.curve[-1].accuracy:
         axis.plot(steps, [point.accuracy.get(kind, 0.0) for point in result.curve], marker="o", label=kind)
     axis.set_xlabel("finetune step")
-    axis.set_ylabel(f"accuracy with image, {_curve_questions(result)}")
+    axis.set_ylabel("accuracy with image")
+    axis.set_title(_curve_questions(result), fontsize=10)
     axis.set_ylim(-0.02, 1.02)
     axis.grid(alpha=0.3)
     axis.legend()
@@ -151,9 +152,13 @@ def write_outputs(result: DemoResult, out_dir: Path) -> dict[str, Path]:
     metrics_path = out_dir / "metrics.json"
     metrics_path.write_text(json.dumps(metrics_dict(result), indent=1))
     loss_path = out_dir / "loss.png"
-    # Steps continue across stages so the curve shows align, then finetune, on one axis.
+    # Steps continue across stages so the curve shows align, then finetune, on one axis, each start marked.
     steps = [(step + 1, loss) for step, loss in enumerate(result.train_result.losses)]
-    plot_losses(steps, loss_path)
+    starts, first = [], 1
+    for stage in result.train_result.stages:
+        starts.append((first, stage.name))
+        first += len(stage.losses)
+    plot_losses(steps, loss_path, stage_starts=starts)
     paths = {"metrics": metrics_path, "loss_curve": loss_path}
     curve_path = out_dir / "accuracy.png"
     # Note: a previous run's curve must not pass for this run's.

@@ -198,8 +198,17 @@ def _open_jsonl(path: Path, start_step: int) -> Any:
     return path.open("a")
 
 
-def plot_losses(losses: list[tuple[int, float]], path: Path) -> None:
-    """Save a loss-vs-step PNG with matplotlib's non-interactive Agg backend."""
+def plot_losses(
+    losses: list[tuple[int, float]], path: Path, stage_starts: list[tuple[int, str]] | None = None
+) -> None:
+    """Save a loss-vs-step PNG with matplotlib's non-interactive Agg backend.
+
+    Args:
+        losses: ``(step, loss)`` pairs.
+        path: the PNG to write.
+        stage_starts: ``(first step, stage name)`` of each stage when several share the axis: a dashed line and
+            the name mark where each begins.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -211,6 +220,17 @@ def plot_losses(losses: list[tuple[int, float]], path: Path) -> None:
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("training loss")
     axis.set_title(path.parent.name)
+    for step, name in stage_starts or []:
+        axis.axvline(step, color="grey", linestyle="--", linewidth=0.8)
+        axis.annotate(
+            name,
+            (step, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, -12),
+            textcoords="offset points",
+            fontsize=8,
+            color="grey",
+        )
     axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
