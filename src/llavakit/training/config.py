@@ -102,7 +102,7 @@ class DataSection:
         group_by_modality_length: upstream's modality-grouped length sampler.
         group_by_length: transformers' length-grouped sampler (batches of similar length, least padding). Where
             length follows the kind of sample, its batches hold one kind each: on the demo it cut padding from 26 %
-            to 2 % but left shapes and words unlearnt (the demo-tiny recipe has the numbers).
+            to 2 % but left shapes and words unlearnt (docs/demo-calibration.md has the numbers).
         num_workers: DataLoader worker processes.
         cache_samples: build each sample once and serve it from memory afterwards: for small datasets trained for
             many epochs (the demo); it holds every sample's pixels. Needs ``num_workers`` 0 (workers restart every
