@@ -179,7 +179,11 @@ def test_truncation_never_cuts_an_image(folder, tokenizers, tiny_spec):
     encoder = SampleEncoder(tokenizers["llama"], get_template("vicuna_v1"))
     # The cap fits the image as one tile, not its full tiling (the cut would go through the image).
     cap = len(encoder.encode(parse_sample(Record("d", samples[1])).conversation, [single]).input_ids)
-    dropped = build_dataset(config(path, folder, model_max_length=cap), tokenizers["llama"], tiny_spec)
+    # One of two samples dropped is over the default max_skip_fraction: refused with the counts and the fixes.
+    with pytest.raises(DataError, match=r"(?s)1 of 2 samples are longer than max_length .*truncation_policy=downscale"):
+        build_dataset(config(path, folder, model_max_length=cap), tokenizers["llama"], tiny_spec)
+    allowed = config(path, folder, model_max_length=cap, max_skip_fraction=0.5)
+    dropped = build_dataset(allowed, tokenizers["llama"], tiny_spec)
     assert dropped.stats.num_dropped_too_long == 1 and dropped.stats.num_truncated == 1
     assert [e.sample.id for e in dropped.entries] == ["cut-text"] and dropped.lengths == [cap]
     downscaled = build_dataset(

@@ -58,7 +58,9 @@ def test_options_reach_the_data_config(tmp_path, synth, preset_model):
 
 def test_packing_budget_seed_index_and_stats(tmp_path, synth, preset_model):
     model = preset_model("debug-clip-llama")
-    config, stage = stage_of(tmp_path, synth, packing=True, max_tokens_per_pack=1024, max_length=64)
+    config, stage = stage_of(
+        tmp_path, synth, packing=True, max_tokens_per_pack=1024, max_length=64, max_skip_fraction=1.0
+    )
     context = DistContext(0, 1, 0, torch.device("cpu"))
     data = train_data_factory(config, context)(stage, model)
     assert isinstance(data.dataset, PackedDataset)

@@ -229,10 +229,33 @@ def build_dataset(
     issues = IssueLog(config.skip_policy, config.max_skip_fraction)
     stats = DatasetStats.from_dicts([index.stats], issues)
     issues.check_fraction(stats.num_records + issues.counts["json"])
+    _check_dropped(stats, issues, config, stats.num_records + issues.counts["json"])
     if not len(index):
         raise DataError(f"{config.data_path}: no usable sample\n{stats.summary()}")
     return LlavaDataset(
         index, encoder, image_spec, config.model_max_length, config.skip_policy, stats, config.cache_samples
+    )
+
+
+def _check_dropped(stats: DatasetStats, issues: IssueLog, config: DataConfig, num_seen: int) -> None:
+    """Samples dropped as too long count against ``max_skip_fraction`` together with the skipped ones.
+
+    Why: a ``max_length`` too small for the images drops every image sample without any single sample being bad;
+    training would then run on what is left (e.g. the text-only samples) and exit 0.
+
+    Raises:
+        DataError: the counts, examples and the three ways out.
+    """
+    lost = issues.total + stats.num_dropped_too_long
+    if not stats.num_dropped_too_long or not num_seen or lost / num_seen <= config.max_skip_fraction:
+        return
+    examples = "".join(f"\n    e.g. {message}" for message in stats.dropped_examples)
+    raise DataError(
+        f"{config.data_path}: {stats.num_dropped_too_long} of {num_seen} samples are longer than max_length "
+        f"{config.model_max_length} where only a cut through an image would shorten them, and were dropped "
+        f"({lost / num_seen:.2%} lost with the skipped ones, more than max_skip_fraction="
+        f"{config.max_skip_fraction:.2%}){examples}\nRaise data.max_length, use data.truncation_policy=downscale, "
+        "or raise data.max_skip_fraction to train without them"
     )
 
 
