@@ -42,6 +42,22 @@ FAMILY = {
     "gemma_instruct": "gemma",
     "tokenizer": "qwen2",
     "processor": "qwen2",
+    "default": "llama",
+    "v1": "llama",
+    "v0_plain": "llama",
+    "v0_mmtag": "llama",
+    "v1_mmtag": "llama",
+    "llava_v0": "llama",
+    "llava_v0_mmtag": "llama",
+    "llava_v1_mmtag": "llama",
+    "llava_llama_2": "llama",
+    "llava_llama_2_simple": "llama",
+    "llava_llama_2_mmtag": "llama",
+    "llava_mistral_instruct": "llama",
+    "mistral_zephyr": "llama",
+    "mpt": "qwen2",
+    "mistral_orca": "qwen2",
+    "mistral_direct": "qwen2",
 }
 LLM_CLASS = {"llama": "llama", "qwen2": "qwen2", "llama3": "llama", "gemma": "llama"}
 # Quotes, a backslash, Jinja syntax, a line break and non-ASCII text must survive as a Jinja string literal.

@@ -1,8 +1,11 @@
-"""ChatML templates: ``chatml_direct`` (upstream MPT style) and ``qwen_1_5`` / ``qwen_2`` / ``qwen_2_5`` (CHATML).
+"""ChatML templates: the upstream MPT style (``chatml_direct``, ``mpt``, ``mistral_orca``, ``mistral_zephyr``) and
+``qwen_1_5`` / ``qwen_2`` / ``qwen_2_5`` (CHATML).
 
 ``chatml_direct`` (llava-v1.6-34b) renders ``<|im_start|>system\\nAnswer the questions.<|im_end|><|im_start|>user\\n
 Q<|im_end|><|im_start|>assistant\\nA<|im_end|>`` with no newline after ``<|im_end|>``, exactly as upstream
-``get_prompt``; supervised per assistant turn: ``reply + <|im_end|>``.
+``get_prompt``; supervised per assistant turn: ``reply + <|im_end|>``. ``mpt`` and ``mistral_orca`` differ only in
+their system prompt; ``mistral_zephyr`` writes Zephyr's ``<|system|>`` / ``<|user|>`` / ``<|assistant|>`` headers
+and ends messages with ``</s>``. (Upstream's ``mistral_direct`` is ``chatml_direct`` under another name.)
 
 The Qwen templates render ``<|im_start|>ROLE\\ntext<|im_end|>\\n`` per message. Training reproduces upstream
 LLaVA-NeXT ``preprocess_qwen`` by default (``upstream_quirks=True``):
@@ -33,21 +36,32 @@ QWEN_2_5_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful ass
 
 @dataclass(frozen=True)
 class MptTemplate(ChatTemplate):
-    """ChatML without newlines between messages (upstream SeparatorStyle MPT)."""
+    """Messages without newlines between them (upstream SeparatorStyle MPT): ``HEADER system SEP`` then
+    ``ROLE text SEP`` per turn.
+
+    Attributes:
+        system_header: text before the system prompt (upstream keeps it inside its ``system`` string).
+        roles: (user header, assistant header), each ending in a newline.
+        sep: end-of-message marker.
+    """
+
+    system_header: str = f"{IM_START}system\n"
+    roles: tuple[str, str] = (f"{IM_START}user\n", f"{IM_START}assistant\n")
+    sep: str = IM_END
 
     def render(
         self, conversation: Conversation, *, for_generation: bool = False, tokenizer: Any = None
     ) -> list[Segment]:
         check_generation_turns(conversation, self.id, for_generation)
-        segments = [Segment(f"{IM_START}system\n{self.system_prompt(conversation)}{IM_END}", False)]
+        segments = [Segment(f"{self.system_header}{self.system_prompt(conversation)}{self.sep}", False)]
         for turn in conversation.turns:
             if turn.role == USER:
-                segments.append(Segment(f"{IM_START}user\n{turn.text}{IM_END}", False))
+                segments.append(Segment(f"{self.roles[0]}{turn.text}{self.sep}", False))
             else:
-                segments.append(Segment(f"{IM_START}assistant\n", False))
-                segments.append(Segment(f"{turn.text}{IM_END}", True))
+                segments.append(Segment(self.roles[1], False))
+                segments.append(Segment(f"{turn.text}{self.sep}", True))
         if for_generation:
-            segments.append(Segment(f"{IM_START}assistant\n", False))
+            segments.append(Segment(self.roles[1], False))
         return segments
 
 
@@ -91,6 +105,29 @@ class QwenTemplate(ChatTemplate):
 
 
 CHATML_DIRECT = MptTemplate(id="chatml_direct", system="Answer the questions.", stop_strings=(IM_END,))
+MPT = MptTemplate(
+    id="mpt",
+    system=(
+        "A conversation between a user and an LLM-based AI assistant. The assistant gives helpful and honest answers."
+    ),
+    stop_strings=(IM_END,),
+)
+MISTRAL_ORCA = MptTemplate(
+    id="mistral_orca",
+    system=(
+        "You are MistralOrca, a large language model trained by Alignment Lab AI. Write out your reasoning "
+        "step-by-step to be sure you get the right answers!"
+    ),
+    stop_strings=(IM_END,),
+)
+MISTRAL_ZEPHYR = MptTemplate(
+    id="mistral_zephyr",
+    system="You are a helpful AI assistant.",
+    system_header="<|system|>\n",
+    roles=("<|user|>\n", "<|assistant|>\n"),
+    sep="</s>",
+    stop_strings=("</s>",),
+)
 QWEN_1_5 = QwenTemplate(id="qwen_1_5", system=QWEN_TRAINING_SYSTEM, stop_strings=(IM_END,))
 QWEN_2 = QwenTemplate(id="qwen_2", system=QWEN_TRAINING_SYSTEM, stop_strings=(IM_END,))
 QWEN_2_5 = QwenTemplate(id="qwen_2_5", system=QWEN_2_5_SYSTEM, stop_strings=(IM_END,))

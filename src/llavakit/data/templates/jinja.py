@@ -210,8 +210,20 @@ def _inst(template: InstTemplate, bos: str) -> str:
     return bos + _INST.substitute(sep=_literal(template.sep), sep2=_literal(template.sep2))
 
 
-def _chatml(template: MptTemplate | QwenTemplate, bos: str) -> str:
-    end = IM_END + ("\n" if isinstance(template, QwenTemplate) else "")
+def _mpt(template: MptTemplate, bos: str) -> str:
+    return bos + _TURNS.substitute(
+        head=f"{_literal(template.system_header)} + ns.system + {_literal(template.sep)}",
+        text="text",
+        user_open=_literal(template.roles[0]),
+        user_close=_literal(template.sep),
+        assistant_open=_literal(template.roles[1]),
+        assistant_close=_literal(template.sep),
+        generation=_literal(template.roles[1]),
+    )
+
+
+def _qwen(template: QwenTemplate, bos: str) -> str:
+    end = IM_END + "\n"
     return bos + _TURNS.substitute(
         head=f"{_literal(IM_START + 'system' + chr(10))} + ns.system + {_literal(end)}",
         text="text",
@@ -258,8 +270,8 @@ def _plain(template: PlainTemplate, bos: str) -> str:
 _WRITERS: dict[type, Callable[[Any, str], str]] = {
     SeparatorTemplate: _separator,
     InstTemplate: _inst,
-    MptTemplate: _chatml,
-    QwenTemplate: _chatml,
+    MptTemplate: _mpt,
+    QwenTemplate: _qwen,
     Llama3Template: _llama3,
     GemmaTemplate: _gemma,
     PlainTemplate: _plain,

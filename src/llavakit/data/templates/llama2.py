@@ -1,9 +1,12 @@
-"""``[INST]`` templates: ``llama_2`` and ``mistral_instruct`` (upstream SeparatorStyle LLAMA_2).
+"""``[INST]`` templates: ``llama_2``, ``mistral_instruct`` and the ``llava_llama_2*`` family (upstream SeparatorStyle
+LLAMA_2).
 
 Rendering equals upstream ``get_prompt``: ``[INST] <<SYS>>\\nSYSTEM\\n<</SYS>>\\n\\nQ [/INST] A </s><s>[INST] Q2
 [/INST] A2 </s>`` (no ``<<SYS>>`` block when the system prompt is empty, as for Mistral; Mistral's ``sep`` is empty
 so later rounds start directly with ``[INST]``). The leading ``<s>`` is the tokenizer's BOS (``add_bos``).
-Supervised per assistant turn: ``" " + reply + " </s>"``.
+Supervised per assistant turn: ``" " + reply + " </s>"``. ``llava_llama_2``, ``llava_llama_2_simple`` and
+``llava_llama_2_mmtag`` are ``llama_2`` with LLaVA's system prompts. (Upstream's ``llava_mistral_instruct`` is
+``mistral_instruct`` under another name.)
 """
 
 from __future__ import annotations
@@ -21,6 +24,13 @@ LLAMA_2_SYSTEM = (
     "If a question does not make any sense, or is not factually coherent, explain why instead of answering "
     "something not correct. If you don't know the answer to a question, please don't share false information."
 )
+
+LLAVA_SYSTEM = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content that the user "
+    "provides, and assist the user with a variety of tasks using natural language."
+)
+LLAVA_SIMPLE_SYSTEM = "Answer the questions about the visual content that the user provides."
+MMTAG_NOTE = "The visual content will be provided with the following format: <Image>visual content</Image>."
 
 
 @dataclass(frozen=True)
@@ -55,3 +65,11 @@ class InstTemplate(ChatTemplate):
 
 LLAMA_2 = InstTemplate(id="llama_2", system=LLAMA_2_SYSTEM, stop_strings=("</s>",))
 MISTRAL_INSTRUCT = InstTemplate(id="mistral_instruct", system="", sep="", stop_strings=("</s>",))
+LLAVA_LLAMA_2 = InstTemplate(id="llava_llama_2", system=LLAVA_SYSTEM, stop_strings=("</s>",))
+LLAVA_LLAMA_2_SIMPLE = InstTemplate(
+    id="llava_llama_2_simple", system=LLAVA_SIMPLE_SYSTEM, stop_strings=("</s>",)
+)
+# No space between the sentences: upstream's string literals are joined as written.
+LLAVA_LLAMA_2_MMTAG = InstTemplate(
+    id="llava_llama_2_mmtag", system=LLAVA_SIMPLE_SYSTEM + MMTAG_NOTE, stop_strings=("</s>",)
+)

@@ -1,13 +1,20 @@
-"""Vicuna-style templates: ``v0`` (SINGLE separator) and ``vicuna_v1`` / ``llava_v1`` (TWO separators).
+"""Vicuna-style templates: ``v0`` / ``llava_v0`` / ``llava_v0_mmtag`` (SINGLE separator) and ``vicuna_v1`` /
+``llava_v1`` / ``llava_v1_mmtag`` (TWO separators).
 
-Rendering equals upstream ``Conversation.get_prompt`` for ``conv_vicuna_v0`` and ``conv_vicuna_v1`` /
-``conv_llava_v1``: ``SYSTEM<sep>ROLE: text<sep>ROLE: text<sep2>...``; a generation prompt ends with ``ASSISTANT:``.
+Rendering equals upstream ``Conversation.get_prompt`` for ``conv_vicuna_v0``, ``conv_vicuna_v1``, ``conv_llava_v1``
+and the ``llava_v0`` / ``*_mmtag`` siblings (which differ only in system prompt and few-shot context):
+``SYSTEM<sep>ROLE: text<sep>ROLE: text<sep2>...``; a generation prompt ends with ``ASSISTANT:``.
 The supervised span of each assistant turn is ``" " + reply + end-of-turn separator`` (``</s>`` for v1, ``###``
 for v0): the space belongs to the reply because generation starts right after ``ASSISTANT:``.
 
 Quirk kept (``v0``): upstream's ``conv_vicuna_v0`` carries a built-in few-shot exchange (an energy-sources Q&A)
 that is part of every prompt; it is rendered as untrained context. (Upstream trains ``v0`` with a different
-``### Human:`` format than it serves; llavakit trains and serves the one format of ``conversation.py``.)
+``### Human:`` format than it serves; llavakit trains and serves the one format of ``conversation.py``; the
+same holds for ``llava_v0``.)
+
+The ``*_mmtag`` templates render upstream ``get_prompt`` for text messages. Upstream's training additionally wraps
+each ``<image>`` as ``<Image><image></Image>`` (``preprocess_multimodal``) and its web demo inserts an extra
+``<Image><image></Image>`` / ``Received.`` exchange; neither is reproduced here.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from typing import Any
 
 from llavakit.data.schema import USER, Conversation
 from llavakit.data.templates.base import ChatTemplate, Segment, check_generation_turns
+from llavakit.data.templates.llama2 import MMTAG_NOTE
 
 VICUNA_V1_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -25,6 +33,12 @@ VICUNA_V1_SYSTEM = (
 LLAVA_V1_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+# No space before the note: upstream's string literals are joined as written.
+MMTAG_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant is able to understand "
+    "the visual content that the user provides, and assist the user with a variety of tasks using natural language."
+    + MMTAG_NOTE
 )
 V0_FEW_SHOT = (
     ("Human", "What are the key differences between renewable and non-renewable energy sources?"),
@@ -106,4 +120,13 @@ VICUNA_V1 = SeparatorTemplate(
 )
 LLAVA_V1 = SeparatorTemplate(
     id="llava_v1", system=LLAVA_V1_SYSTEM, sep=" ", sep2="</s>", stop_strings=("</s>",)
+)
+LLAVA_V0 = SeparatorTemplate(
+    id="llava_v0", system=LLAVA_V1_SYSTEM, roles=("Human", "Assistant"), sep="###", stop_strings=("###",)
+)
+LLAVA_V0_MMTAG = SeparatorTemplate(
+    id="llava_v0_mmtag", system=MMTAG_SYSTEM, roles=("Human", "Assistant"), sep="###", stop_strings=("###",)
+)
+LLAVA_V1_MMTAG = SeparatorTemplate(
+    id="llava_v1_mmtag", system=MMTAG_SYSTEM, sep=" ", sep2="</s>", stop_strings=("</s>",)
 )
