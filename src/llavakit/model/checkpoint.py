@@ -13,7 +13,10 @@ layout independent of the installed transformers version. ``language_model.lm_he
 embeddings, so no loader can end up with a random head (the LLaVA-OneVision-0.5B trap).
 
 Loading accepts the on-disk layout, the flattened ≥5.6 layout and transformers' in-memory names, and fails with
-the list of missing or unexpected keys rather than initialising anything at random.
+the list of missing or unexpected keys rather than initialising anything at random. LLaVA-1.5-style models (one
+``pad`` / ``square`` tile per image, no ``image_newline``) use the same keys with ``model_type: llava``; a llava-hf
+``llava`` folder's preprocessing is read from its image processor config (``processor_config.json``'s
+``image_processor``, else ``preprocessor_config.json``, transformers' order).
 
 The chat template travels with the checkpoint so that other servers prompt it as it was trained: saving writes the
 Jinja generated from the template id and system prompt (`llavakit.data.templates.jinja`) as the tokenizer's and the
@@ -49,10 +52,18 @@ INDEX_NAME = "model.safetensors.index.json"
 CHAT_TEMPLATE_NAME = "chat_template.jinja"
 LEGACY_CHAT_TEMPLATE_NAME = "chat_template.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+PROCESSOR_CONFIG_NAME = "processor_config.json"
+IMAGE_PROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 # Files a save writes that an earlier save may have left and this one not rewritten (see `_owned_files`).
 _WEIGHT_FILE = re.compile(r"model(-\d+-of-\d+)?\.safetensors")
 _OWNED_NAMES = frozenset(
-    {INDEX_NAME, CHAT_TEMPLATE_NAME, LEGACY_CHAT_TEMPLATE_NAME, "processor_config.json", "preprocessor_config.json"}
+    {
+        INDEX_NAME,
+        CHAT_TEMPLATE_NAME,
+        LEGACY_CHAT_TEMPLATE_NAME,
+        PROCESSOR_CONFIG_NAME,
+        IMAGE_PROCESSOR_CONFIG_NAME,
+    }
 )
 # config.json model types of the llava-hf checkpoints saving may replace.
 _LLAVA_HF_TYPES = ("llava_next", "llava_onevision", "llava", "llavakit")
@@ -205,8 +216,8 @@ def _save_generation_config(model: LlavaNextModel, path: Path) -> None:
 
 
 def _save_tokenizer_and_processor(model: LlavaNextModel, path: Path) -> None:
-    """Save the tokenizer, and a transformers ``LlavaNextProcessor`` when transformers can reproduce the model, both
-    carrying the checkpoint's chat template."""
+    """Save the tokenizer, and a transformers ``LlavaNextProcessor`` (or ``LlavaProcessor`` for a ``llava``
+    checkpoint) when transformers can reproduce the model, both carrying the checkpoint's chat template."""
     from llavakit.data.templates import get_template
     from llavakit.data.templates.jinja import jinja_chat_template
 
@@ -218,8 +229,11 @@ def _save_tokenizer_and_processor(model: LlavaNextModel, path: Path) -> None:
     own_template = tokenizer.chat_template
     tokenizer.chat_template = chat_template  # only while saving: the in-memory tokenizer keeps its own
     try:
-        if model.config.transformers_class() == "LlavaNextForConditionalGeneration":
+        architecture = model.config.transformers_class()
+        if architecture == "LlavaNextForConditionalGeneration":
             _llava_next_processor(model, chat_template).save_pretrained(path)
+        elif architecture == "LlavaForConditionalGeneration":
+            _llava_processor(model, chat_template).save_pretrained(path)
         else:
             tokenizer.save_pretrained(path)
     finally:
@@ -242,6 +256,33 @@ def _llava_next_processor(model: LlavaNextModel, chat_template: str | None) -> A
     )
     has_cls = model.vision_encoder.backbone.has_cls_token
     return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=model.tokenizer,
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy(has_cls),
+        num_additional_image_tokens=1 if has_cls else 0,
+        chat_template=chat_template,
+    )
+
+
+def _llava_processor(model: LlavaNextModel, chat_template: str | None) -> Any:
+    """transformers' ``LlavaProcessor`` for a single-tile model: ``do_pad`` pads to a square with the mean colour
+    ``int(m * 255)``, centred, before the resize (our ``pad``, upstream's ``expand2square``); without it the
+    shortest edge is resized and the centre cropped (our ``square``)."""
+    from transformers.image_utils import PILImageResampling
+    from transformers.models.llava import LlavaImageProcessorPil, LlavaProcessor
+
+    spec = model.config.image_spec
+    image_processor = LlavaImageProcessorPil(
+        size={"shortest_edge": spec.tile_size},
+        crop_size={"height": spec.tile_size, "width": spec.tile_size},
+        do_pad=spec.aspect_ratio == "pad",
+        image_mean=list(spec.image_mean),
+        image_std=list(spec.image_std),
+        resample=PILImageResampling[spec.resample.upper()],
+    )
+    has_cls = model.vision_encoder.backbone.has_cls_token
+    return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=model.tokenizer,
         patch_size=spec.patch_size,
@@ -323,7 +364,10 @@ def build_skeleton(
     data = _read_config_json(path)
     chat_template = read_chat_template(path)
     config = LlavaKitConfig.from_config_json(
-        data, str(path / CONFIG_NAME), has_chat_template=chat_template is not None
+        data,
+        str(path / CONFIG_NAME),
+        has_chat_template=chat_template is not None,
+        image_processor=read_image_processor_config(path),
     )
     tokenizer = _load_tokenizer(path)
     _use_checkpoint_template(tokenizer, chat_template, config.template, path)
@@ -338,8 +382,24 @@ def read_config(path: Path) -> LlavaKitConfig:
     """Parse ``path/config.json`` into a `LlavaKitConfig`."""
     has_chat_template = read_chat_template(path) is not None
     return LlavaKitConfig.from_config_json(
-        _read_config_json(path), str(path / CONFIG_NAME), has_chat_template=has_chat_template
+        _read_config_json(path),
+        str(path / CONFIG_NAME),
+        has_chat_template=has_chat_template,
+        image_processor=read_image_processor_config(path),
     )
+
+
+def read_image_processor_config(path: Path) -> dict[str, Any] | None:
+    """The folder's image processor config where transformers looks: ``processor_config.json``'s
+    ``image_processor`` (transformers 5 saves), else ``preprocessor_config.json`` (llava-hf repositories, 4.x);
+    None when there is neither."""
+    processor = path / PROCESSOR_CONFIG_NAME
+    if processor.is_file():
+        nested = _read_json(processor).get("image_processor")
+        if isinstance(nested, dict):
+            return nested
+    image_processor = path / IMAGE_PROCESSOR_CONFIG_NAME
+    return _read_json(image_processor) if image_processor.is_file() else None
 
 
 def _read_config_json(path: Path) -> dict[str, Any]:

@@ -8,9 +8,15 @@ transformers / llava-hf ``config.json`` has no such section: its fields are deri
 one the checkpoint carries (template ``processor``) or, without one, the LLM family's default.
 
 ``anyres_max_N`` checkpoints are written as ``model_type: llava_onevision`` (transformers' class with the same
-feature downsampling). A checkpoint whose settings transformers cannot reproduce (``flat`` merge, a ``linear``
-projector, ``pad`` images) is written with ``model_type: llavakit`` instead, so that transformers refuses it
-loudly rather than loading it and computing something else.
+feature downsampling), and LLaVA-1.5-style ones (one ``pad`` or ``square`` tile per image, no ``image_newline``) as
+``model_type: llava`` (``LlavaForConditionalGeneration``; the saved ``LlavaImageProcessor`` pads to a square with
+the mean colour, ``do_pad``, exactly as upstream's ``expand2square``). A checkpoint whose settings transformers
+cannot reproduce (``flat`` merge of AnyRes tiles, a ``linear`` projector) is written with ``model_type: llavakit``
+instead, so that transformers refuses it loudly rather than loading it and computing something else.
+
+A llava-hf ``llava`` checkpoint (e.g. ``llava-hf/llava-1.5-7b-hf``) has no AnyRes fields: its preprocessing is that
+of its image processor config, ``do_pad`` true meaning ``pad`` and false (llava-hf's own ``CLIPImageProcessor``, a
+shortest-edge resize and centre crop) meaning ``square``.
 """
 
 from __future__ import annotations
@@ -78,8 +84,10 @@ class LlavaKitConfig:
         spec = self.image_spec
         if self.projector != "mlp2x_gelu":
             return f"projector {self.projector!r} (transformers implements mlp2x_gelu only)"
-        if spec.aspect_ratio != "anyres" and spec.max_tiles is None:
-            return f"aspect_ratio {spec.aspect_ratio!r} (transformers always tiles with anyres)"
+        if not spec.uses_anyres:
+            if spec.merge_type == "spatial_unpad":
+                return "merge_type 'spatial_unpad' on single-tile images (transformers' Llava has no image_newline)"
+            return None
         if spec.merge_type != "spatial_unpad":
             return f"merge_type {spec.merge_type!r} (transformers implements spatial_unpad only)"
         if spec.base_view != "squash" or spec.unpad_rounding != "round":
@@ -87,10 +95,12 @@ class LlavaKitConfig:
         return None
 
     def transformers_class(self) -> str | None:
-        """The transformers class that reproduces this model: LlavaNext for ``anyres``, LlavaOnevision for
-        ``anyres_max_N`` (its feature downsampling), or None."""
+        """The transformers class that reproduces this model: Llava for single-tile ``pad`` / ``square`` images,
+        LlavaNext for ``anyres``, LlavaOnevision for ``anyres_max_N`` (its feature downsampling), or None."""
         if self.transformers_incompatibility() is not None:
             return None
+        if not self.image_spec.uses_anyres:
+            return "LlavaForConditionalGeneration"
         if self.image_spec.max_tiles is None:
             return "LlavaNextForConditionalGeneration"
         return "LlavaOnevisionForConditionalGeneration"
@@ -113,10 +123,12 @@ class LlavaKitConfig:
         }
 
     def to_config_json(self, has_cls_token: bool) -> dict[str, Any]:
-        """The full ``config.json`` content (transformers ``LlavaNextConfig`` fields + our section)."""
+        """The full ``config.json`` content (transformers ``LlavaNextConfig`` fields, or ``LlavaConfig`` fields for
+        a ``llava`` checkpoint, + our section)."""
         spec = self.image_spec
         architecture = self.transformers_class()
         model_types = {
+            "LlavaForConditionalGeneration": "llava",
             "LlavaNextForConditionalGeneration": "llava_next",
             "LlavaOnevisionForConditionalGeneration": "llava_onevision",
         }
@@ -142,11 +154,18 @@ class LlavaKitConfig:
         if architecture == "LlavaOnevisionForConditionalGeneration":
             # No video token in a LLaVA-NeXT model: -1 never matches an input id.
             data.update(vision_aspect_ratio=spec.aspect_ratio, video_token_index=-1)
+        if architecture == "LlavaForConditionalGeneration":
+            # LlavaConfig has no AnyRes fields.
+            del data["image_grid_pinpoints"], data["use_image_newline_parameter"]
         return data
 
     @classmethod
     def from_config_json(
-        cls, data: dict[str, Any], source: str = "config.json", has_chat_template: bool = False
+        cls,
+        data: dict[str, Any],
+        source: str = "config.json",
+        has_chat_template: bool = False,
+        image_processor: dict[str, Any] | None = None,
     ) -> LlavaKitConfig:
         """Read our own ``config.json`` or a plain llava-hf one (then our fields are derived from its fields).
 
@@ -155,11 +174,21 @@ class LlavaKitConfig:
             source: where it came from, named in errors.
             has_chat_template: the checkpoint folder carries a chat template; a llava-hf checkpoint is then prompted
                 with it (template ``processor``) rather than with the LLM family's default template.
+            image_processor: the folder's image processor config (``preprocessor_config.json``), which sets a plain
+                llava-hf ``llava`` checkpoint's preprocessing (see `llava_image_spec_fields`); None: the folder
+                has none, and such a checkpoint is preprocessed as LLaVA-1.5 was trained (``pad``).
         """
-        if data.get("model_type") not in ("llava_next", "llava_onevision", "llavakit"):
+        model_type = data.get("model_type")
+        if model_type not in ("llava", "llava_next", "llava_onevision", "llavakit"):
             raise CheckpointError(
-                f"{source}: model_type {data.get('model_type')!r} is not a LLaVA-NeXT checkpoint "
-                "(expected 'llava_next'); original LLaVA checkpoints need `llavakit convert` first"
+                f"{source}: model_type {model_type!r} is not a LLaVA checkpoint in the llava-hf layout "
+                "(expected 'llava', 'llava_next' or 'llava_onevision'); original LLaVA checkpoints need "
+                "`llavakit convert from-original` first"
+            )
+        if model_type == "llava" and "text_config" not in data and "mm_vision_tower" in data:
+            raise CheckpointError(
+                f"{source}: an original LLaVA checkpoint (model_type 'llava' with mm_* fields, no text_config); "
+                "convert it with `llavakit convert from-original SRC OUT` first"
             )
         for key in ("vision_config", "text_config"):
             if not isinstance(data.get(key), dict):
@@ -167,7 +196,7 @@ class LlavaKitConfig:
         section = data.get(LLAVAKIT_KEY)
         if section is not None:
             return cls._from_section(data, section, source)
-        return cls._from_llava_hf(data, source, has_chat_template)
+        return cls._from_llava_hf(data, source, has_chat_template, image_processor)
 
     @classmethod
     def _from_section(cls, data: dict[str, Any], section: dict[str, Any], source: str) -> LlavaKitConfig:
@@ -196,7 +225,13 @@ class LlavaKitConfig:
             raise CheckpointError(f"{source}: {err}") from None
 
     @classmethod
-    def _from_llava_hf(cls, data: dict[str, Any], source: str, has_chat_template: bool) -> LlavaKitConfig:
+    def _from_llava_hf(
+        cls,
+        data: dict[str, Any],
+        source: str,
+        has_chat_template: bool,
+        image_processor: dict[str, Any] | None,
+    ) -> LlavaKitConfig:
         from llavakit.model.family import family_for
         from llavakit.model.vision import backbone_for_model_type
 
@@ -206,20 +241,24 @@ class LlavaKitConfig:
         layer = data.get("vision_feature_layer", -2)
         if not isinstance(layer, int):
             raise CheckpointError(f"{source}: list-valued vision_feature_layer {layer} is not supported yet")
-        spec = ImageSpec(
-            aspect_ratio=data.get("vision_aspect_ratio", "anyres")
+        fields: dict[str, Any] = {
+            "aspect_ratio": data.get("vision_aspect_ratio", "anyres")
             if data["model_type"] == "llava_onevision"
             else "anyres",
-            tile_size=int(vision.get("image_size", 336)),
-            patch_size=int(vision.get("patch_size", 14)),
-            pinpoints=tuple(tuple(p) for p in data.get("image_grid_pinpoints", ImageSpec().pinpoints)),
-            image_mean=backbone.image_mean,
-            image_std=backbone.image_std,
-            select_feature="patch" if strategy == "default" or not backbone.has_cls_token else "cls_patch",
-            merge_type="spatial_unpad",
-        )
-        if spec.select_feature == "cls_patch":
+            "tile_size": int(vision.get("image_size", 336)),
+            "patch_size": int(vision.get("patch_size", 14)),
+            "pinpoints": tuple(tuple(p) for p in data.get("image_grid_pinpoints", ImageSpec().pinpoints)),
+            "image_mean": backbone.image_mean,
+            "image_std": backbone.image_std,
+            "select_feature": "patch" if strategy == "default" or not backbone.has_cls_token else "cls_patch",
+            "merge_type": "spatial_unpad",
+        }
+        if data["model_type"] == "llava":
+            fields["merge_type"] = "flat"
+            fields.update(llava_image_spec_fields(image_processor, fields["tile_size"], source))
+        elif fields["select_feature"] == "cls_patch":
             raise CheckpointError(f"{source}: strategy 'full' on a CLS encoder cannot be merged spatially")
+        spec = ImageSpec(**fields)
         family_template = family_for(data["text_config"].get("model_type", "llama")).default_template
         return cls(
             vision_encoder=backbone.id,
@@ -232,3 +271,54 @@ class LlavaKitConfig:
             image_token_id=int(data.get("image_token_index", data.get("image_token_id", 32000))),
             pad_token_id=data.get("pad_token_id"),
         )
+
+
+# PIL resampling filters by the integer transformers stores in ``resample`` (`PIL.Image.Resampling` values).
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def llava_image_spec_fields(
+    image_processor: dict[str, Any] | None, tile_size: int, source: str
+) -> dict[str, Any]:
+    """The image-spec fields a llava-hf ``llava`` checkpoint's image processor config sets.
+
+    ``do_pad`` (transformers' ``LlavaImageProcessor``: pad to a square with the mean colour ``int(m * 255)``, then
+    resize) is our ``pad``; without it (llava-hf's ``CLIPImageProcessor``: shortest edge to the crop size, centre
+    crop) it is our ``square``. Mean, std and resampling filter come from the config too.
+
+    Args:
+        image_processor: the parsed ``preprocessor_config.json``; None when the folder has none (then ``pad``, how
+            LLaVA-1.5 was trained, with the vision encoder's mean and std).
+        tile_size: the vision encoder's ``image_size``.
+        source: the config file, named in errors.
+
+    Raises:
+        CheckpointError: a resize or crop to another size than the encoder's, or no resize or centre crop: no
+            llavakit preprocessing reproduces it.
+    """
+    if image_processor is None:
+        return {"aspect_ratio": "pad"}
+    size = image_processor.get("size") or {}
+    crop = image_processor.get("crop_size") or {}
+    sides = {
+        size.get("shortest_edge", tile_size),
+        crop.get("height", tile_size),
+        crop.get("width", tile_size),
+    }
+    steps = (image_processor.get("do_resize", True), image_processor.get("do_center_crop", True))
+    if sides != {tile_size} or not all(steps):
+        raise CheckpointError(
+            f"{source}: the image processor (size {size}, crop_size {crop}, do_resize/do_center_crop {steps}) does "
+            f"not resize and crop to the vision encoder's {tile_size} px; llavakit cannot reproduce it. Fix the "
+            "preprocessor_config.json or load the folder with a matching vision config"
+        )
+    fields: dict[str, Any] = {"aspect_ratio": "pad" if image_processor.get("do_pad") else "square"}
+    for name in ("image_mean", "image_std"):
+        if name in image_processor:
+            fields[name] = tuple(image_processor[name])
+    resample = image_processor.get("resample")
+    if resample is not None:
+        if resample not in _PIL_RESAMPLE:
+            raise CheckpointError(f"{source}: unknown image processor resample {resample!r} (expected 0-5)")
+        fields["resample"] = _PIL_RESAMPLE[resample]
+    return fields

@@ -225,7 +225,8 @@ class LlavaNextModel(nn.Module):
         return flags
 
     def _tile_count(self, size: tuple[int, int], tiled: bool) -> int:
-        if not tiled:
+        # The data pipeline flags single images as tiled; only an AnyRes spec tiles them.
+        if not (tiled and self.image_spec.uses_anyres):
             return 1
         rows, cols = geometry.grid_shape(size, self.image_spec)
         return 1 + rows * cols
