@@ -199,7 +199,7 @@ def _parse_turns(value: Any, where: str) -> list[Turn]:
             raise DataError(f"{where}: turn {number} must be an object with from/value or role/content")
         role = item.get("from", item.get("role"))
         text = item.get("value", item.get("content"))
-        if role not in _ROLE_ALIASES:
+        if not isinstance(role, str) or role not in _ROLE_ALIASES:  # a list or object role is unhashable
             raise DataError(
                 f"{where}: turn {number} has role {role!r}; use one of {', '.join(_ROLE_ALIASES)}"
             )

@@ -42,7 +42,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
@@ -147,9 +147,36 @@ class CheckpointManager:
         """Write a checkpoint for ``state.step`` (collective: every rank must call it) and rotate old ones.
 
         ``grad_scaler``: the fp16 loss scaler, whose scale and growth tracker are saved (None: not fp16).
+
+        Raises:
+            CheckpointError: a file could not be written (e.g. the disk is full); the partial save is removed and
+                the previous checkpoints are untouched, so a re-run resumes from the newest of them.
         """
         final = self.directory / f"step-{state.step:06d}"
         partial = self.directory / f".partial-{final.name}"
+        try:
+            self._write(partial, model, optimizer, scheduler, state, grad_scaler)
+        except (OSError, CheckpointException) as error:
+            if self.context.is_main:
+                shutil.rmtree(partial, ignore_errors=True)  # frees the space the failed save took
+            raise CheckpointError(self._write_failure(final, error)) from error
+        barrier(self.context)
+        if self.context.is_main:
+            partial.rename(final)
+            self._rotate()
+        barrier(self.context)
+        return final
+
+    def _write(
+        self,
+        partial: Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        state: TrainerState,
+        grad_scaler: torch.amp.GradScaler | None,
+    ) -> None:
+        """Write every file of a checkpoint into the ``partial`` folder (collective)."""
         if self.context.is_main:
             partial.mkdir(parents=True, exist_ok=True)
         barrier(self.context)
@@ -164,12 +191,21 @@ class CheckpointManager:
         if self.context.is_main:
             saved = {**asdict(state), "world_size": self.context.world_size}
             (partial / "trainer_state.json").write_text(json.dumps(saved))
-        barrier(self.context)
-        if self.context.is_main:
-            partial.rename(final)
-            self._rotate()
-        barrier(self.context)
-        return final
+
+    def _write_failure(self, final: Path, error: BaseException) -> str:
+        """The message for a save that could not be written (a full disk, a quota, a lost mount)."""
+        cause = _os_error(error)
+        reason = f"{cause.strerror} ({cause.filename})" if cause.strerror else str(cause)
+        latest = self.latest()
+        kept = (
+            f"the newest complete checkpoint, {latest.name}, is intact and a re-run resumes from it"
+            if latest
+            else "no earlier checkpoint exists, so a re-run starts the stage from its first step"
+        )
+        return (
+            f"could not write checkpoint {final.name} in {self.directory}: {reason}. The partial save was removed; "
+            f"{kept}. Free disk space (or move run_dir to a larger disk) and run the same command again"
+        )
 
     def _rotate(self) -> None:
         for old in self.complete()[: -self.keep]:
@@ -212,6 +248,16 @@ class CheckpointManager:
         _set_rng_state(rng)
         _load_grad_scaler(stem, grad_scaler)
         return TrainerState(**json.loads(state_file.read_text()))
+
+
+def _os_error(error: BaseException) -> BaseException:
+    """The ``OSError`` behind a failed save: DCP wraps each rank's exception in a ``CheckpointException``."""
+    if isinstance(error, CheckpointException):
+        for failure in error.failures.values():
+            inner = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(inner, OSError):
+                return inner
+    return error
 
 
 def complete_checkpoints(directory: Path) -> list[Path]:
@@ -392,14 +438,7 @@ class _SafeLoadPlanner(DefaultLoadPlanner):
 
 
 def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Model and optimizer state as DCP saves them, without Nothing here is unpickled: unpickling a file runs whatever code it names, and checkpoint folders get copied between
-    machines and people. Our own files are JSON and safetensors; DCP's ``.metadata`` is a pickle (torch writes it with
-    ``pickle.dump`` and reads it back with a plain ``pickle.load``), so we read it with an unpickler that only admits the
-    classes DCP's metadata is made of, and DCP's non-tensor values (optimizer hyper-parameters) with
-    ``torch.load(weights_only=True)``. Checkpoints from older llavakit versions hold a pickled ``rank-XXXXX.pt``; they
-    are refused with a conversion recipe (:data:`LEGACY_CONVERSION`) instead of being unpickled.
-
-    bitsandbytes' quantisation constants."""
+    """Model and optimizer state as DCP saves them, without bitsandbytes' quantisation constants."""
     model_state, optim_state = get_state_dict(model, optimizer)
     return {k: v for k, v in model_state.items() if not _QUANT_STATE.search(k)}, optim_state
 

@@ -501,8 +501,12 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         """Write the resolved config as YAML (``run_dir/config.yaml``)."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written beside and renamed: a kill mid-write must not leave a truncated config for the next launch.
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        partial.replace(path)
 
 
 def plain_data(value: Any) -> Any:
