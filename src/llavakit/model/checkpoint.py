@@ -242,54 +242,49 @@ def _save_tokenizer_and_processor(model: LlavaNextModel, path: Path) -> None:
 
 
 def _llava_next_processor(model: LlavaNextModel, chat_template: str | None) -> Any:
-    from transformers.image_utils import PILImageResampling
     from transformers.models.llava_next import LlavaNextImageProcessorPil, LlavaNextProcessor
 
     spec = model.config.image_spec
     image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": spec.tile_size},
-        crop_size={"height": spec.tile_size, "width": spec.tile_size},
-        image_grid_pinpoints=[list(p) for p in spec.pinpoints],
-        image_mean=list(spec.image_mean),
-        image_std=list(spec.image_std),
-        resample=PILImageResampling[spec.resample.upper()],
+        image_grid_pinpoints=[list(p) for p in spec.pinpoints], **_image_processor_kwargs(spec)
     )
-    has_cls = model.vision_encoder.backbone.has_cls_token
-    return LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=model.tokenizer,
-        patch_size=spec.patch_size,
-        vision_feature_select_strategy=model.config.vision_feature_select_strategy(has_cls),
-        num_additional_image_tokens=1 if has_cls else 0,
-        chat_template=chat_template,
-    )
+    return LlavaNextProcessor(image_processor=image_processor, **_processor_kwargs(model, chat_template))
 
 
 def _llava_processor(model: LlavaNextModel, chat_template: str | None) -> Any:
     """transformers' ``LlavaProcessor`` for a single-tile model: ``do_pad`` pads to a square with the mean colour
     ``int(m * 255)``, centred, before the resize (our ``pad``, upstream's ``expand2square``); without it the
     shortest edge is resized and the centre cropped (our ``square``)."""
-    from transformers.image_utils import PILImageResampling
     from transformers.models.llava import LlavaImageProcessorPil, LlavaProcessor
 
     spec = model.config.image_spec
-    image_processor = LlavaImageProcessorPil(
-        size={"shortest_edge": spec.tile_size},
-        crop_size={"height": spec.tile_size, "width": spec.tile_size},
-        do_pad=spec.aspect_ratio == "pad",
-        image_mean=list(spec.image_mean),
-        image_std=list(spec.image_std),
-        resample=PILImageResampling[spec.resample.upper()],
-    )
+    image_processor = LlavaImageProcessorPil(do_pad=spec.aspect_ratio == "pad", **_image_processor_kwargs(spec))
+    return LlavaProcessor(image_processor=image_processor, **_processor_kwargs(model, chat_template))
+
+
+def _image_processor_kwargs(spec: Any) -> dict[str, Any]:
+    """What transformers' LLaVA image processors share: one tile's size, normalisation and resampling filter."""
+    from transformers.image_utils import PILImageResampling
+
+    return {
+        "size": {"shortest_edge": spec.tile_size},
+        "crop_size": {"height": spec.tile_size, "width": spec.tile_size},
+        "image_mean": list(spec.image_mean),
+        "image_std": list(spec.image_std),
+        "resample": PILImageResampling[spec.resample.upper()],
+    }
+
+
+def _processor_kwargs(model: LlavaNextModel, chat_template: str | None) -> dict[str, Any]:
+    """What transformers' LLaVA processors share: tokenizer, patch size and how many visual tokens a tile makes."""
     has_cls = model.vision_encoder.backbone.has_cls_token
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=model.tokenizer,
-        patch_size=spec.patch_size,
-        vision_feature_select_strategy=model.config.vision_feature_select_strategy(has_cls),
-        num_additional_image_tokens=1 if has_cls else 0,
-        chat_template=chat_template,
-    )
+    return {
+        "tokenizer": model.tokenizer,
+        "patch_size": model.config.image_spec.patch_size,
+        "vision_feature_select_strategy": model.config.vision_feature_select_strategy(has_cls),
+        "num_additional_image_tokens": 1 if has_cls else 0,
+        "chat_template": chat_template,
+    }
 
 
 def _rename_tokenizer_class(tokenizer_config: Path) -> None:

@@ -151,8 +151,8 @@ PRESETS.register(
     ),
 )
 
-# Published config.json values (hub ids in the module docstring).
-_SIGLIP_SO400M_384 = {
+# Published config.json values (hub ids in the module docstring); the memory planner reads them too.
+SIGLIP_SO400M_384 = {
     "hidden_size": 1152,
     "intermediate_size": 4304,
     "num_hidden_layers": 27,
@@ -160,7 +160,7 @@ _SIGLIP_SO400M_384 = {
     "hidden_act": "gelu_pytorch_tanh",
     "layer_norm_eps": 1e-6,
 }
-_QWEN25_05B = {
+QWEN25_05B = {
     "hidden_size": 896,
     "intermediate_size": 4864,
     "num_hidden_layers": 24,
@@ -172,7 +172,7 @@ _QWEN25_05B = {
     "tie_word_embeddings": True,
     "max_position_embeddings": 32768,
 }
-_CLIP_L_336 = {
+CLIP_L_336 = {
     "hidden_size": 1024,
     "intermediate_size": 4096,
     "num_hidden_layers": 24,
@@ -180,7 +180,7 @@ _CLIP_L_336 = {
     "hidden_act": "quick_gelu",
     "layer_norm_eps": 1e-5,
 }
-_VICUNA_7B_SLICE = {
+VICUNA_7B_SLICE = {
     "hidden_size": 4096,
     "intermediate_size": 11008,
     "num_hidden_layers": 8,
@@ -203,8 +203,8 @@ PRESETS.register(
         ((2, 1), (1, 2), (2, 2), (1, 3), (3, 1)),
         tile_size=384,
         patch_size=14,
-        vision_dims=_SIGLIP_SO400M_384,
-        llm_dims=_QWEN25_05B,
+        vision_dims=SIGLIP_SO400M_384,
+        llm_dims=QWEN25_05B,
     ),
 )
 PRESETS.register(
@@ -218,8 +218,8 @@ PRESETS.register(
         LLAVA_16_GRIDS,
         tile_size=336,
         patch_size=14,
-        vision_dims=_CLIP_L_336,
-        llm_dims=_VICUNA_7B_SLICE,
+        vision_dims=CLIP_L_336,
+        llm_dims=VICUNA_7B_SLICE,
     ),
 )
 

@@ -53,6 +53,7 @@ from llavakit.anyres.spec import ImageSpec
 from llavakit.errors import ConfigError
 from llavakit.model.config import LlavaKitConfig
 from llavakit.model.fused_loss import CHUNK_LOGITS_BYTES
+from llavakit.model.presets import CLIP_L_336, QWEN25_05B, SIGLIP_SO400M_384, VICUNA_7B_SLICE
 from llavakit.training.config import StageConfig, TrainConfig
 from llavakit.training.strategies.fsdp import sharded_units
 
@@ -65,43 +66,14 @@ _SIZE_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
 # Published config.json values of the checkpoints the shipped recipes name (for offline planning). ``vocab_size``
 # is the embedding size after `LlavaNextModel.from_parts` adds ``<image>``: Vicuna's and Llama 3's tokenizers fill
 # their vocabularies, so one row is added; Qwen's leave room.
-_CLIP_L_336 = {
-    "model_type": "clip_vision_model",
-    "hidden_size": 1024,
-    "intermediate_size": 4096,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 16,
-    "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-5,
-    "image_size": 336,
-    "patch_size": 14,
-}
-_SIGLIP_SO400M_384 = {
-    "model_type": "siglip_vision_model",
-    "hidden_size": 1152,
-    "intermediate_size": 4304,
-    "num_hidden_layers": 27,
-    "num_attention_heads": 16,
-    "hidden_act": "gelu_pytorch_tanh",
-    "layer_norm_eps": 1e-6,
-    "image_size": 384,
-    "patch_size": 14,
-}
+_CLIP_L_336 = {"model_type": "clip_vision_model", **CLIP_L_336, "image_size": 336, "patch_size": 14}
+_SIGLIP_SO400M_384 = {"model_type": "siglip_vision_model", **SIGLIP_SO400M_384, "image_size": 384, "patch_size": 14}
 _LLAMA = {"model_type": "llama", "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 _QWEN2 = {"model_type": "qwen2", "rms_norm_eps": 1e-6, "rope_theta": 1e6}
 KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
     "openai/clip-vit-large-patch14-336": _CLIP_L_336,
     "google/siglip-so400m-patch14-384": _SIGLIP_SO400M_384,
-    "lmsys/vicuna-7b-v1.5": {
-        **_LLAMA,
-        "hidden_size": 4096,
-        "intermediate_size": 11008,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 32,
-        "vocab_size": 32001,
-        "max_position_embeddings": 4096,
-    },
+    "lmsys/vicuna-7b-v1.5": {"model_type": "llama", **VICUNA_7B_SLICE, "num_hidden_layers": 32, "vocab_size": 32001},
     "meta-llama/Meta-Llama-3-8B-Instruct": {
         **_LLAMA,
         "hidden_size": 4096,
@@ -113,17 +85,7 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
         "rope_theta": 500000.0,
         "max_position_embeddings": 8192,
     },
-    "Qwen/Qwen2.5-0.5B-Instruct": {
-        **_QWEN2,
-        "hidden_size": 896,
-        "intermediate_size": 4864,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 14,
-        "num_key_value_heads": 2,
-        "vocab_size": 151936,
-        "tie_word_embeddings": True,
-        "max_position_embeddings": 32768,
-    },
+    "Qwen/Qwen2.5-0.5B-Instruct": {"model_type": "qwen2", **QWEN25_05B},
     "Qwen/Qwen1.5-72B-Chat": {
         **_QWEN2,
         "hidden_size": 8192,
