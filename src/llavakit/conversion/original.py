@@ -32,6 +32,7 @@ from llavakit.io_safety import check_separate, write_folder
 from llavakit.model.checkpoint import load_state_strict
 from llavakit.model.config import LlavaKitConfig
 from llavakit.model.llava_next import LlavaNextModel, cast_parameters
+from llavakit.model.tensor_files import read_tensor_file
 from llavakit.model.tokenizer import ensure_image_token
 from llavakit.model.vision import VISION_BACKBONES, backbone_for_model_type
 
@@ -284,13 +285,10 @@ def _read_json(file: Path) -> dict[str, Any]:
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
     if not files:
         raise CheckpointError(f"{path} has no *.safetensors or pytorch_model*.bin weight files")
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        part = load_file(str(file)) if file.suffix == ".safetensors" else torch.load(file, map_location="cpu", weights_only=True)
-        state.update(part)
+        state.update(read_tensor_file(file))
     return state

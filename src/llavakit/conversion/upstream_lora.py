@@ -27,8 +27,6 @@ projector, so ``base_model.model.`` + the LLM's own parameter names is the whole
 
 from __future__ import annotations
 
-import pickle
-import re
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +45,7 @@ from llavakit.conversion.original import (
 from llavakit.errors import CheckpointError
 from llavakit.model.checkpoint import load_state_strict
 from llavakit.model.llava_next import LlavaNextModel, cast_parameters
+from llavakit.model.tensor_files import read_tensor_file
 from llavakit.model.vision import VISION_BACKBONES, backbone_for_model_type
 
 NON_LORA_FILE = "non_lora_trainables.bin"
@@ -122,34 +121,6 @@ def import_upstream_lora(
     model.llm = merge_lora(model.llm, adapter_config, _strip_peft_prefix(adapter), adapter_file)
     _add_image_token(model, tokenizer)
     return cast_parameters(model, dtype or torch.float32).eval()
-
-
-def read_tensor_file(file: Path) -> dict[str, torch.Tensor]:
-    """Read a ``.safetensors`` file, or a ``.bin`` pickle holding only a dict of tensors (nothing else is run).
-
-    Raises:
-        CheckpointError: the file is missing, or a ``.bin`` holds any object other than named tensors.
-    """
-    if not file.is_file():
-        raise CheckpointError(f"{file} is missing")
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(file))
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        refused = re.search(r"GLOBAL (\S+)", str(err))
-        raise CheckpointError(
-            f"{file} holds Python objects besides tensors, so it was refused without running anything in it "
-            f"({'it needs ' + refused.group(1) if refused else 'not a weights-only pickle'}). If you trust its "
-            f"source, re-save it as a dict of tensors (or as safetensors) and convert again"
-        ) from None
-    if not isinstance(state, dict) or not all(
-        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()
-    ):
-        raise CheckpointError(f"{file} holds a {type(state).__name__}, not a dict of named tensors")
-    return state
 
 
 def resolve_base(model_base: str) -> Path:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from llavakit.errors import CheckpointError, ConfigError
+from llavakit.model.tensor_files import read_tensor_file
 
 _MLP = re.compile(r"^mlp(\d+)x_gelu$")
 PROJECTOR_IDS = ("linear", "mlp{N}x_gelu", "identity")
@@ -80,12 +81,7 @@ def read_upstream_projector_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"projector file {path} does not exist (expected upstream mm_projector.bin)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        raw = load_file(str(path))
-    else:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+    raw = read_tensor_file(path)
     state = {}
     for key, tensor in raw.items():
         match = re.search(r"mm_projector\.(\d+)\.(weight|bias)$", key)
