@@ -377,3 +377,31 @@ def test_full_disk_during_a_save_is_a_clear_error_and_keeps_the_previous_checkpo
     resumed = train(config).stages[0].losses
     assert resumed == disk_reference
     assert list(_losses(tmp_path / "run" / "finetune").values()) == disk_reference
+
+
+def test_export_swap_never_leaves_the_stage_without_an_export(tmp_path, monkeypatch):
+    from llavakit.training import export
+
+    out = tmp_path / "final"
+    out.mkdir()
+    (out / "config.json").write_text("old")
+    partial = tmp_path / "final.partial"
+    partial.mkdir()
+    (partial / "config.json").write_text("new")
+    export._swap_in(partial, out)
+    assert (out / "config.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+    partial.mkdir()
+    (partial / "config.json").write_text("newer")
+    real_rename = type(out).rename
+
+    def killed_after_first_rename(self, target):
+        if self == partial:
+            raise KeyboardInterrupt("killed between the renames")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(type(out), "rename", killed_after_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        export._swap_in(partial, out)
+    assert (tmp_path / "final.old" / "config.json").read_text() == "new"

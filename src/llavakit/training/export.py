@@ -4,7 +4,7 @@ Why: a stage's output must load in `LlavaNextModel.from_pretrained` (next stage,
 ``LlavaNextForConditionalGeneration``; an align stage must also produce upstream's projector-only artifact so
 upstream scripts (``--pretrain_mm_mlp_adapter``) can consume it. Under FSDP2 the weights are sharded DTensors: they
 are gathered to rank 0's CPU and written through a fresh skeleton of the same model. LoRA adapters are merged into
-the LLM first. The folder is written under a temporary name and renamed, like checkpoints.
+the LLM first. The folder is written under a temporary name and swapped in by renames (`_swap_in`).
 
 A LoRA stage also writes its adapters alone to ``<out_dir>/adapter/`` (`llavakit.training.lora.save_adapter`):
 peft's ``adapter_config.json`` + ``adapter_model.safetensors``, which ``PeftModel.from_pretrained(llm, folder)``
@@ -61,10 +61,24 @@ def export_model(
         plain.save_pretrained(partial)
         if write_projector:
             torch.save(upstream_projector_state(plain.projector), partial / UPSTREAM_PROJECTOR_FILE)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        partial.rename(out_dir)
+        _swap_in(partial, out_dir)
     barrier(context)
     return out_dir
+
+
+def _swap_in(partial: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` by the complete ``partial`` folder without a moment where neither exists.
+
+    An earlier export is first renamed aside, then ``partial`` takes its name, then the old one is deleted: a
+    process killed in between leaves either the old export or the new one under ``out_dir`` (or, killed right
+    between the two renames, the old one under ``<name>.old``), never a half-written or deleted-before-written one.
+    """
+    old = out_dir.with_name(out_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.rename(old)
+    partial.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _plain_copy(unwrapped: LlavaNextModel, full_state: dict[str, torch.Tensor]) -> LlavaNextModel:
