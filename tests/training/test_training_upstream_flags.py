@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from llavakit.data.templates import get_template
 from llavakit.errors import ConfigError
 from llavakit.training.upstream_flags import config_from_upstream_flags, deepspeed_to_fsdp, parse_flag_tokens
 
@@ -102,7 +103,8 @@ def test_legacy_pretrain_flags_make_an_align_stage(tmp_path):
         and config.model.vision == "vit"
         and config.model.pretrained_projector == "p.bin"
     )
-    assert config.stages[0].data.template == "vicuna_v1"
+    assert config.stages[0].data.template == "v1"  # upstream's alias, kept as given and resolved by the registry
+    assert get_template(config.stages[0].data.template).id == "vicuna_v1"
     assert not (config.stages[0].data.group_by_length or config.stages[0].data.group_by_modality_length)
     assert config.model.image_spec == {"aspect_ratio": "square", "merge_type": "flat"}
     grouped = config_from_upstream_flags([*args, "--group_by_length", "True"])

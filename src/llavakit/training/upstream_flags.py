@@ -42,7 +42,6 @@ _TUNABLE_PARTS = {
     "mm_mlp_adapter": "projector",
     "mm_language_model": "language_model",
 }
-_TEMPLATE_ALIASES = {"v1": "vicuna_v1"}
 _UPSTREAM_ZERO = re.compile(r"^zero(?P<stage>[23])(?P<offload>_offload)?\.json$")
 
 # Flags accepted without effect, with the values that keep them harmless (None = any value).
@@ -199,7 +198,7 @@ def _stage(flags: _Flags, world_size: int) -> dict[str, Any]:
         "data": {
             "path": flags.text("data_path") or _missing("data_path"),
             "image_folder": flags.text("image_folder"),
-            "template": _TEMPLATE_ALIASES.get(version, version),
+            "template": version,
             "max_length": flags.number("model_max_length", int, 512),
             "group_by_modality_length": flags.boolean("group_by_modality_length"),
             "group_by_length": flags.boolean("group_by_length"),
