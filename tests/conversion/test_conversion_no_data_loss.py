@@ -4,6 +4,7 @@ with the original layout, and a failed export leaves the earlier one intact."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -56,7 +57,8 @@ def test_from_original_onto_its_input_is_refused(llava_hf, preset_parts, tmp_pat
     assert main(["convert", "from-original", str(original), str(original), "--vision", vision]) == 2
     assert f"the output {original} is the input {original}" in capsys.readouterr().err
     assert _snapshot(original) == before
-    assert import_original(original, vision=vision).config.image_spec == read_config(llava_hf).image_spec
+    expected = dataclasses.replace(read_config(llava_hf).image_spec, unpad_rounding="floor")  # upstream's rule
+    assert import_original(original, vision=vision).config.image_spec == expected
 
 
 def test_exporting_over_a_llava_hf_checkpoint_is_refused(llava_hf, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -35,7 +36,9 @@ def test_export_then_import_is_exact(name, preset_model, preset_parts, tmp_path)
     with safe_open(str(path / "model.safetensors"), "pt") as handle:
         assert "model.mm_projector.0.weight" in handle.keys()
     imported = import_original(path, vision=str(preset_parts(name).vision_dir))
-    assert imported.config.image_spec == spec and imported.config.select_layer == model.config.select_layer
+    # the original layout means upstream's code, whose unpadding truncates (`llavakit.anyres.spec`)
+    assert imported.config.image_spec == dataclasses.replace(spec, unpad_rounding="floor")
+    assert imported.config.select_layer == model.config.select_layer
     _assert_same_outputs(imported, model)
 
 
@@ -110,3 +113,17 @@ def test_export_warns_that_the_original_layout_drops_the_system_prompt(preset_mo
     monkeypatch.setattr(model.config, "system_prompt", "Answer the questions.")
     with pytest.warns(UserWarning, match="cannot record the system prompt .*'Answer the questions.'"):
         export_original(model, tmp_path / "original")
+
+
+def test_export_of_a_round_unpadding_model_warns_that_upstream_truncates(preset_model, tmp_path):
+    import warnings
+
+    model = preset_model("debug-clip-llama")
+    assert model.config.image_spec.uses_anyres and model.config.image_spec.unpad_rounding == "round"
+    with pytest.warns(UserWarning, match=r"upstream's code truncates with int\(\)"):
+        export_original(model, tmp_path / "round")
+    model.config.image_spec = dataclasses.replace(model.config.image_spec, unpad_rounding="floor")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_original(model, tmp_path / "floor")
+    assert not [w for w in caught if "truncates" in str(w.message)]

@@ -106,7 +106,7 @@ def test_legacy_pretrain_flags_make_an_align_stage(tmp_path):
     assert config.stages[0].data.template == "v1"  # upstream's alias, kept as given and resolved by the registry
     assert get_template(config.stages[0].data.template).id == "vicuna_v1"
     assert not (config.stages[0].data.group_by_length or config.stages[0].data.group_by_modality_length)
-    assert config.model.image_spec == {"aspect_ratio": "square", "merge_type": "flat"}
+    assert config.model.image_spec == {"aspect_ratio": "square", "merge_type": "flat", "unpad_rounding": "floor"}
     grouped = config_from_upstream_flags([*args, "--group_by_length", "True"])
     assert grouped.stages[0].data.group_by_length and not grouped.stages[0].data.group_by_modality_length
     unfrozen = config_from_upstream_flags(

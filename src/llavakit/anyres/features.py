@@ -11,7 +11,7 @@ Merge types (``ImageSpec.merge_type``), all with the base view's tokens first:
   upstream's ``permute(0, 2, 1, 3, 4).flatten(0, 3)``, which interleaves tiles row by row of the stitched map; a
   tile's tokens are therefore contiguous only within one feature row.
 - ``spatial_unpad``: stitched map, letterbox padding removed (``ImageSpec.unpad_rounding``: transformers ``round``
-  or upstream ``floor``), then ``anyres_max_N`` bilinear downsampling (``align_corners=False``, floor-divided size,
+  or upstream ``floor``, which keeps two rows or columns fewer on rare sizes), then ``anyres_max_N`` bilinear downsampling (``align_corners=False``, floor-divided size,
   as upstream and transformers' LlavaOnevision), then the ``newline`` vector appended after every row.
 
 A single-tile image (``tiled=False`` or a ``square``/``pad`` spec) yields its tile's tokens, plus one trailing
@@ -84,7 +84,11 @@ def stitch_tiles(grid_features: torch.Tensor, rows: int, cols: int) -> torch.Ten
 
 
 def unpad_feature_map(feature_map: torch.Tensor, image_hw: tuple[int, int], rounding: str) -> torch.Tensor:
-    """Drop the rows/columns that cover letterbox padding: ``[D, H, W]`` → ``[D, H', W']``."""
+    """Drop the rows/columns that cover letterbox padding: ``[D, H, W]`` → ``[D, H', W']``.
+
+    The same number is cut from both sides (``(H - H') // 2`` from the top), as upstream's and transformers'
+    ``unpad_image`` slice ``[padding : H - padding]``; ``rounding`` as in `unpadded_shape`.
+    """
     cur_h, cur_w = feature_map.shape[1:]
     kept_h, kept_w = unpadded_shape((cur_h, cur_w), image_hw, rounding)
     top, left = (cur_h - kept_h) // 2, (cur_w - kept_w) // 2

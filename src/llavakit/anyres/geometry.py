@@ -12,7 +12,8 @@ Upstream quirks reproduced here, each as a named option:
   ``(AxB)`` like upstream and expands every pair in between; unlike upstream it accepts any tile size (upstream
   asserts one of 224/336/384/448/512).
 - Unpad rounding (`ImageSpec.unpad_rounding`): ``"round"`` is transformers' ``int(round(x, 7))``, ``"floor"`` is
-  upstream's ``int(x)``. They differ by one row or column for some sizes.
+  upstream's ``int(x)``. On rare sizes (the float product just below a whole number) ``floor`` keeps two rows or
+  columns fewer, since the padding is cut symmetrically (see `unpadded_shape`).
 - ``anyres_max_N`` downsampling uses floor division ``int(h // times)`` exactly like upstream LLaVA-NeXT and
   transformers' LlavaOnevision (model and processor).
 """
@@ -174,7 +175,10 @@ def unpadded_shape(feature_hw: Size, image_hw: Size, rounding: str) -> Size:
 
     Returns:
         (rows, cols) kept. The padding is removed symmetrically, ``(current - new) // 2`` on each side, so an odd
-        difference keeps one extra row/column, exactly like both reference implementations.
+        difference keeps one extra row/column, exactly like both reference implementations. The rules disagree
+        only where the float product lands just below a whole number ``n`` (``floor`` gives ``n - 1``): if
+        ``current - n`` is even both keep ``n``; if it is odd ``round`` keeps ``n + 1`` and ``floor`` ``n - 1``,
+        two fewer (e.g. 48 columns, ``n = 15``: 16 kept versus 14).
     """
     cur_h, cur_w = feature_hw
     height, width = _check_size(image_hw)

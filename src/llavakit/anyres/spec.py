@@ -8,8 +8,16 @@ Upstream quirks are named options whose defaults reproduce published checkpoints
 
 - ``base_view="squash"``: the base view is the whole image resized to ``tile_size``² without keeping its aspect
   ratio (upstream ``process_anyres_image`` FIXME, also what transformers does). ``"letterbox"`` pads instead.
-- ``unpad_rounding="round"``: unpadding uses ``int(round(x, 7))`` like transformers (so our checkpoints match the
-  token counts of transformers/vLLM); ``"floor"`` is upstream's ``int(x)``, which can differ by one row.
+- ``unpad_rounding``: how the unpadded side ``new = H * (cur_w / W)`` becomes an integer. ``"floor"`` is upstream
+  LLaVA-NeXT's ``int(x)``, the code the published checkpoints were trained and evaluated with; ``"round"`` is
+  transformers' (and vLLM's) ``int(round(x, 7))``. They disagree where the float product lands just below a whole
+  number (e.g. 54.99999999999999 for an exact 55): padding is cut from both sides, ``(cur - new) // 2`` each, so
+  upstream then keeps **two** fewer rows or columns (a CLIP-336 ``anyres`` image 88 wide and 55 high: 926 visual
+  tokens upstream, 976 in transformers); about a hundred CLIP-336 and two hundred SigLIP-384 ``anyres_max_9``
+  sizes up to 3000×3000. The shipped LLaVA-NeXT recipes and ``convert from-original`` set ``floor``; llava-hf
+  checkpoints (no ``llavakit`` section) load with ``round``, as transformers runs them, and so does a spec built
+  in code (the default). Saving a ``floor`` AnyRes checkpoint in the llava-hf layout warns that transformers and
+  vLLM will count those rare sizes differently (`llavakit.model.config.LlavaKitConfig.to_config_json`).
 - pinpoints are stored as ``(height, width)`` pairs (transformers' order); upstream's ``(width, height)`` strings are
   converted by `llavakit.anyres.geometry.parse_pinpoints` (``order="wh"``).
 """
@@ -46,7 +54,7 @@ class ImageSpec:
         image_mean, image_std: per-channel normalisation.
         resample: PIL resampling filter name for resizes (``bicubic`` like CLIP/SigLIP processors).
         base_view: ``squash`` (upstream/transformers) | ``letterbox``.
-        unpad_rounding: ``round`` (transformers) | ``floor`` (upstream ``int()``).
+        unpad_rounding: ``round`` (transformers/vLLM ``int(round(x, 7))``) | ``floor`` (upstream ``int()``).
         downsample_tolerance: ``anyres_max_N`` downsamples only when the ratio exceeds this (upstream 1.1).
         multi_image_aspect_ratio: preprocessing of images in multi-image samples (upstream forces ``pad``).
         select_feature: ``patch`` (drop CLS) | ``cls_patch`` (keep CLS; only valid with ``flat`` merge).

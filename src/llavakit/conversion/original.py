@@ -155,6 +155,7 @@ def _config_from_original(
         image_mean=backbone.image_mean,
         image_std=backbone.image_std,
         select_feature=original.get("mm_vision_select_feature", "patch"),
+        unpad_rounding="floor",  # upstream's unpad_image truncates with int(); the layout has no field for it
     )
     return LlavaKitConfig(
         vision_encoder=backbone_id,
@@ -216,6 +217,15 @@ def export_original(model: LlavaNextModel, path: str | Path, sources: Iterable[s
         warnings.warn(
             f"{path}: the original LLaVA layout cannot record the system prompt this model was trained with "
             f"({model.config.system_prompt!r}); set conv.system to it in upstream code",
+            stacklevel=2,
+        )
+    spec = model.config.image_spec
+    if spec.unpad_rounding == "round" and spec.uses_anyres and "unpad" in spec.merge_type:
+        warnings.warn(
+            f"{path}: this model unpads with round(x, 7) (image_spec.unpad_rounding 'round'), but upstream's code "
+            "truncates with int(): on rare image sizes (about 1 in 10^5) it keeps two fewer rows or columns of "
+            "the tiled feature map than the model was trained with; `llavakit convert from-original` reads the "
+            "folder back with upstream's rule",
             stacklevel=2,
         )
     return write_folder(path, lambda folder: _write_original(model, folder), CheckpointError)

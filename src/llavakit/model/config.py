@@ -21,6 +21,7 @@ shortest-edge resize and centre crop) meaning ``square``.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,8 @@ from llavakit.errors import CheckpointError, ConfigError
 
 LLAVAKIT_KEY = "llavakit"
 FORMAT_VERSION = 1
+# transformers classes whose model unpads the tiled feature map (with round(x, 7))
+_UNPADDING_CLASSES = ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration")
 
 
 @dataclass
@@ -90,9 +93,29 @@ class LlavaKitConfig:
             return None
         if spec.merge_type != "spatial_unpad":
             return f"merge_type {spec.merge_type!r} (transformers implements spatial_unpad only)"
-        if spec.base_view != "squash" or spec.unpad_rounding != "round":
-            return "base_view/unpad_rounding differ from transformers' (squash/round)"
+        if spec.base_view != "squash":
+            return f"base_view {spec.base_view!r} (transformers squashes the base view)"
         return None
+
+    def unpad_rounding_caveat(self) -> str | None:
+        """Why transformers / vLLM count some images' visual tokens differently from llavakit on this checkpoint,
+        or None when they agree.
+
+        A ``floor`` (upstream LLaVA-NeXT) checkpoint is still written for transformers rather than refused: the
+        rules disagree on about one image size in 10^5, by two rows or columns, which is exactly how transformers
+        and vLLM already run the published LLaVA-NeXT checkpoints (trained with ``int()``) in their llava-hf
+        conversions. llavakit itself keeps the recorded ``floor``, so its evaluation matches upstream's.
+        """
+        spec = self.image_spec
+        if spec.unpad_rounding == "round" or self.transformers_class() not in _UNPADDING_CLASSES:
+            return None
+        return (
+            "image_spec.unpad_rounding is 'floor' (upstream LLaVA-NeXT's int()), but transformers and vLLM unpad "
+            "with round(x, 7): on rare image sizes (about 1 in 10^5, where the float product lands just below a "
+            "whole number) they keep two more rows or columns of the tiled feature map than llavakit, so their "
+            "visual-token count differs (an image 88 wide and 55 high on LLaVA-NeXT's CLIP-336 anyres grids: "
+            "976 tokens there, 926 here); llavakit keeps 'floor' when it loads this checkpoint"
+        )
 
     def transformers_class(self) -> str | None:
         """The transformers class that reproduces this model: Llava for single-tile ``pad`` / ``square`` images,
@@ -127,6 +150,11 @@ class LlavaKitConfig:
         a ``llava`` checkpoint, + our section)."""
         spec = self.image_spec
         architecture = self.transformers_class()
+        caveat = self.unpad_rounding_caveat()
+        if caveat is not None:
+            warnings.warn(
+                f"{caveat}. To count as transformers does, train with image_spec.unpad_rounding: round", stacklevel=3
+            )
         model_types = {
             "LlavaForConditionalGeneration": "llava",
             "LlavaNextForConditionalGeneration": "llava_next",
@@ -252,6 +280,8 @@ class LlavaKitConfig:
             "image_std": backbone.image_std,
             "select_feature": "patch" if strategy == "default" or not backbone.has_cls_token else "cls_patch",
             "merge_type": "spatial_unpad",
+            # transformers and vLLM run a llava-hf checkpoint with their rule: llavakit must count tokens alike
+            "unpad_rounding": "round",
         }
         if data["model_type"] == "llava":
             fields["merge_type"] = "flat"

@@ -141,7 +141,8 @@ def config_from_upstream_flags(argv: list[str]) -> TrainConfig:
     if "path" in model:
         stage["image_spec"] = spec  # a previous stage's export: only the flags given change its spec
     else:
-        model["image_spec"] = {"aspect_ratio": "square", "merge_type": "flat", **spec}  # upstream's defaults
+        # upstream's defaults, and its unpad arithmetic (`llavakit.anyres.spec`): its scripts reproduce its models
+        model["image_spec"] = {"aspect_ratio": "square", "merge_type": "flat", "unpad_rounding": "floor", **spec}
     config = {
         "run_dir": flags.text("output_dir") or _missing("output_dir"),
         "model": model,
