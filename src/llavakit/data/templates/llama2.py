@@ -7,6 +7,15 @@ so later rounds start directly with ``[INST]``). The leading ``<s>`` is the toke
 Supervised per assistant turn: ``" " + reply + " </s>"``. ``llava_llama_2``, ``llava_llama_2_simple`` and
 ``llava_llama_2_mmtag`` are ``llama_2`` with LLaVA's system prompts. (Upstream's ``llava_mistral_instruct`` is
 ``mistral_instruct`` under another name.)
+
+``*_mmtag`` templates (here and in `llavakit.data.templates.vicuna`) show each image as ``<Image><image></Image>``
+(`wrap_images`), the format their system prompt announces and upstream's training writes (haotian-liu/LLaVA
+``preprocess_multimodal``). llavakit wraps in generation prompts too, so a model is prompted as it was trained and
+the exported chat template has one format. Upstream's own inference does not agree with its training here: its
+evaluation and CLI scripts (``model_vqa*``, ``run_llava``, ``serve/cli``) write a plain ``<image>\n`` before the
+question, and its Gradio demo prepends a ``<Image><image></Image>`` / ``Received.`` exchange instead. (LLaVA-NeXT's
+``preprocess_multimodal`` wraps only an image it moved to the front of its turn, so an ``<image>``-first turn
+stays unwrapped there; llavakit follows LLaVA, where the mmtag checkpoints come from.)
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from llavakit.data.formats import IMAGE_PLACEHOLDER
 from llavakit.data.schema import USER, Conversation
 from llavakit.data.templates.base import ChatTemplate, Segment, check_generation_turns
 
@@ -31,6 +41,12 @@ LLAVA_SYSTEM = (
 )
 LLAVA_SIMPLE_SYSTEM = "Answer the questions about the visual content that the user provides."
 MMTAG_NOTE = "The visual content will be provided with the following format: <Image>visual content</Image>."
+MMTAG_IMAGE = f"<Image>{IMAGE_PLACEHOLDER}</Image>"
+
+
+def wrap_images(text: str, mmtag: bool) -> str:
+    """``text`` with every image placeholder written as ``<Image><image></Image>`` when ``mmtag``."""
+    return text.replace(IMAGE_PLACEHOLDER, MMTAG_IMAGE) if mmtag else text
 
 
 @dataclass(frozen=True)
@@ -40,10 +56,12 @@ class InstTemplate(ChatTemplate):
     Attributes:
         sep: text before every round but the first (``<s>`` for Llama-2, empty for Mistral).
         sep2: end-of-turn marker after each reply (``</s>``).
+        mmtag: write images as ``<Image><image></Image>`` (`wrap_images`).
     """
 
     sep: str = "<s>"
     sep2: str = "</s>"
+    mmtag: bool = False
 
     def render(
         self, conversation: Conversation, *, for_generation: bool = False, tokenizer: Any = None
@@ -53,7 +71,7 @@ class InstTemplate(ChatTemplate):
         segments = []
         for number, turn in enumerate(conversation.turns):
             if turn.role == USER:
-                text = turn.text
+                text = wrap_images(turn.text, self.mmtag)
                 if number == 0 and system:
                     text = f"<<SYS>>\n{system}\n<</SYS>>\n\n{text}"
                 opener = self.sep if number else ""
@@ -71,5 +89,5 @@ LLAVA_LLAMA_2_SIMPLE = InstTemplate(
 )
 # No space between the sentences: upstream's string literals are joined as written.
 LLAVA_LLAMA_2_MMTAG = InstTemplate(
-    id="llava_llama_2_mmtag", system=LLAVA_SIMPLE_SYSTEM + MMTAG_NOTE, stop_strings=("</s>",)
+    id="llava_llama_2_mmtag", system=LLAVA_SIMPLE_SYSTEM + MMTAG_NOTE, stop_strings=("</s>",), mmtag=True
 )

@@ -12,9 +12,9 @@ that is part of every prompt; it is rendered as untrained context. (Upstream tra
 ``### Human:`` format than it serves; llavakit trains and serves the one format of ``conversation.py``; the
 same holds for ``llava_v0``.)
 
-The ``*_mmtag`` templates render upstream ``get_prompt`` for text messages. Upstream's training additionally wraps
-each ``<image>`` as ``<Image><image></Image>`` (``preprocess_multimodal``) and its web demo inserts an extra
-``<Image><image></Image>`` / ``Received.`` exchange; neither is reproduced here.
+The ``*_mmtag`` templates render upstream ``get_prompt`` and write each ``<image>`` of a user turn as
+``<Image><image></Image>``, as upstream's training does (``preprocess_multimodal``), in generation prompts too; see
+`llavakit.data.templates.llama2` for where upstream's inference scripts and demo differ.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 from llavakit.data.schema import USER, Conversation
 from llavakit.data.templates.base import ChatTemplate, Segment, check_generation_turns
-from llavakit.data.templates.llama2 import MMTAG_NOTE
+from llavakit.data.templates.llama2 import MMTAG_NOTE, wrap_images
 
 VICUNA_V1_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -75,12 +75,14 @@ class SeparatorTemplate(ChatTemplate):
         sep: separator after the system prompt and after user turns.
         sep2: separator after assistant turns (TWO style); empty means ``sep`` (SINGLE style).
         few_shot: (role name, text) pairs rendered after the system prompt as fixed context.
+        mmtag: write images as ``<Image><image></Image>`` (`wrap_images`).
     """
 
     roles: tuple[str, str] = ("USER", "ASSISTANT")
     sep: str = " "
     sep2: str = ""
     few_shot: tuple[tuple[str, str], ...] = ()
+    mmtag: bool = False
 
     def render(
         self, conversation: Conversation, *, for_generation: bool = False, tokenizer: Any = None
@@ -94,7 +96,8 @@ class SeparatorTemplate(ChatTemplate):
         for offset, turn in enumerate(conversation.turns):
             position = len(self.few_shot) + offset
             if turn.role == USER:
-                segments.append(Segment(f"{self.roles[0]}: {turn.text}{self.sep_after(position)}", False))
+                text = wrap_images(turn.text, self.mmtag)
+                segments.append(Segment(f"{self.roles[0]}: {text}{self.sep_after(position)}", False))
             else:
                 segments.append(Segment(f"{self.roles[1]}:", False))
                 segments.append(Segment(f" {turn.text}{self.sep_after(position)}", True))
@@ -125,8 +128,13 @@ LLAVA_V0 = SeparatorTemplate(
     id="llava_v0", system=LLAVA_V1_SYSTEM, roles=("Human", "Assistant"), sep="###", stop_strings=("###",)
 )
 LLAVA_V0_MMTAG = SeparatorTemplate(
-    id="llava_v0_mmtag", system=MMTAG_SYSTEM, roles=("Human", "Assistant"), sep="###", stop_strings=("###",)
+    id="llava_v0_mmtag",
+    system=MMTAG_SYSTEM,
+    roles=("Human", "Assistant"),
+    sep="###",
+    stop_strings=("###",),
+    mmtag=True,
 )
 LLAVA_V1_MMTAG = SeparatorTemplate(
-    id="llava_v1_mmtag", system=MMTAG_SYSTEM, sep=" ", sep2="</s>", stop_strings=("</s>",)
+    id="llava_v1_mmtag", system=MMTAG_SYSTEM, sep=" ", sep2="</s>", stop_strings=("</s>",), mmtag=True
 )
