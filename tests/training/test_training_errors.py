@@ -68,8 +68,10 @@ def test_mismatched_projector_file(tmp_path, synth, preset_parts, no_weight_load
 def test_unsupported_lora_combinations(tmp_path, synth, no_weight_loading):
     with pytest.raises(ConfigError, match="QLoRA"):
         _run(tmp_path, synth, lora={"enabled": False, "bits": 4})
-    with pytest.raises(ConfigError, match="FSDP2 cannot shard bitsandbytes"):
-        _run(tmp_path, synth, lora={"enabled": True, "bits": 4}, strategy={"name": "fsdp2"})
+    with pytest.raises(ConfigError, match=r"lora.bits=8\) with strategy fsdp2 is not supported"):
+        _run(tmp_path, synth, lora={"enabled": True, "bits": 8}, strategy={"name": "fsdp2"})
+    with pytest.raises(ConfigError, match="cpu_offload"):
+        _run(tmp_path, synth, lora={"enabled": True, "bits": 4}, strategy={"name": "fsdp2", "cpu_offload": True})
 
 
 SYSTEM = {"system_prompt": "Answer the questions."}

@@ -101,11 +101,11 @@ def fsdp2_run(tmp_path_factory, synth):
     return tmp_path, config, _launch(tmp_path, config, 2, "logging.save_every=2")
 
 
-def test_lora_with_fsdp2_passes_preflight_and_qlora_is_refused(tmp_path, synth):
+def test_lora_with_fsdp2_passes_preflight_and_8bit_qlora_is_refused(tmp_path, synth):
     preflight(config_from_dict(_config(synth, tmp_path / "run", "fsdp2")), world_size=2)
     qlora = _config(synth, tmp_path / "run", "fsdp2")
-    qlora["lora"] = {**LORA, "bits": 4}
-    with pytest.raises(ConfigError, match="FSDP2 cannot shard bitsandbytes"):
+    qlora["lora"] = {**LORA, "bits": 8}
+    with pytest.raises(ConfigError, match=r"lora \(QLoRA, lora.bits=8\) with strategy fsdp2 is not supported"):
         preflight(config_from_dict(qlora), world_size=2)
 
 

@@ -20,13 +20,19 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from llavakit.anyres import features as anyres_features
@@ -39,7 +45,13 @@ from llavakit.model.family import family_for, set_pad_token
 from llavakit.model.loss import supervised_lm_loss
 from llavakit.model.projector import Projector
 from llavakit.model.tokenizer import ensure_image_token
-from llavakit.model.vision import VISION_BACKBONES, VisionEncoder, build_vision_encoder, load_vision_model
+from llavakit.model.vision import (
+    VISION_BACKBONES,
+    VisionBackbone,
+    VisionEncoder,
+    build_vision_encoder,
+    load_vision_model,
+)
 
 # LLaVA-1.6's five grids (1×2, 2×1, 2×2, 3×1, 1×3 tiles) as (rows, cols); scaled by the tile size.
 LLAVA_16_GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
@@ -93,6 +105,7 @@ class LlavaNextModel(nn.Module):
         attn_implementation: str | None = None,
         llm_kwargs: dict[str, Any] | None = None,
         system_prompt: str | None = None,
+        load_parts: PartsLoader | None = None,
     ) -> LlavaNextModel:
         """Build a fresh model from a vision encoder and an LLM (hub ids or local folders) and a new projector.
 
@@ -115,15 +128,16 @@ class LlavaNextModel(nn.Module):
             llm_kwargs: extra keywords for the LLM's ``AutoModelForCausalLM.from_pretrained`` only (they override
                 ``dtype``/``attn_implementation``), e.g. ``quantization_config`` + ``device_map`` for QLoRA. Quantised
                 (integer) weights are not floating point, so the final `cast_parameters` leaves them as loaded.
+            load_parts: builds the two parts instead of transformers' ``from_pretrained`` (see `PartsLoader`), e.g.
+                without weights (`llavakit.training.sharded_load.meta_model_from_parts`).
         """
         load_kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
-        backbone, vision_model = load_vision_model(vision_encoder, vision, **load_kwargs)
-        if attn_implementation:
-            load_kwargs["attn_implementation"] = attn_implementation
         tokenizer = AutoTokenizer.from_pretrained(llm)
-        language_model = AutoModelForCausalLM.from_pretrained(llm, **{**load_kwargs, **(llm_kwargs or {})})
-        family = family_for(language_model.config.model_type)
         image_token_id = ensure_image_token(tokenizer)
+        backbone, vision_model, language_model = (load_parts or _load_parts)(
+            vision_encoder, vision, llm, tokenizer, load_kwargs, attn_implementation, llm_kwargs or {}
+        )
+        family = family_for(language_model.config.model_type)
         set_pad_token(tokenizer, family)
         if len(tokenizer) > language_model.get_input_embeddings().weight.shape[0]:
             language_model.resize_token_embeddings(len(tokenizer))
@@ -461,6 +475,31 @@ def _flatten_tiles(pixel_values: torch.Tensor, counts: list[int]) -> torch.Tenso
             "([N_tiles, 3, S, S], tiles of all images in placeholder order)"
         )
     return pixel_values
+
+
+# (vision_encoder id or None, vision, llm, tokenizer with <image>, {"dtype": ...}, attn_implementation, llm_kwargs)
+# -> (backbone, vision model, causal LM): how `LlavaNextModel.from_parts` builds its two parts.
+PartsLoader = Callable[
+    [str | None, str, str, PreTrainedTokenizerBase, dict[str, Any], str | None, dict[str, Any]],
+    tuple[VisionBackbone, PreTrainedModel, PreTrainedModel],
+]
+
+
+def _load_parts(
+    vision_encoder: str | None,
+    vision: str,
+    llm: str,
+    tokenizer: PreTrainedTokenizerBase,
+    load_kwargs: dict[str, Any],
+    attn_implementation: str | None,
+    llm_kwargs: dict[str, Any],
+) -> tuple[VisionBackbone, PreTrainedModel, PreTrainedModel]:
+    """Both parts through transformers' ``from_pretrained``; the vision tower keeps its default attention."""
+    backbone, vision_model = load_vision_model(vision_encoder, vision, **load_kwargs)
+    if attn_implementation:
+        load_kwargs = {**load_kwargs, "attn_implementation": attn_implementation}
+    language_model = AutoModelForCausalLM.from_pretrained(llm, **{**load_kwargs, **llm_kwargs})
+    return backbone, vision_model, language_model
 
 
 def _config_dict(config: Any) -> dict[str, Any]:

@@ -12,8 +12,24 @@ and projector stay in full precision. `apply_lora` then runs peft's ``prepare_mo
 LLM, casts its non-quantised weights such as norms to fp32) before adding the adapters. Export dequantises the LLM
 to fp32 and merges the adapters in fp32 (`merge_lora`), so the exported checkpoint is a plain llava-hf model that
 loads without bitsandbytes. Preflight (`llavakit.training.model_setup`) rejects, before any weight loads, QLoRA
-without bitsandbytes installed, ``bits`` without ``lora.enabled``, and QLoRA under FSDP2 (bitsandbytes' packed
-quantised weights cannot be sharded as DTensors; QLoRA runs with DDP or single).
+without bitsandbytes installed and ``bits`` without ``lora.enabled``.
+
+QLoRA under FSDP2 (4 bits): the quantised base weights (``Params4bit``, `quantised_params`) are left out of
+sharding with ``fully_shard(..., ignored_params=...)``, so every rank keeps the whole 4-bit base, as upstream's
+``finetune_qlora.sh`` does with ZeRO-2 (a replicated frozen base); the adapters, the projector, the vision tower and
+the LLM's other weights (embeddings, norms, head) are sharded and their gradients reduce-scattered as usual. Memory
+per rank: the whole base at about 0.5 byte per weight of the LLM's linear layers (about 3.5 GB for a 7B LLM, 37 GB
+for 72B), plus 1/world of everything else. Why not shard the packed weights: FSDP2 shards each
+parameter as a DTensor along dim 0 and gathers it back as a plain tensor, which drops the ``quant_state``
+bitsandbytes attaches to its ``Params4bit`` (the layer's forward then fails: "quant_state is required"), and the
+float storage that FSDP1-QLoRA relies on (``bnb_4bit_quant_storage``) reinterprets the packed bytes as floats,
+which FSDP2's gathers and casts do not keep bit-exact (bitsandbytes#1945). The quantised
+model is loaded whole on every rank through transformers (not by the meta-device load), each rank quantising the
+same weights the same way, so the ranks' bases are identical. Refused by `check_qlora_fsdp2`, before any weight
+loads: 8 bits (torch's distributed state dict cannot name the ``SCB`` entry of bitsandbytes' 8-bit layers, so
+neither checkpoints nor the export could be written), ``strategy.cpu_offload``, and torch < 2.7 (no
+``ignored_params``). The export gathers the sharded tensors into a skeleton whose quantised layers are copies of
+the trained (replicated) ones (`peft_skeleton`), then dequantises and merges as above.
 
 LoRA under FSDP2: the adapters live inside the decoder layers, so each layer's FSDP2 group holds its frozen base
 weights and its trainable adapters together (FSDP2 reduces gradients only of parameters that require them). Under
@@ -34,12 +50,14 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import inspect
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from llavakit.errors import CheckpointError, ConfigError
@@ -69,6 +87,44 @@ def require_bitsandbytes() -> None:
         raise ConfigError(
             'lora.bits=4/8 (QLoRA) needs the bitsandbytes package: pip install -e ".[quant]" (or use lora.bits=16)'
         )
+
+
+def check_qlora_fsdp2(config: LoraConfig, cpu_offload: bool) -> None:
+    """Refuse, before any weight loads, a QLoRA setup that FSDP2 cannot train (see module docstring).
+
+    Raises:
+        ConfigError: 8 bits (torch's distributed state dict, which checkpoints and the export use, cannot name
+            bitsandbytes' 8-bit ``SCB`` entry), this torch's ``fully_shard`` has no ``ignored_params``
+            (torch < 2.7), or ``strategy.cpu_offload`` is on (the replicated quantised base would stay on the
+            accelerator while FSDP2 offloads the rest; not supported).
+    """
+    if config.bits == 8:
+        raise ConfigError(
+            "lora (QLoRA, lora.bits=8) with strategy fsdp2 is not supported: torch's distributed state dict "
+            "(checkpoints, export) cannot name bitsandbytes' 8-bit SCB entries; use lora.bits=4 (nf4, as upstream's "
+            "finetune_qlora.sh) with fsdp2, or strategy.name=ddp or single for 8 bits"
+        )
+    if "ignored_params" not in inspect.signature(fully_shard).parameters:
+        raise ConfigError(
+            f"lora.bits={config.bits} (QLoRA) with strategy fsdp2 needs torch >= 2.7 (fully_shard's ignored_params "
+            f"keeps bitsandbytes' quantised weights out of sharding); this is torch {torch.__version__}: upgrade "
+            "torch, or use strategy.name=ddp or single for QLoRA"
+        )
+    if cpu_offload:
+        raise ConfigError(
+            f"lora.bits={config.bits} (QLoRA) with strategy.cpu_offload=true is not supported: the quantised base "
+            "stays whole on every GPU and only the other parameters would be offloaded; set "
+            "strategy.cpu_offload=false (the 4-bit base is already small), or use lora.bits=16"
+        )
+
+
+def quantised_params(model: nn.Module) -> set[nn.Parameter]:
+    """bitsandbytes' quantised weights in ``model`` (``Params4bit``/``Int8Params``); empty without bitsandbytes."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return set()
+    import bitsandbytes as bnb
+
+    return {p for p in model.parameters() if isinstance(p, (bnb.nn.Params4bit, bnb.nn.Int8Params))}
 
 
 def quantization_config(config: LoraConfig, compute_dtype: torch.dtype) -> Any:
@@ -124,7 +180,7 @@ def merge_lora(model: LlavaNextModel) -> LlavaNextModel:
     """
     if not hasattr(model.llm, "merge_and_unload"):
         return model
-    if getattr(model.llm, "is_quantized", False):
+    if quantised_params(model.llm):
         model.llm = _merge_dequantised(model.llm)
         model.config.text_config.pop("quantization_config", None)
     else:
@@ -146,13 +202,26 @@ def _merge_dequantised(peft_model: nn.Module) -> nn.Module:
     llm = peft_model.unload()
     # Layers without adapters (lora.target_modules not covering every quantised linear). transformers' own
     # ``dequantize()`` is not used: it raises when no quantised layer is left.
+    for name, module in _quantised_layers(llm):
+        llm.set_submodule(name, _plain_linear(_dequantised_weight(module), module.bias))
+    quantizer = getattr(llm, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(llm)
+    elif hasattr(llm.config, "quantization_config"):
+        # A skeleton built from the config (`peft_skeleton`) has no quantizer, only the config entry.
+        del llm.config.quantization_config
+    return llm
+
+
+def _quantised_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """bitsandbytes' quantised linear layers in ``module``, by name."""
     import bitsandbytes as bnb
 
-    for name, module in list(llm.named_modules()):
-        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
-            llm.set_submodule(name, _plain_linear(_dequantised_weight(module), module.bias))
-    llm.hf_quantizer.remove_quantization_config(llm)
-    return llm
+    return [
+        (name, layer)
+        for name, layer in module.named_modules()
+        if isinstance(layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+    ]
 
 
 def _dequantised_weight(layer: nn.Module) -> torch.Tensor:
@@ -183,13 +252,34 @@ def save_adapter(model: LlavaNextModel, folder: Path) -> None:
 
 def peft_skeleton(skeleton: LlavaNextModel, trained: LlavaNextModel) -> None:
     """Wrap ``skeleton.llm`` with the peft config of ``trained.llm`` (nothing when ``trained`` has no LoRA), so
-    ``trained``'s state dict loads into it. The global RNG is left as it was (peft initialises the adapters)."""
+    ``trained``'s state dict loads into it. The global RNG is left as it was (peft initialises the adapters).
+
+    QLoRA: the skeleton's quantised linear layers become copies of ``trained``'s bitsandbytes layers (whole on
+    every rank under FSDP2, see module docstring) with their quantisation state; the state dict's quantisation
+    constants for them are skipped (`_skip_quantised_entries`): bitsandbytes' 4-bit layers cannot load them back.
+    """
     from peft import get_peft_model
 
     if not has_lora(trained):
         return
     with torch.random.fork_rng(devices=[]):
         skeleton.llm = get_peft_model(skeleton.llm, copy.deepcopy(trained.llm.peft_config["default"]))
+    if not quantised_params(trained.llm):
+        return
+    for name, layer in _quantised_layers(trained.llm):
+        copied = copy.deepcopy(layer)
+        copied.register_load_state_dict_pre_hook(_skip_quantised_entries)
+        skeleton.llm.set_submodule(name, copied)
+
+
+def _skip_quantised_entries(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    """Load-state-dict pre-hook of a copied 4-bit layer: drop its quantisation constants (``weight.absmax``,
+    ``weight.quant_map``, ...), which the copy holds already; the packed weight itself still loads (same bytes).
+    8-bit layers load their ``SCB`` themselves."""
+    for key in [key for key in state_dict if key.startswith(prefix + "weight.")]:
+        del state_dict[key]
 
 
 def unwrapped_name(name: str) -> str:

@@ -5,11 +5,13 @@ of loading a 7B model on every GPU. `preflight` checks all of that from file met
 `build_model` then loads the model once per rank from one of:
 
 - a debug preset (``model.preset``): its parts are written to ``run_dir/parts`` by rank 0, then assembled;
-- ``model.vision`` + ``model.llm``: a fresh model from two checkpoints;
-- ``model.path`` or the previous stage's export: ``LlavaNextModel.from_pretrained``; under FSDP2 instead a model
-  without weights (`llavakit.training.sharded_load.meta_model`) whose shards each rank reads after sharding, so no
-  rank ever holds the whole model. Models from parts are still built whole on every rank (transformers loads the
-  hub checkpoints), then sharded.
+- ``model.vision`` + ``model.llm``: a fresh model from two checkpoints (``LlavaNextModel.from_parts``);
+- ``model.path`` or the previous stage's export: ``LlavaNextModel.from_pretrained``.
+
+Under FSDP2 each of these (but parts with LoRA, see `_loads_sharded`) is built without weights instead
+(`llavakit.training.sharded_load`: `meta_model`, `meta_model_from_parts`) and each rank reads only its own shards
+after sharding, so no rank ever holds the whole model; the fresh projector and ``image_newline`` get the same
+values as on the plain path (same seed).
 
 The parameters are built in ``strategy.param_dtype`` (``auto``: as saved / fp32 from parts).
 
@@ -22,7 +24,8 @@ transformers loads, and a llava-hf checkpoint's LLM keys (``language_model.*``) 
 parameter (28 GB for a 7B LLM), deleted as soon as every rank has loaded it.
 
 The first stage then loads upstream's projector file when ``model.pretrained_projector`` is set
-(``--pretrain_mm_mlp_adapter``), checked key by key and shape by shape before anything is copied.
+(``--pretrain_mm_mlp_adapter``), checked key by key and shape by shape before anything is copied (under FSDP2 it
+becomes the projector's source, copied into the shards: `llavakit.training.sharded_load.load_projector_file`).
 
 Every rank seeds the same generator before building, so fresh weights are identical across ranks (FSDP2, unlike
 DDP, does not broadcast rank 0's weights).
@@ -49,8 +52,13 @@ from llavakit.model.llava_next import LlavaNextModel, default_image_spec
 from llavakit.model.projector import load_upstream_projector_state, read_upstream_projector_file
 from llavakit.model.vision import backbone_for_model_type
 from llavakit.training.config import StageConfig, TrainConfig
-from llavakit.training.lora import is_quantised, quantization_config, require_bitsandbytes
-from llavakit.training.sharded_load import meta_model
+from llavakit.training.lora import (
+    check_qlora_fsdp2,
+    is_quantised,
+    quantization_config,
+    require_bitsandbytes,
+)
+from llavakit.training.sharded_load import load_projector_file, meta_model, meta_model_from_parts
 
 # strategy.param_dtype → the parameters' dtype (None: as loaded).
 _PARAM_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
@@ -98,17 +106,10 @@ def _check_lora(config: TrainConfig) -> None:
                 "LoRA adapters; set lora.enabled=true, or lora.bits=16 for full-precision training"
             )
         return
-    if config.strategy.name == "fsdp2" and is_quantised(lora):
-        # bitsandbytes' quantised weights are Params4bit/Int8Params tensor subclasses with their quantisation
-        # state attached; FSDP2 shards parameters as DTensors along dim 0, which splits the packed bytes from
-        # that state, and the meta-device load cannot build them.
-        raise ConfigError(
-            f"lora (QLoRA, lora.bits={lora.bits}) with strategy fsdp2 is not supported: FSDP2 cannot shard "
-            "bitsandbytes' quantised weights; use strategy.name=ddp or single for QLoRA, or lora.bits=16 "
-            "(LoRA on full-precision weights) with fsdp2"
-        )
     if is_quantised(lora):
         require_bitsandbytes()
+        if config.strategy.name == "fsdp2":
+            check_qlora_fsdp2(lora, config.strategy.cpu_offload)
 
 
 def check_projector_file(path: str, vision: str, llm: str) -> None:
@@ -150,7 +151,8 @@ def build_model(
     attention = resolve_attention(model_config.attn_implementation)
     quantization = _llm_quantization(config)
     dtype = _PARAM_DTYPES[config.strategy.param_dtype]
-    if _loads_sharded(config, previous):
+    sharded = _loads_sharded(config, previous)
+    if sharded and (previous is not None or model_config.path):
         model = meta_model(Path(previous or model_config.path), attention, dtype)
     elif previous is not None or model_config.path:
         model = LlavaNextModel.from_pretrained(
@@ -165,9 +167,15 @@ def build_model(
             kwargs["llm_kwargs"] = {"quantization_config": quantization, "device_map": "cpu"}
         # Seed after the preset parts are written: only rank 0 writes them, and that consumes random numbers.
         torch.manual_seed(config.seed)
-        model = LlavaNextModel.from_parts(**kwargs, dtype=dtype)
+        if sharded:
+            model = meta_model_from_parts(kwargs, dtype)
+        else:
+            model = LlavaNextModel.from_parts(**kwargs, dtype=dtype)
     if model_config.pretrained_projector and previous is None:
-        load_upstream_projector_state(model.projector, model_config.pretrained_projector)
+        if sharded:
+            load_projector_file(model, model_config.pretrained_projector)
+        else:
+            load_upstream_projector_state(model.projector, model_config.pretrained_projector)
     apply_stage_settings(model, stage)
     if stage.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -175,11 +183,15 @@ def build_model(
 
 
 def _loads_sharded(config: TrainConfig, previous: Path | None) -> bool:
-    """Whether the stage's model is read shard by shard (`llavakit.training.sharded_load`): FSDP2 from a checkpoint
-    folder; not when the first stage also loads an upstream projector file into it (that needs the whole model)."""
-    from_folder = previous is not None or bool(config.model.path)
-    projector_file = bool(config.model.pretrained_projector) and previous is None
-    return config.strategy.name == "fsdp2" and from_folder and not projector_file
+    """Whether the stage's model is built without weights and read shard by shard (`llavakit.training.sharded_load`):
+    under FSDP2, but not for QLoRA (its LLM is loaded quantised through transformers, `_reload_quantised`, and
+    stays whole on every rank: `llavakit.training.strategies.fsdp`), and not for a model from parts
+    with LoRA: its adapters would then be initialised from `llavakit.training.lora.SHARDED_ADAPTER_SEED` rather than
+    by peft from the run's seed, unlike the same run on one process or with DDP."""
+    from_parts = previous is None and not config.model.path
+    if config.strategy.name != "fsdp2" or is_quantised(config.lora):
+        return False
+    return not (from_parts and config.lora.enabled)
 
 
 def _llm_quantization(config: TrainConfig) -> Any:

@@ -1,14 +1,38 @@
 """Loading a checkpoint straight into FSDP2 shards: no rank ever holds the whole model.
 
-Why: the plain path (`llavakit.model.checkpoint.load_checkpoint` on every rank, then ``fully_shard``) builds the
-whole model in fp32 and reads the whole state dict on every rank before sharding: about 3x the checkpoint's bytes
-per rank for a bf16 checkpoint (a 72B model: hundreds of GB of host memory per rank), and a slow start. Here:
+Why: the plain path (`llavakit.model.checkpoint.load_checkpoint` or ``LlavaNextModel.from_parts`` on every rank,
+then ``fully_shard``) builds the whole model and reads the whole state dict on every rank before sharding: about 3x
+the checkpoint's bytes per rank for a bf16 checkpoint (a 72B model: hundreds of GB of host memory per rank), and a
+slow start. Here:
 
-1. `meta_model` builds the model from ``config.json`` with its parameters on the meta device (no storage) and
-   checks every checkpoint key and shape against it; nothing is read yet.
+1. The model is built with its parameters on the meta device (no storage) and every parameter is given a source
+   (`ShardedSource`): a tensor of a safetensors file, found from the files' headers and checked key by key and
+   shape by shape against the model before anything is read, or a whole tensor held in memory (below).
+   - `meta_model`: a llava-hf checkpoint folder (``model.path``, the previous stage's export), built from its
+     ``config.json``.
+   - `meta_model_from_parts`: a fresh model from a vision checkpoint and a causal LM checkpoint (``model.vision`` +
+     ``model.llm``, or a preset's parts), built by ``LlavaNextModel.from_parts`` with a parts loader that builds
+     each part from its ``config.json`` as transformers' ``from_pretrained`` does and matches its parameter names
+     to its files' keys (the part's own names, or under ``vision_model.`` / the model's base prefix, as
+     transformers maps them; keys the model lacks, such as CLIP's text tower, are ignored as transformers ignores
+     them). ``from_parts`` then initialises the projector and ``image_newline`` for real, from the same seeded
+     generator state as the plain path (building the parts without weights draws no random numbers, and neither
+     does ``from_pretrained`` when the files hold every weight), so their values are bit-identical to the plain
+     path's; they are kept whole as in-memory sources (every rank computes the same values). A tokenizer longer
+     than the LLM's vocabulary (``<image>`` added) makes ``from_parts`` grow the embeddings with transformers'
+     ``resize_token_embeddings``, whose new rows are drawn from the mean and covariance of all the old ones: the
+     input and output embeddings are then read whole on each rank before the resize, and kept whole.
+   - `load_projector_file`: upstream's projector file (``model.pretrained_projector``, small) read whole on each
+     rank and checked as `llavakit.model.projector.load_upstream_projector_state` checks it, replaces the
+     projector's source.
+   Parts saved only as ``.bin`` pickles (``pytorch_model.bin``) cannot be read by rows: each rank reads such a
+   part whole (`llavakit.model.tensor_files.read_tensor_file`, weights only) and keeps it until the shards are
+   filled, so convert large ``.bin`` LLMs to safetensors. Original-layout LLaVA checkpoints are refused by
+   training as by every loader (``llavakit convert from-original`` first), so they are not loaded here.
 2. The FSDP2 strategy shards the meta model with ``fully_shard`` (each parameter becomes a DTensor split along
    dim 0), then calls `materialise`: ``to_empty`` allocates only this rank's shards, in the training dtype, and
-   each rank reads exactly its rows of every tensor from the safetensors files.
+   each rank reads exactly its rows of every tensor from the safetensors files, or copies them from the
+   in-memory tensors.
 
 Each rank reads its own slices rather than rank 0 reading and scattering: every rank's memory stays about 1/W of
 the model (rank 0 never holds a full tensor set), no collective moves weights (a scatter would send W-1 shards
@@ -41,16 +65,32 @@ resumed stage first materialises from the stage's model checkpoint as above, the
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import (
+    GENERATION_CONFIG_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+)
 
 from llavakit.errors import CheckpointError
 from llavakit.model.checkpoint import (
@@ -61,6 +101,9 @@ from llavakit.model.checkpoint import (
     weight_files,
 )
 from llavakit.model.llava_next import LlavaNextModel, cast_parameters
+from llavakit.model.projector import load_upstream_projector_state
+from llavakit.model.tensor_files import read_tensor_file
+from llavakit.model.vision import VISION_BACKBONES, VisionBackbone, backbone_for_model_type
 
 # Where `meta_model` leaves the checkpoint a meta model is to be filled from, until `materialise` takes it.
 _SOURCE_ATTRIBUTE = "_llavakit_sharded_source"
@@ -68,17 +111,26 @@ _SOURCE_ATTRIBUTE = "_llavakit_sharded_source"
 
 @dataclass(frozen=True)
 class ShardedSource:
-    """The checkpoint a meta model's parameters are read from.
+    """Where each parameter of a meta model is read from.
+
+    Every parameter and persistent buffer has a source key: a tensor of a safetensors file (read row range by row
+    range) or a whole tensor held in memory (fresh initial values, an upstream projector file, a ``.bin`` part).
 
     Attributes:
-        path: the checkpoint folder (named in errors).
-        keys: our state-dict name → the checkpoint key holding it (a tied ``lm_head`` may have none).
-        entries: checkpoint key → where its data is.
+        origin: what the model is loaded from (named in errors).
+        keys: our state-dict name → its source key (a tied ``lm_head`` may have none).
+        entries: source key → where its data is in a file.
+        values: source key → the whole tensor, for keys not in ``entries``.
     """
 
-    path: Path
+    origin: str
     keys: dict[str, str]
     entries: dict[str, TensorEntry]
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The shape of the tensor under ``key``."""
+        return tuple(self.values[key].shape) if key in self.values else self.entries[key].shape
 
 
 @dataclass(frozen=True)
@@ -160,7 +212,7 @@ def meta_model(path: Path, attn_implementation: str | None, dtype: torch.dtype |
     shapes = {key: entry.shape for key, entry in entries.items()}
     base = model.llm.base_model_prefix
     keys = match_checkpoint(model, shapes, path, lambda key: from_disk_key(key, base))
-    setattr(model, _SOURCE_ATTRIBUTE, ShardedSource(path, keys, entries))
+    setattr(model, _SOURCE_ATTRIBUTE, ShardedSource(str(path), keys, entries))
     return model.eval()
 
 
@@ -170,6 +222,223 @@ def take_source(model: nn.Module) -> ShardedSource | None:
     if source is not None:
         delattr(model, _SOURCE_ATTRIBUTE)
     return source
+
+
+def meta_model_from_parts(parts: dict[str, Any], dtype: torch.dtype | None) -> LlavaNextModel:
+    """The model `LlavaNextModel.from_parts` builds, with meta parameters, to be sharded then filled.
+
+    The two parts are built from their ``config.json`` files without weights and checked key by key and shape by
+    shape against their files (`_PartsOnMeta`) before anything is read. Parameters that ``from_parts`` initialises
+    (projector, ``image_newline``, the embedding rows a grown vocabulary adds) are computed whole by the same code
+    as on the plain path, from the same random numbers, then kept in memory as their own source and replaced by meta
+    tensors. Call it where the plain path calls ``from_parts``: after seeding the generator.
+
+    Args:
+        parts: the keywords of ``from_parts`` except ``dtype`` (no ``llm_kwargs``: a quantised LLM is not sharded).
+        dtype: the training dtype of the parameters (None: float32, as ``from_parts``).
+
+    Raises:
+        CheckpointError: a part's files miss a parameter or hold one of another shape than its config builds.
+    """
+    loader = _PartsOnMeta()
+    model = LlavaNextModel.from_parts(**parts, dtype=dtype, load_parts=loader)
+    keys = {f"vision_encoder.model.{name}": key for name, key in loader.keys["vision"].items()}
+    keys.update({f"llm.{name}": key for name, key in loader.keys["llm"].items()})
+    values = dict(loader.values)
+    for names, tensor in _unique_tensors(model):
+        if isinstance(tensor, nn.Parameter) and not tensor.is_meta:
+            key = f"initialised:{names[0]}"
+            values[key] = tensor.detach()
+            keys.update(dict.fromkeys(names, key))
+            _to_meta(model, names, tensor)
+    unfilled = [names[0] for names, t in _unique_tensors(model) if t.is_meta and not any(n in keys for n in names)]
+    if unfilled:
+        raise CheckpointError(f"{unfilled} of the model from {parts['vision']} + {parts['llm']} have no source")
+    origin = f"the parts {parts['vision']} + {parts['llm']}"
+    setattr(model, _SOURCE_ATTRIBUTE, ShardedSource(origin, keys, loader.entries, _used(values, keys)))
+    return model
+
+
+def load_projector_file(model: LlavaNextModel, path: str | Path) -> None:
+    """Make upstream's projector file (``mm_projector.bin``) the source of a meta model's projector.
+
+    The file is small; it is read whole on each rank, checked as `load_upstream_projector_state` checks it (keys,
+    shapes), cast to the projector's dtype, and each rank copies its rows into its shards in `materialise`.
+
+    Raises:
+        CheckpointError: the file does not fit the projector.
+    """
+    source: ShardedSource = getattr(model, _SOURCE_ATTRIBUTE)
+    projector = copy.deepcopy(model.projector).to_empty(device="cpu")
+    load_upstream_projector_state(projector, path)
+    keys, values = dict(source.keys), dict(source.values)
+    for name, tensor in projector.state_dict().items():
+        keys[f"projector.{name}"] = f"{path}:{name}"
+        values[f"{path}:{name}"] = tensor
+    setattr(model, _SOURCE_ATTRIBUTE, dataclasses.replace(source, keys=keys, values=_used(values, keys)))
+
+
+class _PartsOnMeta:
+    """A `llavakit.model.llava_next.PartsLoader` that builds both parts with meta parameters.
+
+    Each part is built as transformers' ``from_pretrained`` builds it (its config, the vision tower without
+    SigLIP's head, the LLM with the attention implementation and its ``generation_config.json``, eval mode) and
+    matched against its files. transformers draws no random numbers when every weight is in the files; the meta
+    build runs under ``fork_rng`` so that it draws none either whatever the constructors do, and ``from_parts``
+    initialises the projector from the same generator state as the plain path.
+
+    When the tokenizer (with ``<image>``) is longer than the LLM's vocabulary, ``from_parts`` grows the embeddings
+    with transformers' ``resize_token_embeddings``, whose new rows depend on all the old ones (mean and covariance):
+    the input and output embeddings are then read whole on each rank (in the load dtype, as the plain path holds
+    them), the only tensors that are.
+
+    Attributes:
+        keys: per part (``vision``, ``llm``), the part's state-dict name → source key.
+        entries: source key → its place in a safetensors file.
+        values: source key → a tensor of a ``.bin`` part (read whole on each rank: pickles cannot be read by rows).
+    """
+
+    def __init__(self) -> None:
+        self.keys: dict[str, dict[str, str]] = {}
+        self.entries: dict[str, TensorEntry] = {}
+        self.values: dict[str, torch.Tensor] = {}
+
+    def __call__(
+        self,
+        vision_encoder: str | None,
+        vision: str,
+        llm: str,
+        tokenizer: PreTrainedTokenizerBase,
+        load_kwargs: dict[str, Any],
+        attn_implementation: str | None,
+        llm_kwargs: dict[str, Any],
+    ) -> tuple[VisionBackbone, PreTrainedModel, PreTrainedModel]:
+        if llm_kwargs:
+            raise CheckpointError(f"an LLM loaded with {sorted(llm_kwargs)} cannot be built without weights")
+        vision_dir, llm_dir = _local_folder(vision), _local_folder(llm)
+        model_type = AutoConfig.from_pretrained(vision_dir).model_type
+        backbone = VISION_BACKBONES.get(vision_encoder) if vision_encoder else backbone_for_model_type(model_type)
+        # As `llavakit.model.vision.load_vision_model`: LLaVA never uses SigLIP's pooling head.
+        vision_kwargs = {"vision_use_head": False} if backbone.id == "siglip" else {}
+        llm_config = AutoConfig.from_pretrained(llm_dir)
+        with torch.random.fork_rng(), empty_parameters():
+            vision_config = backbone.config_class.from_pretrained(vision_dir, **vision_kwargs)
+            vision_model = backbone.model_class._from_config(vision_config, **load_kwargs)
+            language_model = AutoModelForCausalLM.from_config(
+                llm_config, attn_implementation=attn_implementation, **load_kwargs
+            )
+        # The names the user gave, as from_pretrained records them (saved in the model's config.json).
+        vision_model.config.name_or_path, language_model.config.name_or_path = vision, llm
+        generation_file = llm_dir / GENERATION_CONFIG_NAME
+        if generation_file.is_file():
+            language_model.generation_config = GenerationConfig.from_pretrained(llm_dir)
+        self.keys["vision"] = self._match(vision_model, vision_dir, "vision")
+        self.keys["llm"] = self._match(language_model, llm_dir, "llm")
+        if len(tokenizer) > language_model.get_input_embeddings().weight.shape[0]:
+            self._read_embeddings(language_model)
+        return backbone, vision_model.eval(), language_model.eval()
+
+    def _match(self, part: PreTrainedModel, folder: Path, tag: str) -> dict[str, str]:
+        """The part's state-dict name → source key, checked: every parameter found, every shape as built."""
+        shapes = self._tensors(folder, tag)
+        prefixes = ("", "vision_model.", f"{part.base_model_prefix}.")
+        keys: dict[str, str] = {}
+        missing = []
+        persistent = set(part.state_dict())  # non-persistent buffers are never loaded, as in transformers
+        for names, tensor in _unique_tensors(part):
+            if not persistent.intersection(names):
+                continue
+            candidates = [f"{tag}:{prefix}{name}" for name in names for prefix in prefixes]
+            candidates += [f"{tag}:{name.removeprefix(prefixes[2])}" for name in names]
+            key = next((key for key in candidates if key in shapes), None)
+            if key is None:
+                if isinstance(tensor, nn.Parameter):
+                    missing.append(names[0])
+                continue  # a buffer the files do not hold keeps its constructed value
+            if shapes[key] != tuple(tensor.shape):
+                raise CheckpointError(
+                    f"{folder}: {key.partition(':')[2]} has shape {shapes[key]} but its config.json builds "
+                    f"{tuple(tensor.shape)} ({names[0]}); the weights and config.json of this {tag} part disagree"
+                )
+            keys.update(dict.fromkeys(names, key))
+        if missing:
+            raise CheckpointError(
+                f"{folder} lacks {len(missing)} parameters of the {tag} model its config.json builds "
+                f"(first: {missing[:4]}); use the full checkpoint of this {tag} part"
+            )
+        return keys
+
+    def _tensors(self, folder: Path, tag: str) -> dict[str, tuple[int, ...]]:
+        """Shapes of the part's tensors by source key: from safetensors headers, or ``.bin`` files read whole."""
+        files = _part_files(folder)
+        if files[0].suffix != ".safetensors":
+            tensors = {f"{tag}:{key}": tensor for file in files for key, tensor in read_tensor_file(file).items()}
+            self.values.update(tensors)
+            return {key: tuple(tensor.shape) for key, tensor in tensors.items()}
+        entries = {f"{tag}:{key}": entry for file in files for key, entry in read_header(file).items()}
+        self.entries.update(entries)
+        return {key: entry.shape for key, entry in entries.items()}
+
+    def _read_embeddings(self, language_model: PreTrainedModel) -> None:
+        """Give the LLM's input and output embeddings their values, read whole, for the resize to see."""
+        for getter in ("get_input_embeddings", "get_output_embeddings"):
+            module = getattr(language_model, getter)()
+            if module is None or not module.weight.is_meta:
+                continue  # no head, or one tied to the embeddings just read
+            name = next(n for n, p in language_model.named_parameters() if p is module.weight)
+            key = self.keys["llm"][name]
+            if key in self.values:
+                whole = self.values[key]
+            else:
+                entry = self.entries[key]
+                with entry.file.open("rb", buffering=0) as handle:
+                    whole = _read_rows(handle, entry, 0, entry.shape[0])
+            tied = [n for n, p in language_model.named_parameters(remove_duplicate=False) if p is module.weight]
+            real = nn.Parameter(whole.to(module.weight.dtype), requires_grad=module.weight.requires_grad)
+            for tied_name in tied:
+                owner, _, attribute = tied_name.rpartition(".")
+                language_model.get_submodule(owner)._parameters[attribute] = real
+
+
+def _part_files(folder: Path) -> list[Path]:
+    """A part's weight files: its safetensors (one, or those its index names), else its ``.bin`` pickles."""
+    if (folder / SAFE_WEIGHTS_NAME).is_file() or (folder / SAFE_WEIGHTS_INDEX_NAME).is_file():
+        return weight_files(folder)
+    if (folder / WEIGHTS_NAME).is_file():
+        return [folder / WEIGHTS_NAME]
+    index = folder / WEIGHTS_INDEX_NAME
+    if index.is_file():
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    raise CheckpointError(
+        f"{folder} has no {SAFE_WEIGHTS_NAME}, {WEIGHTS_NAME} or an index of them; point the part at its checkpoint"
+    )
+
+
+def _local_folder(name: str) -> Path:
+    """The folder of a part: ``name`` itself, or the hub repository's snapshot in the local cache (downloaded)."""
+    if Path(name).is_dir():
+        return Path(name)
+    from huggingface_hub import snapshot_download
+
+    metadata = ["*.json", "*.jinja", "*.model", "*.txt"]
+    folder = Path(snapshot_download(name, allow_patterns=[*metadata, "*.safetensors"]))
+    if not any(folder.glob("*.safetensors")):
+        folder = Path(snapshot_download(name, allow_patterns=[*metadata, "*.bin"]))
+    return folder
+
+
+def _to_meta(model: nn.Module, names: list[str], tensor: torch.Tensor) -> None:
+    """Replace the parameter ``tensor`` (under all its ``names``) by one meta parameter."""
+    meta = nn.Parameter(tensor.detach().to("meta"), requires_grad=tensor.requires_grad)
+    for name in names:
+        owner, _, attribute = name.rpartition(".")
+        model.get_submodule(owner)._parameters[attribute] = meta
+
+
+def _used(values: dict[str, torch.Tensor], keys: dict[str, str]) -> dict[str, torch.Tensor]:
+    """``values`` without those no name refers to any more (dropped, not held until the load)."""
+    referenced = set(keys.values())
+    return {key: value for key, value in values.items() if key in referenced}
 
 
 def read_header(file: Path) -> dict[str, TensorEntry]:
@@ -244,13 +513,18 @@ def materialise(model: nn.Module, source: ShardedSource, device: torch.device) -
             key = next((source.keys[name] for name in names if name in source.keys), None)
             if key is None:
                 continue  # a buffer the checkpoint does not hold (computed by its module)
-            entry = source.entries[key]
+            shape = source.shape(key)
             if isinstance(tensor, DTensor):
-                local, (start, stop) = tensor.to_local(), _local_rows(tensor, names[0], source.path)
+                local, (start, stop) = tensor.to_local(), _local_rows(tensor, names[0], source.origin)
             else:  # buffers are replicated: every rank reads all of them
-                local, start, stop = tensor, 0, entry.shape[0] if entry.shape else 1
+                local, start, stop = tensor, 0, shape[0] if shape else 1
             if stop == start:
                 continue  # an empty last shard
+            if key in source.values:
+                value = source.values[key]
+                local.copy_(value[start:stop] if shape else value)
+                continue
+            entry = source.entries[key]
             part = _read_rows(handles[entry.file], entry, start, stop)
             local.copy_(part)
             read += part.numel() * part.element_size()
@@ -273,12 +547,12 @@ def _unique_tensors(model: nn.Module) -> list[tuple[list[str], torch.Tensor]]:
     return list(named.values())
 
 
-def _local_rows(tensor: DTensor, name: str, path: Path) -> tuple[int, int]:
+def _local_rows(tensor: DTensor, name: str, origin: str) -> tuple[int, int]:
     """``[start, stop)`` of dim 0 this rank holds of the sharded ``tensor``."""
     mesh, local = tensor.device_mesh, tensor.to_local()
     if mesh.ndim != 1 or tuple(tensor.placements) != (Shard(0),):
         raise CheckpointError(
-            f"{name} is sharded as {tensor.placements} over a {mesh.ndim}-D mesh; loading {path} shard by shard "
+            f"{name} is sharded as {tensor.placements} over a {mesh.ndim}-D mesh; loading {origin} shard by shard "
             "expects FSDP2's Shard(0) over one mesh dimension"
         )
     rows, world = tensor.shape[0], mesh.size()
@@ -288,7 +562,7 @@ def _local_rows(tensor: DTensor, name: str, path: Path) -> tuple[int, int]:
     if local.shape[0] != stop - start:
         raise CheckpointError(
             f"{name}: this rank's shard has {local.shape[0]} rows, but FSDP2's dim-0 chunking of {rows} rows over "
-            f"{world} ranks gives rows [{start}, {stop}); this torch release shards differently, so {path} cannot "
+            f"{world} ranks gives rows [{start}, {stop}); this torch release shards differently, so {origin} cannot "
             "be loaded shard by shard"
         )
     return start, stop

@@ -10,7 +10,9 @@ A model built by `llavakit.training.sharded_load.meta_model` has no weights yet:
 and each rank then reads only its own shards from the checkpoint files (see that module). Any other model is
 loaded whole on every rank and rank 0's weights are broadcast before sharding. LoRA adapters (peft, inside the
 decoder layers) are sharded in their layer's group with its frozen base weights; on a meta model they are filled
-after the shards are read (`llavakit.training.lora.initialise_sharded_adapters`).
+after the shards are read (`llavakit.training.lora.initialise_sharded_adapters`). QLoRA's quantised base weights
+(bitsandbytes ``Params4bit``) are ``ignored_params`` of every ``fully_shard`` call: each rank keeps them whole,
+like ZeRO-2's replicated frozen base, and FSDP2 shards the rest (why: `llavakit.training.lora`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,12 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from llavakit.errors import ConfigError
-from llavakit.training.lora import has_lora, initialise_sharded_adapters, peft_checkpoint_keys
+from llavakit.training.lora import (
+    has_lora,
+    initialise_sharded_adapters,
+    peft_checkpoint_keys,
+    quantised_params,
+)
 from llavakit.training.sharded_load import LoadStats, materialise, take_source
 from llavakit.training.strategies.base import COMPUTE_DTYPES, STRATEGIES, Strategy
 
@@ -62,6 +69,10 @@ class FSDP2Strategy(Strategy):
         }
         if self.config.cpu_offload:
             options["offload_policy"] = CPUOffloadPolicy()
+        quantised = quantised_params(model)
+        if quantised:
+            # QLoRA: the packed 4-bit base weights stay whole on every rank (module docstring).
+            options["ignored_params"] = quantised
         for unit in sharded_units(model):
             fully_shard(unit, **options)
         fully_shard(model, **options)
