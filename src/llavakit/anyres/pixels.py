@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -44,6 +45,8 @@ ALPHA_MODES = ("white", "drop")
 _RESAMPLE = {name: Image.Resampling[name.upper()] for name in RESAMPLE_FILTERS}
 # transformers rescales by this float64 factor before casting to float32; reuse it for identical rounding.
 _RESCALE = 1 / 255
+# A scheme such as https:// (pathlib folds its "//" into "/"); two letters at least, so C:/ stays a path.
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
 
 
 def load_image(
@@ -126,12 +129,17 @@ def _read_file(source: str | os.PathLike, label: str) -> bytes:
 
 
 def _check_file(path: Path, label: str) -> None:
-    if not path.is_file():
-        reason = "is a directory" if path.is_dir() else "does not exist"
+    """Refuse a path that is no file. The message names the path as given and as looked for; callers that resolve
+    it against a folder of their own (datasets) add where it came from (`llavakit.data.images`)."""
+    if path.is_file():
+        return
+    if _URL.match(str(path)):
         raise ImageError(
-            f"{label} {reason} (looked for {path.absolute()}): check the path; for a dataset, the image folder "
-            "(--image-folder) and the sample's image field"
+            f"{label} is a URL, but images are read from local files here: download it first (e.g. `curl -O URL`) "
+            "and pass the file"
         )
+    reason = "is a directory" if path.is_dir() else "does not exist"
+    raise ImageError(f"{label} {reason} (looked for {path.absolute()}): check the path")
 
 
 def _open(source: str | os.PathLike | bytes, label: str) -> Image.Image:

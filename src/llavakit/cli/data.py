@@ -84,6 +84,8 @@ def _register_inspect(actions: argparse._SubParsersAction) -> None:
 
 def run_inspect(args: argparse.Namespace) -> int:
     """Run `llavakit.data.inspect.inspect_data` and print its report; 1 when errors exceed the threshold."""
+    from pathlib import Path
+
     from llavakit.data.inspect import (
         DEFAULT_DECODE_WORKERS,
         InspectOptions,
@@ -94,6 +96,17 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers {args.workers} must be at least 1")
+    if not 0.0 <= args.max_error_fraction <= 1.0:
+        raise ConfigError(
+            f"--max-error-fraction {args.max_error_fraction} must be a fraction between 0 and 1 (e.g. 0.01 for 1%)"
+        )
+    if Path(args.data).is_dir():
+        raise ConfigError(f"{args.data} is a folder: pass a LLaVA .json / .jsonl file or a .yaml mixture")
+    if not Path(args.image_folder).is_dir():
+        raise ConfigError(
+            f"--image-folder {args.image_folder} is not a folder: pass the folder the samples' image paths are "
+            "relative to"
+        )
 
     tokenizer, image_spec = load_tokenizer_and_spec(args.tokenizer, args.image_spec)
     options = InspectOptions(
@@ -140,6 +153,10 @@ def _register_synth(actions: argparse._SubParsersAction) -> None:
 def run_synth(args: argparse.Namespace) -> int:
     """Run `llavakit.data.synth.generate_synth` and print the counts."""
     from llavakit.data.synth import SynthConfig, generate_synth
+    from llavakit.errors import ConfigError
+
+    if args.n < 2 or args.heldout < 1:
+        raise ConfigError(f"--n {args.n} / --heldout {args.heldout}: need --n >= 2 and --heldout >= 1")
 
     config = SynthConfig(n_train=args.n, n_heldout=args.heldout, seed=args.seed)
     dataset = generate_synth(args.out_dir, config, overwrite=args.overwrite)

@@ -53,19 +53,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_build(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from transformers import AutoConfig
-
     from llavakit.anyres.geometry import parse_pinpoints
-    from llavakit.errors import CheckpointError
+    from llavakit.errors import CheckpointError, ConfigError
     from llavakit.io_safety import check_separate
-    from llavakit.model.checkpoint import save_checkpoint
+    from llavakit.model.checkpoint import part_config, save_checkpoint
     from llavakit.model.llava_next import LlavaNextModel, default_image_spec
-    from llavakit.model.vision import backbone_for_model_type
+    from llavakit.model.vision import VISION_BACKBONES, backbone_for_model_type
 
     sources = [args.vision, args.llm]
     check_separate(args.out, sources, CheckpointError, "model build")  # before the (long) load
-    vision_config = AutoConfig.from_pretrained(args.vision)
-    backbone = backbone_for_model_type(vision_config.model_type)
+    vision_config = part_config(args.vision, "--vision")
+    part_config(args.llm, "--llm")  # a missing or unreachable LLM fails here, not after the vision tower loads
+    try:
+        backbone = backbone_for_model_type(vision_config.model_type)
+    except ConfigError:
+        raise CheckpointError(
+            f"--vision {args.vision} holds a {vision_config.model_type!r} model, not a vision encoder llavakit "
+            f"knows ({', '.join(VISION_BACKBONES.names())}): pass a CLIP or SigLIP folder or Hub id"
+        ) from None
     vision_config = getattr(vision_config, "vision_config", vision_config)
     spec = default_image_spec(vision_config, backbone.image_mean, backbone.image_std)
     changes = {"aspect_ratio": args.aspect_ratio, "merge_type": args.merge_type}
@@ -126,6 +131,8 @@ def run_tokens(args: argparse.Namespace) -> int:
             width, height = (int(x) for x in text.lower().split("x"))
         except ValueError:
             raise ConfigError(f"image size {text!r} is not WIDTHxHEIGHT (e.g. 640x480)") from None
+        if width < 1 or height < 1:
+            raise ConfigError(f"image size {text!r}: width and height must be positive (e.g. 640x480)")
         rows, cols = grid_shape((height, width), spec) if spec.uses_anyres else (0, 0)
         tiles = 1 + rows * cols
         print(f"{width}x{height}: {count_visual_tokens((height, width), spec, tiled=spec.uses_anyres)} visual tokens, "

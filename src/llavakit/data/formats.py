@@ -48,6 +48,8 @@ def read_records(path: str | Path, issues: IssueLog) -> Iterator[Record]:
     going on would silently train on a shorter dataset. A file that is not UTF-8 raises `DataError` too.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"data file {path} is a folder; point at a LLaVA .json / .jsonl file (or a YAML mixture)")
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     if path.suffix == ".jsonl":

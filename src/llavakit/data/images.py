@@ -15,6 +15,7 @@ import torch
 
 from llavakit.anyres.pixels import image_size, load_image, process_image
 from llavakit.anyres.spec import ImageSpec
+from llavakit.errors import ImageError
 
 
 def resolve_image_path(image_folder: str | Path, relative: str) -> Path:
@@ -25,8 +26,17 @@ def resolve_image_path(image_folder: str | Path, relative: str) -> Path:
 
 def read_image_size(path: str | Path) -> tuple[int, int]:
     """``(height, width)`` from the file header, without decoding pixels; `ImageError` if missing, unreadable, or
-    outside the limits that `load_pixels` applies (a side below 2 px, more than 8192² pixels)."""
-    return image_size(path)
+    outside the limits that `load_pixels` applies (a side below 2 px, more than 8192² pixels). A missing file's
+    message says where a dataset's image paths come from (the loader's own message cannot: chat has no folder)."""
+    try:
+        return image_size(path)
+    except ImageError as err:
+        if Path(path).is_file():
+            raise
+        raise ImageError(
+            f"{err}; a sample's image path is its 'image' field under the image folder (data.image_folder, "
+            "--image-folder)"
+        ) from None
 
 
 def load_pixels(path: str | Path, spec: ImageSpec, tiled: bool) -> torch.Tensor:

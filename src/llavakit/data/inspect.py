@@ -4,7 +4,8 @@
 code as training (`llavakit.data.prepare`), and collects: sample count, modality split, bad samples by kind with
 ids and ``file:line`` (JSON errors, missing/unreadable images, invalid conversations, nothing to supervise), token
 lengths after image expansion, truncated and dropped counts, and tiles per image. `InspectReport.render` prints
-it; ``passed`` is False when the fraction of bad samples exceeds the threshold.
+it; ``passed`` is False when the fraction of bad and dropped samples exceeds the threshold (training counts
+samples dropped as too long against ``max_skip_fraction`` the same way), or when the data holds no sample at all.
 
 Image sizes come from file headers, checked with the loader's limits (smallest side, largest pixel count). Pixel
 data is only decoded with ``decode=True``: then every image of a usable sample goes through the training loader's
@@ -96,6 +97,7 @@ class InspectReport:
     num_truncated: int = 0
     num_downscaled: int = 0
     num_dropped: int = 0
+    dropped_examples: list[str] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
     tiles_per_image: Counter = field(default_factory=Counter)
     shown: list[str] = field(default_factory=list)
@@ -110,10 +112,16 @@ class InspectReport:
         return self.issues.total
 
     @property
+    def num_seen(self) -> int:
+        """Samples read, and records too malformed to read."""
+        return self.num_samples + self.issues.counts["json"]
+
+    @property
     def passed(self) -> bool:
-        """True when the fraction of bad samples is within ``max_error_fraction``."""
-        seen = self.num_samples + self.issues.counts["json"]
-        return not seen or self.num_bad / seen <= self.options.max_error_fraction
+        """True when the data holds samples and the fraction of bad or dropped ones is within
+        ``max_error_fraction``."""
+        lost = self.num_bad + self.num_dropped
+        return self.num_seen > 0 and lost / self.num_seen <= self.options.max_error_fraction
 
     def render(self) -> str:
         """The report as text."""
@@ -128,6 +136,7 @@ class InspectReport:
             f"  text-only: {text_only}",
             f"usable: {len(self.lengths)}  truncated: {self.num_truncated}  downscaled: {self.num_downscaled}  "
             f"dropped (too long): {self.num_dropped}  bad: {self.num_bad}",
+            *(f"    e.g. {message}" for message in self.dropped_examples),
             "bad samples by kind:",
             self.issues.summary(),
             "tokens per sample after image expansion:",
@@ -138,10 +147,14 @@ class InspectReport:
         ]
         for number, sample in enumerate(self.shown):
             lines += [f"--- sample {number} (supervised spans in ⟦ ⟧) ---", sample]
-        verdict = (
-            "PASS" if self.passed else f"FAIL: more than {self.options.max_error_fraction:.2%} bad samples"
-        )
-        return "\n".join([*lines, verdict])
+        return "\n".join([*lines, self._verdict()])
+
+    def _verdict(self) -> str:
+        if not self.num_seen:
+            return f"FAIL: {self.options.data_path} holds no samples"
+        if self.passed:
+            return "PASS"
+        return f"FAIL: more than {self.options.max_error_fraction:.2%} of the samples are bad or dropped as too long"
 
     def _render_decoding(self) -> str:
         if not self.options.decode:
@@ -189,8 +202,10 @@ def _inspect_record(
             max_length=options.model_max_length,
             truncation_policy=options.truncation_policy,
         )
-    except SampleTooLong:
+    except SampleTooLong as err:
         report.num_dropped += 1
+        if len(report.dropped_examples) < REPORTED_EXAMPLES:
+            report.dropped_examples.append(str(err))
         return
     if prepared is None:
         return

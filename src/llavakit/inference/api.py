@@ -204,6 +204,11 @@ def load(
         )
     path = resolve_checkpoint(path)
     model = LlavaNextModel.from_pretrained(path, dtype=dtype, device=device)
+    if model.tokenizer is None:
+        raise CheckpointError(
+            f"{path} holds no tokenizer files (tokenizer.json / tokenizer_config.json): copy them from the LLM "
+            "the model was built from, or re-save the checkpoint with its tokenizer"
+        )
     return Assistant(
         model,
         SamplingParams(**sampling),

@@ -414,6 +414,35 @@ def _read_json(file: Path) -> dict[str, Any]:
     return data
 
 
+def part_config(source: str, what: str) -> Any:
+    """The transformers config of a part (vision tower or LLM) given as a folder or a Hub id.
+
+    Why: transformers reports a missing folder as a malformed Hub repo id, with a traceback.
+
+    Args:
+        source: a local folder or a Hub model id (``owner/name``).
+        what: how messages name the source, e.g. ``--vision`` or ``model.llm``.
+
+    Raises:
+        CheckpointError: a folder without ``config.json``, a path that does not exist, or a Hub id that cannot be
+            fetched (offline and not cached, unknown, gated).
+    """
+    from transformers import AutoConfig
+
+    path = Path(source)
+    if path.is_dir() and not (path / CONFIG_NAME).is_file():
+        raise CheckpointError(f"{what} {source} holds no {CONFIG_NAME}: pass the model's folder (or a Hub id)")
+    if not path.exists() and (source.count("/") != 1 or source.startswith((".", "/", "~"))):
+        raise CheckpointError(f"{what} {source} does not exist: pass a model folder or a Hub id (owner/name)")
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{what} {source} cannot be loaded ({err}); pass a model folder, or a Hub id that is downloaded "
+            "(offline) or reachable"
+        ) from None
+
+
 def _use_checkpoint_template(tokenizer: Any, chat_template: str | None, template: str, path: Path) -> None:
     """Give the tokenizer the folder's chat template (the one transformers' processor and vLLM use), which template
     ``processor`` renders with; it may differ from the tokenizer's own (llava-hf's multimodal processor template next

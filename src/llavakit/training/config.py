@@ -30,6 +30,8 @@ ATTENTION = ("sdpa", "eager", "flash_attention_2", "sdpa_varlen")
 # (`llavakit.data.packing.VARLEN_ATTENTION`; repeated here so that checking a config imports no torch).
 VARLEN_ATTENTION = ("flash_attention_2", "sdpa_varlen")
 REPORTERS = ("tensorboard", "wandb", "none")
+# torch.finfo(torch.float32).max, repeated here so that checking a config imports no torch.
+FLOAT32_MAX = 3.4028234663852886e38
 # `llavakit.model.loss.LOSS_KERNELS`, repeated here so that checking a config imports no torch.
 LOSS_KERNELS = ("logits", "chunked", "liger")
 
@@ -232,6 +234,15 @@ class OptimConfig:
             )
         if not (math.isfinite(self.eps) and self.eps > 0):
             raise ConfigError(f"optim.eps must be a small positive number (e.g. 1e-8), got {self.eps}")
+        for name in ("lr", "vision_tower_lr", "projector_lr"):
+            value = getattr(self, name)
+            first_step = (value or 0.0) / (1.0 - self.betas[0])  # AdamW's bias-corrected step size at step 1
+            if first_step >= FLOAT32_MAX:
+                raise ConfigError(
+                    f"optim.{name} {value} is too large: AdamW's first step moves weights by {name} / (1 - beta1) "
+                    f"= {first_step:.3g}, beyond float32's range, so the update cannot even be computed; "
+                    "learning rates are usually 1e-6 to 1e-3"
+                )
 
 
 @dataclass

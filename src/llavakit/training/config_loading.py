@@ -39,6 +39,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The raw mapping of a YAML config file; `ConfigError` when missing, invalid or not a mapping."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; pass a YAML config file (or --recipe NAME)")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:

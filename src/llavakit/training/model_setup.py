@@ -48,6 +48,7 @@ from llavakit.anyres.spec import ImageSpec
 from llavakit.data.templates import check_system_prompt, get_template
 from llavakit.distributed import DistContext, barrier
 from llavakit.errors import CheckpointError, ConfigError
+from llavakit.model.checkpoint import part_config
 from llavakit.model.llava_next import LlavaNextModel, default_image_spec
 from llavakit.model.projector import load_upstream_projector_state, read_upstream_projector_file
 from llavakit.model.vision import backbone_for_model_type
@@ -87,6 +88,9 @@ def preflight(config: TrainConfig, world_size: int) -> None:
         if data.image_folder is not None and not Path(data.image_folder).is_dir():
             raise ConfigError(f"{where}: data.image_folder {data.image_folder!r} is not a directory")
         stage.accumulation_steps(world_size)
+    for field in ("vision", "llm"):
+        if getattr(config.model, field):
+            part_config(getattr(config.model, field), f"model.{field}")
     projector_file = config.model.pretrained_projector
     if projector_file and config.model.vision:
         check_projector_file(projector_file, config.model.vision, config.model.llm)
@@ -115,8 +119,8 @@ def _check_lora(config: TrainConfig) -> None:
 def check_projector_file(path: str, vision: str, llm: str) -> None:
     """Compare an upstream ``mm_projector.bin``'s shapes with the two parts' hidden sizes (configs only)."""
     state = read_upstream_projector_file(path)
-    vision_size = _hidden_size(AutoConfig.from_pretrained(vision))
-    llm_size = _hidden_size(AutoConfig.from_pretrained(llm))
+    vision_size = _hidden_size(part_config(vision, "model.vision"))
+    llm_size = _hidden_size(part_config(llm, "model.llm"))
     first = state.get("linear_1.weight")
     last = state[
         max((k for k in state if k.endswith(".weight")), key=lambda k: int(k.split("_")[1].split(".")[0]))
