@@ -116,3 +116,32 @@ def test_stages_record_and_inherit_the_system_prompt_with_their_template():
 def test_non_positive_max_steps_is_refused(steps):
     with pytest.raises(ConfigError, match="max_steps must be positive"):
         StageConfig(max_steps=steps)
+
+
+def test_num_workers_auto_resolves_by_device_and_cache(monkeypatch):
+    import torch
+
+    from llavakit.training.trainer import loader_workers
+
+    config = config_from_dict({"run_dir": "r", "stages": [{"name": "finetune", "data": {"path": "d.json"}}]})
+    section = config.stages[0].data
+    assert section.num_workers == "auto"
+    assert loader_workers(section, torch.device("cpu")) == 0
+    monkeypatch.setattr("os.sched_getaffinity", lambda _: set(range(16)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert loader_workers(section, torch.device("cuda", 0)) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert loader_workers(section, torch.device("cuda", 0)) == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert loader_workers(section, torch.device("cuda", 0)) == 0
+    cached = config_from_dict(
+        {"run_dir": "r", "stages": [{"name": "finetune", "data": {"path": "d.json", "cache_samples": True}}]}
+    )
+    assert loader_workers(cached.stages[0].data, torch.device("cuda", 0)) == 0
+    explicit = apply_overrides(
+        {"run_dir": "r", "stages": [{"name": "finetune", "data": {"path": "d.json"}}]}, ["stages.0.data.num_workers=2"]
+    )
+    assert loader_workers(config_from_dict(explicit).stages[0].data, torch.device("cpu")) == 2
+    for bad, message in (("many", "must be 'auto' or a number"), (1.5, "expected int or str")):
+        with pytest.raises(ConfigError, match=message):
+            config_from_dict({"run_dir": "r", "stages": [{"name": "finetune", "data": {"path": "d.json", "num_workers": bad}}]})

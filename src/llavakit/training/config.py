@@ -105,7 +105,9 @@ class DataSection:
         group_by_length: transformers' length-grouped sampler (batches of similar length, least padding). Where
             length follows the kind of sample, its batches hold one kind each: on the demo it cut padding from 26 %
             to 2 % but left shapes and words unlearnt (docs/demo-calibration.md has the numbers).
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes, or ``auto``: none on a CPU device (the training step already
+            uses every core) or with ``cache_samples``; on a GPU one fewer than the CPU cores each local rank has,
+            at most 8 (`llavakit.training.trainer.loader_workers`).
         cache_samples: build each sample once and serve it from memory afterwards: for small datasets trained for
             many epochs (the demo); it holds every sample's pixels. Needs ``num_workers`` 0 (workers restart every
             epoch, so their caches would be rebuilt each time).
@@ -130,7 +132,7 @@ class DataSection:
     padding_free: bool = False
     group_by_modality_length: bool = False
     group_by_length: bool = False
-    num_workers: int = 0
+    num_workers: int | str = "auto"
     cache_samples: bool = False
     upstream_quirks: bool = True
     truncation_policy: str = "drop"
@@ -142,7 +144,9 @@ class DataSection:
     def __post_init__(self) -> None:
         if self.max_length <= 0:
             raise ConfigError(f"data.max_length must be positive, got {self.max_length}")
-        if self.num_workers < 0:
+        if isinstance(self.num_workers, str) and self.num_workers != "auto":
+            raise ConfigError(f"data.num_workers must be 'auto' or a number >= 0, got {self.num_workers!r}")
+        if isinstance(self.num_workers, int) and self.num_workers < 0:
             raise ConfigError(
                 f"data.num_workers must be >= 0 (0 loads data in the training process), got {self.num_workers}"
             )
@@ -174,7 +178,7 @@ class DataSection:
             raise ConfigError(
                 "choose one of data.packing and data.padding_free: packed rows hold no padding already"
             )
-        if self.cache_samples and self.num_workers:
+        if self.cache_samples and self.num_workers not in (0, "auto"):
             raise ConfigError(
                 "data.cache_samples needs data.num_workers 0: DataLoader workers restart every epoch and would "
                 "rebuild their caches each time"

@@ -112,8 +112,17 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [arg for arg in args if arg is not type(None)]
-        return _coerce(inner, value, where)
+        options = [arg for arg in args if arg is not type(None)]
+        for option in options[:-1]:
+            try:
+                return _coerce(option, value, where)
+            except ConfigError:
+                continue
+        try:
+            return _coerce(options[-1], value, where)
+        except ConfigError:
+            names = " or ".join(getattr(option, "__name__", str(option)) for option in options)
+            raise ConfigError(f"{where}: expected {names}, got {value!r}") from None
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where)
     if origin in (list, tuple):

@@ -258,7 +258,7 @@ class Trainer:
                 self.data.dataset,
                 batch_sampler=batches,
                 collate_fn=self.data.collate,
-                num_workers=self.stage.data.num_workers,
+                num_workers=loader_workers(self.stage.data, self.context.device),
                 # Page-locked batches let the host-to-GPU copies run asynchronously (`_model_inputs`).
                 pin_memory=self.context.device.type == "cuda",
                 # Its own generator: drawn from the global one, the loader's seed would shift every later dropout
@@ -463,6 +463,23 @@ class Trainer:
         for hook in self.hooks:
             hook(event)
         self.model.train()
+
+
+def loader_workers(section: Any, device: torch.device) -> int:
+    """DataLoader worker processes for a stage's data section (``data.num_workers``; ``auto`` resolved).
+
+    ``auto``: 0 on a CPU device, where the training step already keeps every core busy and workers would only
+    take cores from it, and with ``cache_samples`` (workers restart every epoch and would lose the cache). On a GPU,
+    decoding and tiling AnyRes images must keep up with the step: one fewer than the CPU cores this local rank has
+    (the training process keeps one), at most 8, as upstream's scripts use 4-16.
+    """
+    if section.num_workers != "auto":
+        return section.num_workers
+    if device.type == "cpu" or section.cache_samples:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_rank = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(8, per_rank - 1))
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

@@ -203,7 +203,7 @@ def _stage(flags: _Flags, world_size: int) -> dict[str, Any]:
             "max_length": flags.number("model_max_length", int, 512),
             "group_by_modality_length": flags.boolean("group_by_modality_length"),
             "group_by_length": flags.boolean("group_by_length"),
-            "num_workers": flags.number("dataloader_num_workers", int, 0),
+            "num_workers": flags.number("dataloader_num_workers", int, "auto"),
         },
         "optim": {
             "lr": flags.number("learning_rate", float, 5e-5),
