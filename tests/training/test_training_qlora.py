@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -13,9 +14,10 @@ from training_helpers import debug_config, debug_stage
 from llavakit.anyres.geometry import count_visual_tokens
 from llavakit.anyres.pixels import process_image
 from llavakit.distributed import init_distributed
-from llavakit.errors import ConfigError
+from llavakit.errors import ConfigError, TrainingError
 from llavakit.model.llava_next import LlavaNextModel
 from llavakit.training import lora
+from llavakit.training.config import LoraConfig
 from llavakit.training.config_loading import config_from_dict
 from llavakit.training.data import build_train_data
 from llavakit.training.trainer import Trainer, train
@@ -135,3 +137,65 @@ def test_qlora_stage_resumes_from_its_checkpoint(tmp_path, synth):
     assert second.state.step == 2
     resumed = dict(second.unwrapped.named_parameters())
     assert all(torch.equal(resumed[n], tensor) for n, tensor in saved.items())
+
+
+def _qlora_model(preset_parts) -> LlavaNextModel:
+    """The debug model with its LLM in 4 bits and adapters whose ``lora_B`` is not zero (so merges add them)."""
+    config = LoraConfig(enabled=True, bits=4, r=4, alpha=8, dropout=0.0)
+    llm_kwargs = {"quantization_config": lora.quantization_config(config, torch.float32), "device_map": "cpu"}
+    model = LlavaNextModel.from_parts(
+        **preset_parts("debug-clip-llama").from_parts_kwargs(), llm_kwargs=llm_kwargs
+    )
+    lora.apply_lora(model, config)
+    lora.initialise_adapters(model, seed=0)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return model.train()
+
+
+def _adapter_gradients(llm: torch.nn.Module, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    llm.zero_grad()
+    llm(input_ids=input_ids).logits.pow(2).mean().backward()
+    return {name: p.grad.clone() for name, p in llm.named_parameters() if p.grad is not None}
+
+
+def test_qlora_trains_and_merges_the_same_weights_after_an_eval_mode_forward(preset_parts):
+    """An eval section or a generation runs the quantised LLM in eval mode without gradients: on a CPU with
+    AVX512-BF16, bitsandbytes would repack its 4-bit layers for its inference kernel there (lossy), after which no
+    gradient flows back through them and their bytes no longer dequantise to the trained weights. Training and the
+    merged export must not change (on other machines bitsandbytes never repacks and this holds trivially)."""
+    model = _qlora_model(preset_parts)
+    input_ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    expected_merge = lora.merge_lora(copy.deepcopy(model)).llm.state_dict()
+    expected_gradients = _adapter_gradients(model.llm, input_ids)
+    model.eval()
+    with torch.no_grad():
+        model.llm(input_ids=input_ids)
+    model.train()
+    gradients = _adapter_gradients(model.llm, input_ids)
+    assert gradients.keys() == expected_gradients.keys()
+    for name, gradient in expected_gradients.items():
+        torch.testing.assert_close(gradients[name], gradient, rtol=1e-5, atol=1e-7, msg=name)
+    merged = lora.merge_lora(model).llm.state_dict()
+    assert merged.keys() == expected_merge.keys()
+    for name, tensor in expected_merge.items():
+        assert torch.equal(merged[name], tensor), name
+
+
+def test_qlora_merge_refuses_a_layer_repacked_for_the_cpu_kernel(preset_parts):
+    """A layer bitsandbytes repacked (outside llavakit's training, which turns that off) cannot be dequantised
+    exactly: its block scales were rounded to bf16. The merge names it instead of exporting wrong weights."""
+    model = _qlora_model(preset_parts)
+    layer = next(
+        m for name, m in model.llm.named_modules() if isinstance(m, bnb.nn.Linear4bit) and "q_proj" in name
+    )
+    weight = layer.weight
+    # What Linear4bit.forward does in eval mode on such a CPU (bitsandbytes 0.50).
+    weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(
+        weight.data, weight.quant_state
+    )
+    with pytest.raises(TrainingError, match=r"QLoRA layer .*q_proj.*repacked its 4-bit weight .* not merged"):
+        lora.merge_lora(model)

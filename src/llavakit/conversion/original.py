@@ -20,6 +20,7 @@ import json
 import re
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,32 +98,106 @@ def import_original(
         template: chat template id; default: the LLM family's (upstream never stores its ``--version``).
         dtype: parameter dtype (default float32).
     """
-    from transformers import AutoConfig, AutoTokenizer
+    model, tokenizer = load_original(path, vision, template)
+    add_image_token(model, tokenizer)
+    return cast_parameters(model, dtype or torch.float32).eval()
+
+
+def is_original_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a folder of an original-layout LLaVA checkpoint (an original ``model_type`` in its
+    ``config.json``, no llava-hf ``text_config``)."""
+    config_path = Path(path) / "config.json"
+    try:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("model_type") in ORIGINAL_MODEL_TYPES and "text_config" not in data
+
+
+@dataclass(frozen=True)
+class OriginalLayout:
+    """What an original checkpoint folder becomes, read from its ``config.json`` and its tower's (no weights).
+
+    Attributes:
+        config: the llavakit config `import_original` builds the model from (before ``<image>`` is added).
+        tower: where the vision tower's architecture (and weights, when the folder has none) come from.
+    """
+
+    config: LlavaKitConfig
+    tower: str
+
+
+def original_layout(
+    path: str | Path, weight_keys: Iterable[str], vision: str | None = None, template: str | None = None
+) -> OriginalLayout:
+    """The llavakit config of the original folder ``path`` whose weight files hold ``weight_keys``.
+
+    Args:
+        path: the folder.
+        weight_keys: the keys of its weight files (they tell how many vision layers a saved tower kept).
+        vision, template: as for `import_original`.
+
+    Raises:
+        CheckpointError: not an original checkpoint, or no readable vision tower config.
+    """
+    from transformers import AutoConfig
 
     path = Path(path)
     original = _read_json(path / "config.json")
     model_type = _llm_model_type(original, path)
-    weights = _read_weights(path)
     tower_source = vision or original.get("mm_vision_tower")
     if not tower_source:
         raise CheckpointError(f"{path}/config.json has no mm_vision_tower; pass vision=<hub id or folder>")
-    tower_config = AutoConfig.from_pretrained(tower_source)
+    try:
+        tower_config = AutoConfig.from_pretrained(tower_source)
+    except OSError as err:
+        raise CheckpointError(
+            f"{path}: its vision tower {tower_source!r} (mm_vision_tower, or the vision given) cannot be read "
+            f"({err}); download it, or point mm_vision_tower in {path}/config.json at a local copy"
+        ) from None
     backbone = backbone_for_model_type(tower_config.model_type)
     tower_config = getattr(tower_config, "vision_config", tower_config)
-    vision_config = _present_vision_layers(tower_config.to_dict(), weights)
+    vision_config = _present_vision_layers(tower_config.to_dict(), weight_keys)
     config = _config_from_original(original, model_type, backbone.id, vision_config, template)
     if backbone.id == "siglip" and vision_config["num_hidden_layers"] < tower_config.num_hidden_layers:
         # LLaVA-NeXT's SigLIP tower deletes its last layer and reads the output of the (new) last one,
         # ignoring mm_vision_select_layer: reproduce that exactly.
         config.select_layer = -1
+    return OriginalLayout(config, str(tower_source))
+
+
+def original_saved_dtype(path: str | Path) -> torch.dtype:
+    """The dtype an original folder's ``config.json`` records its weights in (float32 when it records none)."""
+    original = _read_json(Path(path) / "config.json")
+    saved = str(original.get("torch_dtype") or original.get("dtype") or "float32")
+    return getattr(torch, saved, torch.float32)
+
+
+def load_original(
+    path: str | Path,
+    vision: str | None = None,
+    template: str | None = None,
+    attn_implementation: str | None = None,
+) -> tuple[LlavaNextModel, Any]:
+    """`import_original` up to ``<image>``: the model with the folder's weights (before any cast), and its tokenizer.
+
+    `add_image_token` then gives ``<image>`` its row; training draws that row from its own seed
+    (`llavakit.training.model_setup`).
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    _llm_model_type(_read_json(path / "config.json"), path)  # a folder of another kind fails before reading weights
+    weights = _read_weights(path)
+    layout = original_layout(path, weights, vision, template)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = LlavaNextModel.from_config(config, tokenizer=tokenizer)
+    model = LlavaNextModel.from_config(layout.config, tokenizer=tokenizer, attn_implementation=attn_implementation)
     if not any(key.startswith("model.vision_tower.") for key in weights):
-        vision_model = VISION_BACKBONES.get(backbone.id).model_class.from_pretrained(tower_source)
+        backbone = VISION_BACKBONES.get(layout.config.vision_encoder)
+        vision_model = backbone.model_class.from_pretrained(layout.tower)
         weights = {**weights, **{ours_to_original(f"vision_encoder.model.{k}"): v for k, v in vision_model.state_dict().items()}}
     load_state_strict(model, weights, path, original_to_ours)
-    _add_image_token(model, tokenizer)
-    return cast_parameters(model, dtype or torch.float32).eval()
+    return model, tokenizer
 
 
 def _llm_model_type(original: dict[str, Any], path: Path) -> str:
@@ -165,13 +240,13 @@ def _config_from_original(
         select_layer=int(original.get("mm_vision_select_layer", -1)),
         image_spec=spec,
         template=template or family_for(model_type).default_template,
-        image_token_id=-1,  # upstream has no <image> token; `_add_image_token` assigns one
+        image_token_id=-1,  # upstream has no <image> token; `add_image_token` assigns one
         pad_token_id=original.get("pad_token_id"),
         padding_side=original.get("tokenizer_padding_side", "right"),
     )
 
 
-def _present_vision_layers(vision_config: dict[str, Any], weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _present_vision_layers(vision_config: dict[str, Any], weights: Iterable[str]) -> dict[str, Any]:
     """The vision config, with ``num_hidden_layers`` cut to the layers the checkpoint holds (if it holds any)."""
     indices = {int(m.group(1)) for key in weights if (m := re.search(r"vision_tower\.vision_tower\..*encoder\.layers\.(\d+)\.", key))}
     if indices:
@@ -179,8 +254,11 @@ def _present_vision_layers(vision_config: dict[str, Any], weights: dict[str, tor
     return vision_config
 
 
-def _add_image_token(model: LlavaNextModel, tokenizer: Any) -> None:
-    """Give ``<image>`` a vocabulary row (upstream uses the out-of-vocabulary sentinel -200)."""
+def add_image_token(model: LlavaNextModel, tokenizer: Any) -> None:
+    """Give ``<image>`` a vocabulary row (upstream uses the out-of-vocabulary sentinel -200).
+
+    A tokenizer without ``<image>`` grows the embeddings (and an untied head) by transformers' mean-resizing, which
+    draws the new rows from the generator."""
     old_size = model.llm.get_input_embeddings().weight.shape[0]
     model.config.image_token_id = ensure_image_token(tokenizer)
     if len(tokenizer) > old_size:
@@ -189,6 +267,9 @@ def _add_image_token(model: LlavaNextModel, tokenizer: Any) -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
+
+
+_add_image_token = add_image_token  # the name `llavakit.conversion.xtuner` imports
 
 
 def export_original(model: LlavaNextModel, path: str | Path, sources: Iterable[str | Path] = ()) -> Path:
@@ -294,11 +375,16 @@ def _read_json(file: Path) -> dict[str, Any]:
         raise CheckpointError(f"{file}: invalid JSON at line {err.lineno}: {err.msg}") from None
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+def original_weight_files(path: Path) -> list[Path]:
+    """The weight files of an original folder: its ``*.safetensors``, else its ``pytorch_model*.bin`` pickles."""
     files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
     if not files:
         raise CheckpointError(f"{path} has no *.safetensors or pytorch_model*.bin weight files")
+    return files
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    for file in files:
+    for file in original_weight_files(path):
         state.update(read_tensor_file(file))
     return state

@@ -211,12 +211,13 @@ class LlavaKitConfig:
             raise CheckpointError(
                 f"{source}: model_type {model_type!r} is not a LLaVA checkpoint in the llava-hf layout "
                 "(expected 'llava', 'llava_next' or 'llava_onevision'); original LLaVA checkpoints need "
-                "`llavakit convert from-original` first"
+                "`llavakit convert from-original` first (training reads them directly as model.path)"
             )
         if model_type == "llava" and "text_config" not in data and "mm_vision_tower" in data:
             raise CheckpointError(
                 f"{source}: an original LLaVA checkpoint (model_type 'llava' with mm_* fields, no text_config); "
-                "convert it with `llavakit convert from-original SRC OUT` first"
+                "convert it with `llavakit convert from-original SRC OUT` first (training reads it directly as "
+                "model.path)"
             )
         for key in ("vision_config", "text_config"):
             if not isinstance(data.get(key), dict):

@@ -31,15 +31,29 @@ neither checkpoints nor the export could be written), ``strategy.cpu_offload``, 
 ``ignored_params``). The export gathers the sharded tensors into a skeleton whose quantised layers are copies of
 the trained (replicated) ones (`peft_skeleton`), then dequantises and merges as above.
 
+Adapter initial values (`initialise_adapters`) are the same in every strategy and follow the run's ``seed``: peft's
+default initialisation (``init_lora_weights=True``: ``lora_A`` Kaiming-uniform with ``a=sqrt(5)``, ``lora_B``
+zeros, so the adapted model starts equal to the base model; for embedding targets ``lora_embedding_A`` zeros and
+``lora_embedding_B`` standard normal) drawn from a generator of its own seeded with the run's seed, as whole tensors
+in the model's parameter order, each FSDP2 rank keeping its rows, so the values depend neither on the strategy, nor
+on the world size, nor on what drew from the global generator before. peft's own draws (from the global generator,
+overwritten) run in a forked generator state, so applying LoRA does not shift the global stream either.
+
 LoRA under FSDP2: the adapters live inside the decoder layers, so each layer's FSDP2 group holds its frozen base
 weights and its trainable adapters together (FSDP2 reduces gradients only of parameters that require them). Under
-FSDP2 from a checkpoint the model is built on the meta device (`llavakit.training.sharded_load`): peft renames the
-adapted weights (``llm.base_model.model.<name>``, ``<linear>.base_layer.weight``), so `peft_checkpoint_keys` maps
-the sharded source's names onto the wrapped ones, and `initialise_sharded_adapters` fills the adapters after the
-shards are read (peft's initialisation ran on meta tensors): ``lora_A`` with peft's default (Kaiming-uniform,
-``a=sqrt(5)``) drawn as whole tensors from a fixed seed, each rank keeping its rows, so the values do not depend on
-the world size (the run's ``seed`` does not reach the strategy); ``lora_B`` zeros, so the adapted model starts equal
-to the base model.
+FSDP2 the model is built on the meta device (`llavakit.training.sharded_load`, from a checkpoint or from parts):
+peft renames the adapted weights (``llm.base_model.model.<name>``, ``<linear>.base_layer.weight``), so
+`peft_checkpoint_keys` maps the sharded source's names onto the wrapped ones, and the adapters (meta tensors until
+then) get their values from `initialise_sharded_adapters` after the shards are read, with the seed
+`initialise_adapters` recorded on the model.
+
+QLoRA on CPU: bitsandbytes (0.50) repacks a ``Linear4bit``'s weight for its AVX512-BF16 inference kernel at the
+first eval-mode forward without gradients (an evaluation section, a generation) and keeps it so: the block scales
+are rounded to bf16 and the double-quantisation statistics dropped (its inverse only re-quantises those), later
+train-mode forwards run that kernel, through which no gradient flows back to the layer's input, and the packed
+bytes no longer dequantise to the weights. `apply_lora` therefore turns the repacking off on the quantised layers
+it prepares, and `merge_lora` refuses a layer found repacked (`TrainingError`) rather than merge weights it cannot
+recover exactly.
 
 Export writes the merged model and, besides it, the adapters alone (`save_adapter`: peft's ``adapter_config.json``
 + ``adapter_model.safetensors`` in ``<stage>/final/adapter/``), loadable with ``PeftModel.from_pretrained`` onto
@@ -60,7 +74,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from llavakit.errors import CheckpointError, ConfigError
+from llavakit.errors import CheckpointError, ConfigError, TrainingError
 from llavakit.model.llava_next import LlavaNextModel
 from llavakit.training.config import LoraConfig
 
@@ -72,8 +86,8 @@ ADAPTER_DIR = "adapter"
 # LoRA layer.
 _PEFT_PREFIX = "llm.base_model.model."
 _BASE_LAYER = ".base_layer."
-# Seed of the adapters' initial values when they are filled after a sharded load (`initialise_sharded_adapters`).
-SHARDED_ADAPTER_SEED = 0
+# Where `initialise_adapters` leaves a meta model's adapter seed for `initialise_sharded_adapters`.
+_ADAPTER_SEED_ATTRIBUTE = "_llavakit_adapter_seed"
 
 
 def is_quantised(config: LoraConfig) -> bool:
@@ -145,13 +159,21 @@ def apply_lora(model: LlavaNextModel, config: LoraConfig) -> None:
     """Replace ``model.llm`` by a peft LoRA model (in place); base LLM weights become frozen.
 
     With QLoRA the LLM must already be loaded quantised (`llavakit.training.model_setup.build_model`); it is first
-    prepared for k-bit training. Gradient checkpointing stays as the stage set it.
+    prepared for k-bit training, and bitsandbytes' CPU inference repacking is turned off (module docstring).
+    Gradient checkpointing stays as the stage set it. The adapters get peft's values, drawn without touching the
+    global generator: a training run then gives them theirs with `initialise_adapters`.
     """
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if is_quantised(config):
         model.llm = prepare_model_for_kbit_training(model.llm, use_gradient_checkpointing=False)
+        import bitsandbytes as bnb
+
+        for layer in model.llm.modules():
+            if isinstance(layer, bnb.nn.Linear4bit):
+                # Read by Linear4bit.forward: False keeps the training layout in eval mode too.
+                layer.support_avx512bf16_for_cpu = False
     peft_config = PeftLoraConfig(
         r=config.r,
         lora_alpha=config.alpha,
@@ -159,7 +181,51 @@ def apply_lora(model: LlavaNextModel, config: LoraConfig) -> None:
         target_modules=list(config.target_modules),
         task_type="CAUSAL_LM",
     )
-    model.llm = get_peft_model(model.llm, peft_config)
+    with torch.random.fork_rng(devices=[]):
+        model.llm = get_peft_model(model.llm, peft_config)
+
+
+@torch.no_grad()
+def initialise_adapters(model: nn.Module, seed: int) -> None:
+    """Give the adapters of ``model`` (after `apply_lora`) their initial values from the run's ``seed``.
+
+    peft's default initialisation (module docstring) drawn from ``torch.Generator().manual_seed(seed)``: whole
+    tensors in ``model.named_parameters()`` order, each rank keeping its rows of a sharded (DTensor) adapter.
+    Adapters still on the meta device (a model FSDP2 will fill, `llavakit.training.sharded_load`) get theirs from
+    `initialise_sharded_adapters` after the shards are read: the seed is recorded on ``model`` for it.
+
+    Raises:
+        TrainingError: an adapter parameter whose initialisation this does not know (a peft variant such as DoRA).
+    """
+    adapters = [(name, param) for name, param in model.named_parameters() if _is_adapter(name)]
+    if any(param.is_meta for _, param in adapters):
+        setattr(model, _ADAPTER_SEED_ATTRIBUTE, seed)
+        return
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in adapters:
+        full = _initial_adapter(name, tuple(param.shape), generator)
+        if isinstance(param, DTensor):
+            # Every rank computed the same whole tensor: keep this rank's rows (no scatter from rank 0).
+            rows = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+            param.to_local().copy_(rows.to_local())
+        else:
+            param.copy_(full)
+
+
+def _initial_adapter(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """One adapter's whole initial tensor (fp32, CPU), as peft's ``reset_lora_parameters`` draws it."""
+    full = torch.zeros(shape, dtype=MERGE_DTYPE)
+    if ".lora_A." in name:
+        nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=generator)
+    elif ".lora_embedding_B." in name:
+        nn.init.normal_(full, generator=generator)
+    elif not any(kind in name for kind in (".lora_B.", ".lora_embedding_A.")):
+        raise TrainingError(
+            f"adapter parameter {name}: llavakit initialises only peft's lora_A/lora_B/lora_embedding_A/"
+            "lora_embedding_B; this peft configuration adds others (use peft's plain LoRA: lora.r, lora.alpha, "
+            "lora.dropout, lora.target_modules)"
+        )
+    return full
 
 
 def restrict_llm_to_lora(model: nn.Module, train_language_model: bool) -> None:
@@ -192,10 +258,10 @@ def _merge_dequantised(peft_model: nn.Module) -> nn.Module:
     """A peft model over a bitsandbytes LLM → the plain fp32 LLM with the adapters merged."""
     from peft.tuners.lora import LoraLayer
 
-    for module in peft_model.modules():
+    for name, module in peft_model.named_modules():
         if isinstance(module, LoraLayer):
             base = module.get_base_layer()
-            weight = _dequantised_weight(base)
+            weight = _dequantised_weight(base, name)
             for adapter in module.active_adapters:
                 weight = weight + module.get_delta_weight(adapter).to(MERGE_DTYPE)
             module.base_layer = _plain_linear(weight, base.bias)
@@ -203,7 +269,7 @@ def _merge_dequantised(peft_model: nn.Module) -> nn.Module:
     # Layers without adapters (lora.target_modules not covering every quantised linear). transformers' own
     # ``dequantize()`` is not used: it raises when no quantised layer is left.
     for name, module in _quantised_layers(llm):
-        llm.set_submodule(name, _plain_linear(_dequantised_weight(module), module.bias))
+        llm.set_submodule(name, _plain_linear(_dequantised_weight(module, name), module.bias))
     quantizer = getattr(llm, "hf_quantizer", None)
     if quantizer is not None:
         quantizer.remove_quantization_config(llm)
@@ -224,9 +290,22 @@ def _quantised_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-def _dequantised_weight(layer: nn.Module) -> torch.Tensor:
+def _dequantised_weight(layer: nn.Module, name: str) -> torch.Tensor:
+    """The fp32 weight of bitsandbytes layer ``name``, shape (out_features, in_features).
+
+    Raises:
+        TrainingError: bitsandbytes repacked the layer for its CPU inference kernel (module docstring): its trained
+            weights cannot be recovered exactly.
+    """
     from peft.utils.integrations import dequantize_bnb_weight
 
+    if getattr(getattr(layer.weight, "quant_state", None), "packing_format_for_cpu", False):
+        raise TrainingError(
+            f"QLoRA layer {name}: bitsandbytes repacked its 4-bit weight for its CPU inference kernel (an eval-mode "
+            "forward on a CPU with AVX512-BF16), rounding its block scales to bf16, so the trained weights cannot be "
+            "recovered and the adapters are not merged; llavakit's apply_lora turns this off: set "
+            "support_avx512bf16_for_cpu=False on every bitsandbytes Linear4bit before any eval-mode forward"
+        )
     return dequantize_bnb_weight(layer.weight, state=getattr(layer, "state", None)).to(MERGE_DTYPE)
 
 
@@ -324,22 +403,18 @@ def _is_adapter(name: str) -> bool:
     return ".lora_" in name
 
 
-@torch.no_grad()
 def initialise_sharded_adapters(model: nn.Module) -> None:
-    """Give the adapters of an FSDP2-sharded model built on the meta device their initial values (see module
-    docstring): ``lora_A`` Kaiming-uniform from `SHARDED_ADAPTER_SEED`, ``lora_B`` zeros, each rank its rows.
+    """Fill the adapters of an FSDP2-sharded model built on the meta device, once its shards are read, with the
+    seed `initialise_adapters` recorded (same values as on one process: module docstring).
 
-    Every rank computes the same whole tensors (in the same parameter order) and keeps its own rows.
+    Raises:
+        TrainingError: `initialise_adapters` was not called on ``model`` after `apply_lora`.
     """
-    generator = torch.Generator().manual_seed(SHARDED_ADAPTER_SEED)
-    for name, param in model.named_parameters():
-        if not _is_adapter(name):
-            continue
-        full = torch.zeros(param.shape, dtype=MERGE_DTYPE)
-        if ".lora_A." in name:
-            nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=generator)
-        if isinstance(param, DTensor):
-            full = distribute_tensor(full, param.device_mesh, param.placements).to_local()
-            param.to_local().copy_(full)
-        else:
-            param.copy_(full)
+    seed = getattr(model, _ADAPTER_SEED_ATTRIBUTE, None)
+    if seed is None:
+        raise TrainingError(
+            "the LoRA adapters of this meta-device model have no seed: call "
+            "llavakit.training.lora.initialise_adapters(model, seed) after apply_lora, before sharding"
+        )
+    delattr(model, _ADAPTER_SEED_ATTRIBUTE)
+    initialise_adapters(model, seed)

@@ -6,12 +6,14 @@ of loading a 7B model on every GPU. `preflight` checks all of that from file met
 
 - a debug preset (``model.preset``): its parts are written to ``run_dir/parts`` by rank 0, then assembled;
 - ``model.vision`` + ``model.llm``: a fresh model from two checkpoints (``LlavaNextModel.from_parts``);
-- ``model.path`` or the previous stage's export: ``LlavaNextModel.from_pretrained``.
+- ``model.path`` or the previous stage's export: ``LlavaNextModel.from_pretrained``; an original-layout LLaVA folder
+  as ``model.path`` (upstream's ``train.py`` output): `llavakit.conversion.original.load_original`, with the chat
+  template the stages name (`original_template`).
 
-Under FSDP2 each of these (but parts with LoRA, see `_loads_sharded`) is built without weights instead
-(`llavakit.training.sharded_load`: `meta_model`, `meta_model_from_parts`) and each rank reads only its own shards
-after sharding, so no rank ever holds the whole model; the fresh projector and ``image_newline`` get the same
-values as on the plain path (same seed).
+Under FSDP2 each of these (but QLoRA, see `_loads_sharded`) is built without weights instead
+(`llavakit.training.sharded_load`: `meta_model`, `meta_model_from_parts`, `meta_model_from_original`) and each
+rank reads only its own shards after sharding, so no rank ever holds the whole model; the fresh projector and
+``image_newline`` get the same values as on the plain path (same seed).
 
 The parameters are built in ``strategy.param_dtype`` (``auto``: as saved / fp32 from parts).
 
@@ -45,11 +47,18 @@ from transformers.utils import is_flash_attn_2_available
 
 from llavakit.anyres.geometry import parse_pinpoints
 from llavakit.anyres.spec import ImageSpec
+from llavakit.conversion.original import (
+    add_image_token,
+    is_original_checkpoint,
+    load_original,
+    original_saved_dtype,
+    original_weight_files,
+)
 from llavakit.data.templates import check_system_prompt, get_template
 from llavakit.distributed import DistContext, barrier
 from llavakit.errors import CheckpointError, ConfigError
 from llavakit.model.checkpoint import part_config
-from llavakit.model.llava_next import LlavaNextModel, default_image_spec
+from llavakit.model.llava_next import LlavaNextModel, cast_parameters, default_image_spec
 from llavakit.model.projector import load_upstream_projector_state, read_upstream_projector_file
 from llavakit.model.vision import backbone_for_model_type
 from llavakit.training.config import StageConfig, TrainConfig
@@ -59,7 +68,13 @@ from llavakit.training.lora import (
     quantization_config,
     require_bitsandbytes,
 )
-from llavakit.training.sharded_load import load_projector_file, meta_model, meta_model_from_parts
+from llavakit.training.sharded_load import (
+    load_projector_file,
+    meta_model,
+    meta_model_from_original,
+    meta_model_from_parts,
+    original_skeleton,
+)
 
 # strategy.param_dtype → the parameters' dtype (None: as loaded).
 _PARAM_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
@@ -94,6 +109,7 @@ def preflight(config: TrainConfig, world_size: int) -> None:
     projector_file = config.model.pretrained_projector
     if projector_file and config.model.vision:
         check_projector_file(projector_file, config.model.vision, config.model.llm)
+    _check_original(config)
     _check_lora(config)
     if config.logging.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
         raise ConfigError(
@@ -156,7 +172,12 @@ def build_model(
     quantization = _llm_quantization(config)
     dtype = _PARAM_DTYPES[config.strategy.param_dtype]
     sharded = _loads_sharded(config, previous)
-    if sharded and (previous is not None or model_config.path):
+    if previous is None and model_config.path and is_original_checkpoint(model_config.path):
+        model = _original_model(config, Path(model_config.path), attention, dtype, sharded)
+        if quantization is not None:
+            folder = Path(config.run_dir) / stage.name / "llm-to-quantise"
+            model.llm = _reload_quantised(model.llm, quantization, folder, attention, context)
+    elif sharded and (previous is not None or model_config.path):
         model = meta_model(Path(previous or model_config.path), attention, dtype)
     elif previous is not None or model_config.path:
         model = LlavaNextModel.from_pretrained(
@@ -189,13 +210,60 @@ def build_model(
 def _loads_sharded(config: TrainConfig, previous: Path | None) -> bool:
     """Whether the stage's model is built without weights and read shard by shard (`llavakit.training.sharded_load`):
     under FSDP2, but not for QLoRA (its LLM is loaded quantised through transformers, `_reload_quantised`, and
-    stays whole on every rank: `llavakit.training.strategies.fsdp`), and not for a model from parts
-    with LoRA: its adapters would then be initialised from `llavakit.training.lora.SHARDED_ADAPTER_SEED` rather than
-    by peft from the run's seed, unlike the same run on one process or with DDP."""
-    from_parts = previous is None and not config.model.path
-    if config.strategy.name != "fsdp2" or is_quantised(config.lora):
-        return False
-    return not (from_parts and config.lora.enabled)
+    stays whole on every rank: `llavakit.training.strategies.fsdp`). LoRA adapters are filled after the shards are
+    read, with the values of the 1-process run (`llavakit.training.lora.initialise_adapters`)."""
+    return config.strategy.name == "fsdp2" and not is_quantised(config.lora)
+
+
+def _original_model(
+    config: TrainConfig, path: Path, attention: str, dtype: torch.dtype | None, sharded: bool
+) -> LlavaNextModel:
+    """An original-layout ``model.path`` as `llavakit.conversion.original.import_original` loads it (the tower from
+    the folder's weights, else from its ``mm_vision_tower``; ``auto`` dtype: as saved), or on the meta device under
+    FSDP2. A tokenizer without ``<image>`` grows the embeddings by mean-resizing, which draws the new rows: both
+    paths draw them right after seeding with the run's seed, so they are identical."""
+    template = original_template(config)
+    torch.manual_seed(config.seed)
+    if sharded:
+        return meta_model_from_original(path, attention, dtype, template)
+    model, tokenizer = load_original(path, template=template, attn_implementation=attention)
+    torch.manual_seed(config.seed)  # building drew random numbers the meta build does not draw
+    add_image_token(model, tokenizer)
+    return cast_parameters(model, dtype or original_saved_dtype(path)).eval()
+
+
+def original_template(config: TrainConfig) -> str:
+    """The chat template recorded with an original-layout ``model.path``: the first conversation template a stage's
+    ``data.template`` names (the layout records none: upstream does not save its ``--version``).
+
+    Raises:
+        ConfigError: a stage would train with the model's own template before any stage names one.
+    """
+    for index, stage in enumerate(config.stages):
+        if stage.data.template is None:
+            raise ConfigError(
+                f"stages.{index} ({stage.name}): model.path {config.model.path} is an original-layout LLaVA "
+                "checkpoint, which records no chat template (upstream does not save its --version); set this "
+                "stage's data.template (e.g. vicuna_v1, llava_llama_3, qwen_2)"
+            )
+        if stage.data.template != "plain":
+            return stage.data.template
+    raise ConfigError(
+        f"model.path {config.model.path} is an original-layout LLaVA checkpoint, which records no chat template, "
+        "and every stage trains with 'plain'; name the model's conversation template in a stage's data.template, "
+        "or convert the folder with `llavakit convert from-original SRC OUT --template T` first"
+    )
+
+
+def _check_original(config: TrainConfig) -> None:
+    """Check an original-layout ``model.path`` from its files' headers and config (template, tower, every key and
+    shape) before any weight loads; a ``.bin`` folder is checked when loaded (pickles have no header)."""
+    path = config.model.path
+    if not path or not is_original_checkpoint(path):
+        return
+    template = original_template(config)
+    if original_weight_files(Path(path))[0].suffix == ".safetensors":
+        original_skeleton(Path(path), None, template)
 
 
 def _llm_quantization(config: TrainConfig) -> Any:
@@ -250,6 +318,8 @@ def _initial_template(config: TrainConfig) -> str | None:
         return model.template
     if model.preset:
         return PRESETS.get(model.preset).template
+    if model.path and is_original_checkpoint(model.path):
+        return original_template(config)
     if model.path and Path(model.path).is_dir():
         return read_config(Path(model.path)).template
     return None

@@ -279,12 +279,13 @@ def model_config_for(config: TrainConfig, model_configs: Mapping[str, str] | Non
         preset = PRESETS.get(model.preset)
         model_config = preset_model_config(preset, build_bpe_tokenizer(preset.llm))
     elif model.path:
+        from llavakit.conversion.original import is_original_checkpoint
         from llavakit.model.checkpoint import read_config
 
         path = Path(model.path)
         if not (path / "config.json").is_file():
             raise UnknownModelSize(f"model.path {model.path!r} has no config.json on this machine")
-        model_config = read_config(path)
+        model_config = _original_config(path) if is_original_checkpoint(path) else read_config(path)
     else:
         model_config = _config_from_parts(config, model_configs or {})
     overrides = {name: getattr(model, name) for name in ("projector", "template", "select_layer")}
@@ -292,6 +293,20 @@ def model_config_for(config: TrainConfig, model_configs: Mapping[str, str] | Non
     if model.image_spec:
         model_config = replace(model_config, image_spec=_spec_with(model_config.image_spec, model.image_spec))
     return model_config
+
+
+def _original_config(path: Path) -> Any:
+    """The llavakit config of an original-layout folder, from its config files and weight-file headers only."""
+    from safetensors import safe_open
+
+    from llavakit.conversion.original import original_layout, original_weight_files
+
+    keys: list[str] = []
+    for file in original_weight_files(path):
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), "pt") as handle:
+                keys.extend(handle.keys())
+    return original_layout(path, keys).config
 
 
 def _config_from_parts(config: TrainConfig, model_configs: Mapping[str, str]) -> LlavaKitConfig:

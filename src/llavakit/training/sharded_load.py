@@ -25,10 +25,15 @@ slow start. Here:
    - `load_projector_file`: upstream's projector file (``model.pretrained_projector``, small) read whole on each
      rank and checked as `llavakit.model.projector.load_upstream_projector_state` checks it, replaces the
      projector's source.
-   Parts saved only as ``.bin`` pickles (``pytorch_model.bin``) cannot be read by rows: each rank reads such a
-   part whole (`llavakit.model.tensor_files.read_tensor_file`, weights only) and keeps it until the shards are
-   filled, so convert large ``.bin`` LLMs to safetensors. Original-layout LLaVA checkpoints are refused by
-   training as by every loader (``llavakit convert from-original`` first), so they are not loaded here.
+   - `meta_model_from_original`: an original-layout LLaVA folder (``model.path``; what upstream's ``train.py``
+     saves and SGLang serves), built from the config `llavakit.conversion.original.original_layout` translates,
+     each parameter's source being its original key (`llavakit.conversion.original.original_to_ours`) in the
+     folder's files, or, when the folder holds no tower weights, its key in the files of the tower its
+     ``mm_vision_tower`` names. A tokenizer without ``<image>`` grows the embeddings as for parts (read whole,
+     resized, kept whole).
+   Parts or original folders saved only as ``.bin`` pickles (``pytorch_model.bin``) cannot be read by rows: each
+   rank reads them whole (`llavakit.model.tensor_files.read_tensor_file`, weights only) and keeps them until the
+   shards are filled, so convert large ``.bin`` checkpoints to safetensors.
 2. The FSDP2 strategy shards the meta model with ``fully_shard`` (each parameter becomes a DTensor split along
    dim 0), then calls `materialise`: ``to_empty`` allocates only this rank's shards, in the training dtype, and
    each rank reads exactly its rows of every tensor from the safetensors files, or copies them from the
@@ -80,6 +85,7 @@ from torch.distributed.tensor import DTensor, Shard
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoTokenizer,
     GenerationConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -92,6 +98,13 @@ from transformers.utils import (
     WEIGHTS_NAME,
 )
 
+from llavakit.conversion.original import (
+    add_image_token,
+    original_layout,
+    original_saved_dtype,
+    original_to_ours,
+    original_weight_files,
+)
 from llavakit.errors import CheckpointError
 from llavakit.model.checkpoint import (
     build_skeleton,
@@ -103,6 +116,7 @@ from llavakit.model.checkpoint import (
 from llavakit.model.llava_next import LlavaNextModel, cast_parameters
 from llavakit.model.projector import load_upstream_projector_state
 from llavakit.model.tensor_files import read_tensor_file
+from llavakit.model.tokenizer import ensure_image_token
 from llavakit.model.vision import VISION_BACKBONES, VisionBackbone, backbone_for_model_type
 
 # Where `meta_model` leaves the checkpoint a meta model is to be filled from, until `materialise` takes it.
@@ -207,7 +221,7 @@ def meta_model(path: Path, attn_implementation: str | None, dtype: torch.dtype |
     """
     with empty_parameters():
         model, saved_dtype = build_skeleton(LlavaNextModel, path, attn_implementation)
-    cast_parameters(model, dtype or saved_dtype)
+    cast_parameters(model, dtype or original_saved_dtype(path))
     entries = {key: entry for file in weight_files(path) for key, entry in read_header(file).items()}
     shapes = {key: entry.shape for key, entry in entries.items()}
     base = model.llm.base_model_prefix
@@ -257,6 +271,85 @@ def meta_model_from_parts(parts: dict[str, Any], dtype: torch.dtype | None) -> L
     origin = f"the parts {parts['vision']} + {parts['llm']}"
     setattr(model, _SOURCE_ATTRIBUTE, ShardedSource(origin, keys, loader.entries, _used(values, keys)))
     return model
+
+
+def meta_model_from_original(
+    path: str | Path, attn_implementation: str | None, dtype: torch.dtype | None, template: str
+) -> LlavaNextModel:
+    """The model `llavakit.conversion.original.import_original` loads, with meta parameters, to be sharded then
+    filled. Call it where the plain path adds ``<image>`` (`add_image_token`): after seeding the generator, since a
+    tokenizer without ``<image>`` grows the embeddings by mean-resizing, which draws the new rows.
+
+    Args:
+        path: the original-layout folder; its tower comes from its own weights, else from its ``mm_vision_tower``.
+        attn_implementation: as for `LlavaNextModel.from_config`.
+        dtype: the training dtype of the parameters; None keeps the saved dtype (``config.json``'s).
+        template: the chat template recorded in the model's config (the folder records none).
+
+    Raises:
+        CheckpointError: the files miss a parameter, hold an unexpected key or one of another shape than the
+            translated config builds, or the tower cannot be read (before any weight of a safetensors folder is read).
+    """
+    model, source = original_skeleton(Path(path), attn_implementation, template)
+    keys, values = dict(source.keys), dict(source.values)
+    tokenizer = model.tokenizer
+    ensure_image_token(tokenizer)
+    if len(tokenizer) > model.llm.get_input_embeddings().weight.shape[0]:
+        llm_keys = {name.removeprefix("llm."): key for name, key in keys.items() if name.startswith("llm.")}
+        _read_embeddings(model.llm, llm_keys, source.entries, values)
+    add_image_token(model, tokenizer)
+    cast_parameters(model, dtype or original_saved_dtype(path))
+    for names, tensor in _unique_tensors(model):
+        if isinstance(tensor, nn.Parameter) and not tensor.is_meta:
+            key = f"resized:{names[0]}"
+            values[key] = tensor.detach()
+            keys.update(dict.fromkeys(names, key))
+            _to_meta(model, names, tensor)
+    setattr(model, _SOURCE_ATTRIBUTE, dataclasses.replace(source, keys=keys, values=_used(values, keys)))
+    return model.eval()
+
+
+def original_skeleton(
+    path: Path, attn_implementation: str | None, template: str
+) -> tuple[LlavaNextModel, ShardedSource]:
+    """An original-layout folder's model before ``<image>`` is added, with meta parameters, and every parameter's
+    source, found and checked from the files' headers (``.bin`` files are read whole). Nothing of a safetensors
+    folder's weights is read: training also runs it as the check before anything loads.
+
+    Raises:
+        CheckpointError: as `meta_model_from_original`.
+    """
+    entries, values = _tensor_sources(original_weight_files(path), "")
+    shapes = {key: entry.shape for key, entry in entries.items()}
+    shapes.update({key: tuple(value.shape) for key, value in values.items()})
+    layout = original_layout(path, shapes, template=template)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    with torch.random.fork_rng(), empty_parameters():
+        model = LlavaNextModel.from_config(layout.config, tokenizer=tokenizer, attn_implementation=attn_implementation)
+    tower: dict[str, str] = {}
+    if not any(key.startswith("model.vision_tower.") for key in shapes):
+        # As the plain path: the tower model's names (with or without ``vision_model.``) under ours; keys it has no
+        # place for (a text tower, a pooling head) are ignored as transformers' from_pretrained ignores them.
+        ours = set(model.state_dict())
+        tower_entries, tower_values = _tensor_sources(_part_files(_local_folder(layout.tower)), "tower:")
+        tower_shapes = {key: entry.shape for key, entry in tower_entries.items()}
+        tower_shapes.update({key: tuple(value.shape) for key, value in tower_values.items()})
+        for key, shape in tower_shapes.items():
+            name = "vision_encoder.model." + key.removeprefix("tower:").removeprefix("vision_model.")
+            if name in ours:
+                tower[key], shapes[key] = name, shape
+        entries.update({key: entry for key, entry in tower_entries.items() if key in tower})
+        values.update({key: value for key, value in tower_values.items() if key in tower})
+    keys = match_checkpoint(model, shapes, path, lambda key: tower.get(key) or original_to_ours(key))
+    source = ShardedSource(f"the original checkpoint {path}", keys, entries, _used(values, keys))
+    return model, source
+
+
+def _tensor_sources(files: list[Path], prefix: str) -> tuple[dict[str, TensorEntry], dict[str, torch.Tensor]]:
+    """The tensors of weight files by ``prefix`` + key: safetensors headers, or ``.bin`` files read whole."""
+    if files[0].suffix != ".safetensors":
+        return {}, {f"{prefix}{key}": value for file in files for key, value in read_tensor_file(file).items()}
+    return {f"{prefix}{key}": entry for file in files for key, entry in read_header(file).items()}, {}
 
 
 def load_projector_file(model: LlavaNextModel, path: str | Path) -> None:
@@ -335,7 +428,7 @@ class _PartsOnMeta:
         self.keys["vision"] = self._match(vision_model, vision_dir, "vision")
         self.keys["llm"] = self._match(language_model, llm_dir, "llm")
         if len(tokenizer) > language_model.get_input_embeddings().weight.shape[0]:
-            self._read_embeddings(language_model)
+            _read_embeddings(language_model, self.keys["llm"], self.entries, self.values)
         return backbone, vision_model.eval(), language_model.eval()
 
     def _match(self, part: PreTrainedModel, folder: Path, tag: str) -> dict[str, str]:
@@ -370,35 +463,42 @@ class _PartsOnMeta:
 
     def _tensors(self, folder: Path, tag: str) -> dict[str, tuple[int, ...]]:
         """Shapes of the part's tensors by source key: from safetensors headers, or ``.bin`` files read whole."""
-        files = _part_files(folder)
-        if files[0].suffix != ".safetensors":
-            tensors = {f"{tag}:{key}": tensor for file in files for key, tensor in read_tensor_file(file).items()}
-            self.values.update(tensors)
-            return {key: tuple(tensor.shape) for key, tensor in tensors.items()}
-        entries = {f"{tag}:{key}": entry for file in files for key, entry in read_header(file).items()}
+        entries, values = _tensor_sources(_part_files(folder), f"{tag}:")
         self.entries.update(entries)
-        return {key: entry.shape for key, entry in entries.items()}
+        self.values.update(values)
+        return {key: entry.shape for key, entry in entries.items()} | {k: tuple(v.shape) for k, v in values.items()}
 
-    def _read_embeddings(self, language_model: PreTrainedModel) -> None:
-        """Give the LLM's input and output embeddings their values, read whole, for the resize to see."""
-        for getter in ("get_input_embeddings", "get_output_embeddings"):
-            module = getattr(language_model, getter)()
-            if module is None or not module.weight.is_meta:
-                continue  # no head, or one tied to the embeddings just read
-            name = next(n for n, p in language_model.named_parameters() if p is module.weight)
-            key = self.keys["llm"][name]
-            if key in self.values:
-                whole = self.values[key]
-            else:
-                entry = self.entries[key]
-                with entry.file.open("rb", buffering=0) as handle:
-                    whole = _read_rows(handle, entry, 0, entry.shape[0])
-            tied = [n for n, p in language_model.named_parameters(remove_duplicate=False) if p is module.weight]
-            real = nn.Parameter(whole.to(module.weight.dtype), requires_grad=module.weight.requires_grad)
-            for tied_name in tied:
-                owner, _, attribute = tied_name.rpartition(".")
-                language_model.get_submodule(owner)._parameters[attribute] = real
 
+def _read_embeddings(
+    language_model: PreTrainedModel,
+    keys: dict[str, str],
+    entries: dict[str, TensorEntry],
+    values: dict[str, torch.Tensor],
+) -> None:
+    """Give the LLM's meta input and output embeddings their values, read whole, for a resize to see.
+
+    Args:
+        language_model: the LLM with meta parameters.
+        keys: its state-dict names → source keys.
+        entries, values: where the source keys' tensors are (`ShardedSource`).
+    """
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(language_model, getter)()
+        if module is None or not module.weight.is_meta:
+            continue  # no head, or one tied to the embeddings just read
+        name = next(n for n, p in language_model.named_parameters() if p is module.weight)
+        key = keys[name]
+        if key in values:
+            whole = values[key]
+        else:
+            entry = entries[key]
+            with entry.file.open("rb", buffering=0) as handle:
+                whole = _read_rows(handle, entry, 0, entry.shape[0])
+        tied = [n for n, p in language_model.named_parameters(remove_duplicate=False) if p is module.weight]
+        real = nn.Parameter(whole.to(module.weight.dtype), requires_grad=module.weight.requires_grad)
+        for tied_name in tied:
+            owner, _, attribute = tied_name.rpartition(".")
+            language_model.get_submodule(owner)._parameters[attribute] = real
 
 def _part_files(folder: Path) -> list[Path]:
     """A part's weight files: its safetensors (one, or those its index names), else its ``.bin`` pickles."""

@@ -49,7 +49,7 @@ from llavakit.training.config import StageConfig, TrainConfig
 from llavakit.training.evaluation import Evaluation, StageEvaluator, check_evaluations
 from llavakit.training.export import export_model
 from llavakit.training.flops import FlopCounter
-from llavakit.training.lora import apply_lora, restrict_llm_to_lora
+from llavakit.training.lora import apply_lora, initialise_adapters, restrict_llm_to_lora
 from llavakit.training.metrics import MetricsLogger, StepMetrics
 from llavakit.training.model_setup import build_model, preflight
 from llavakit.training.optim import build_optimizer, build_scheduler
@@ -200,6 +200,7 @@ class Trainer:
         frozen = model_frozen_names(model)
         if self.config.lora.enabled:
             apply_lora(model, self.config.lora)
+            initialise_adapters(model, self.config.seed)
         apply_trainable_parts(model, self.stage.trainable, frozen)
         if self.config.lora.enabled:
             # With LoRA, "language_model" means its adapters only (upstream mm_tunable_parts semantics).

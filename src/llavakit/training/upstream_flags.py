@@ -251,6 +251,10 @@ def _model(flags: _Flags) -> dict[str, Any]:
 
 
 def _is_llava_checkpoint(source: str) -> bool:
+    from llavakit.conversion.original import is_original_checkpoint
+
+    if is_original_checkpoint(source):
+        return True
     config_file = Path(source) / "config.json"
     if not config_file.is_file():
         return False
