@@ -211,3 +211,39 @@ def test_print_config_shows_what_upstream_flags_resolve_to(tmp_path, monkeypatch
     assert printed == config_from_upstream_flags(args).to_dict()
     assert printed["stages"][0]["global_batch_size"] == 64 and printed["strategy"]["name"] == "fsdp2"
     assert not (tmp_path / "out").exists()  # printed, not trained
+
+
+# Upstream LLaVA-1.5's scripts/v1_5/finetune_lora.sh (ZeRO-3), flags in the script's order; only paths replaced.
+UPSTREAM_FINETUNE_LORA = """
+--lora_enable True --lora_r 128 --lora_alpha 256 --mm_projector_lr 2e-5 --deepspeed ./scripts/zero3.json
+--model_name_or_path {llm} --version v1 --data_path {data} --image_folder {images} --vision_tower {vision}
+--pretrain_mm_mlp_adapter {projector} --mm_projector_type mlp2x_gelu --mm_vision_select_layer -2
+--mm_use_im_start_end False --mm_use_im_patch_token False --image_aspect_ratio pad --group_by_modality_length True
+--bf16 True --output_dir {out} --num_train_epochs 1 --per_device_train_batch_size 16 --per_device_eval_batch_size 4
+--gradient_accumulation_steps 1 --evaluation_strategy no --save_strategy steps --save_steps 50000
+--save_total_limit 1 --learning_rate 2e-4 --weight_decay 0. --warmup_ratio 0.03 --lr_scheduler_type cosine
+--logging_steps 1 --tf32 True --model_max_length 2048 --gradient_checkpointing True --dataloader_num_workers 4
+--lazy_preprocess True --report_to wandb
+"""
+
+
+def test_upstream_finetune_lora_script_maps_to_lora_under_fsdp2(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    args = UPSTREAM_FINETUNE_LORA.format(
+        llm="lmsys/vicuna-13b-v1.5",
+        data=tmp_path / "llava_v1_5_mix665k.json",
+        images=tmp_path,
+        vision="openai/clip-vit-large-patch14-336",
+        projector=tmp_path / "mm_projector.bin",
+        out=tmp_path / "out",
+    ).split()
+    config = config_from_upstream_flags(args)
+    assert config.lora.enabled and (config.lora.r, config.lora.alpha) == (128, 256)
+    assert config.strategy.name == "fsdp2" and config.strategy.reshard_after_forward  # ZeRO-3
+    stage = config.stages[0]
+    assert stage.name == "finetune" and stage.optim.projector_lr == 2e-5 and stage.optim.lr == 2e-4
+    assert get_template(stage.data.template).id == "vicuna_v1"
+    assert config.model.llm == "lmsys/vicuna-13b-v1.5"
+    assert config.model.pretrained_projector == str(tmp_path / "mm_projector.bin")
+    assert config.model.image_spec["aspect_ratio"] == "pad"
+    assert stage.data.num_workers == 4 and stage.gradient_checkpointing
