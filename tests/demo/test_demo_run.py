@@ -8,7 +8,9 @@ import subprocess
 import sys
 from collections import Counter
 
+import PIL
 import pytest
+import torch
 
 from llavakit.cli.main import main
 from llavakit.data.synth import NUMBERS
@@ -61,6 +63,9 @@ def test_outputs_are_written(demo_run):
         == set(metrics["accuracy_majority_answer"])
     )
     assert metrics["seconds"]["train"] > 0 and all(v > 0 for v in metrics["tokens_per_s"].values())
+    environment = metrics["environment"]
+    assert environment["packages"]["pillow"] == PIL.__version__ and environment["torch_threads"] >= 1
+    assert environment["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_learning_curve_is_measured_during_finetuning_on_a_prefix_of_the_held_out_questions(demo_run):

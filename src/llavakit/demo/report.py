@@ -137,7 +137,48 @@ def metrics_dict(result: DemoResult) -> dict[str, Any]:
         "final_checkpoint": str(result.final_checkpoint),
         "evaluation": {run.out_dir.name: str(run.out_dir) for run in (result.with_images, result.text_only)},
         "config": result.config.to_dict(),
+        "environment": environment(),
     }
+
+
+# Packages whose releases change the demo's numbers (Pillow's resampling moved the words skill once; see
+# docs/demo-calibration.md), recorded so that two runs' results can be told apart from their setups.
+_RECORDED_PACKAGES = ("torch", "transformers", "tokenizers", "numpy", "pillow", "safetensors")
+
+
+def environment() -> dict[str, Any]:
+    """Package versions, torch's CPU kernel level and thread count, and the CPU model of this process."""
+    import importlib.metadata
+    import platform
+
+    import torch
+
+    versions = {}
+    for name in _RECORDED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "python": platform.python_version(),
+        "packages": versions,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu": _cpu_model(),
+    }
+
+
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what the platform module says."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def write_outputs(result: DemoResult, out_dir: Path) -> dict[str, Path]:
