@@ -17,6 +17,7 @@ from llavakit.distributed import init_distributed
 from llavakit.errors import ConfigError, TrainingError
 from llavakit.model.llava_next import LlavaNextModel
 from llavakit.training import lora
+from llavakit.training.checkpoint import _SafeFileSystemReader
 from llavakit.training.config import LoraConfig
 from llavakit.training.config_loading import config_from_dict
 from llavakit.training.data import build_train_data
@@ -25,6 +26,8 @@ from llavakit.training.trainer import Trainer, train
 bnb = pytest.importorskip("bitsandbytes", reason='QLoRA needs bitsandbytes: pip install -e ".[quant]"')
 
 QLORA = {"enabled": True, "bits": 4, "r": 4, "alpha": 8}
+# bitsandbytes' quantisation constants in a 4-bit layer's state dict (``<layer>.weight.absmax``, ...).
+QUANT_CONSTANTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4")
 
 
 def _run(tmp_path, synth, **sections):
@@ -128,8 +131,20 @@ def test_qlora_stage_resumes_from_its_checkpoint(tmp_path, synth):
     stream = first.micro_batches()
     for _ in range(2):
         first.train_step([next(stream) for _ in range(first.plan.accumulation_steps)])
-    first.save()
+    checkpoint = first.save()
     saved = {n: p.detach().clone() for n, p in first.unwrapped.named_parameters() if p.requires_grad}
+    # No base bytes: the checkpoint holds every model tensor but the packed 4-bit weights (rebuilt from the source).
+    quantised = lora.quantised_params(first.unwrapped)
+    assert quantised
+    metadata = _SafeFileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    model_keys = {key.removeprefix("model.") for key in metadata if key.startswith("model.")}
+    state = first.unwrapped.state_dict()
+    packed = {id(param) for param in quantised}
+    base = {name for name, param in first.unwrapped.named_parameters() if id(param) in packed}
+    expected = {name for name in state if name not in base and not name.endswith(QUANT_CONSTANTS)}
+    assert len(base) == len(quantised) and model_keys == expected
+    stored = sum(metadata[f"model.{name}"].size.numel() * state[name].element_size() for name in expected)
+    assert stored == sum(state[name].nbytes for name in expected)
 
     second = Trainer(config, 0, init_distributed(needs_process_group=False), build_train_data)
     second.build()
@@ -137,6 +152,9 @@ def test_qlora_stage_resumes_from_its_checkpoint(tmp_path, synth):
     assert second.state.step == 2
     resumed = dict(second.unwrapped.named_parameters())
     assert all(torch.equal(resumed[n], tensor) for n, tensor in saved.items())
+    # The base, not in the checkpoint, is the same 4-bit weights rebuilt from the model source.
+    first_params = dict(first.unwrapped.named_parameters())
+    assert all(torch.equal(resumed[name], first_params[name]) for name in base)
 
 
 def _qlora_model(preset_parts) -> LlavaNextModel:

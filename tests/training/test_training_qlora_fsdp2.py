@@ -3,7 +3,9 @@
 The quantised base weights are FSDP2 ``ignored_params`` (whole on every rank); adapters, projector and the rest are
 sharded. nf4 quantisation is deterministic, so both world sizes train the same base; losses are compared with the
 tolerance of `test_training_distributed` (summation order and padding differ between world sizes). The adapter-only
-export is checked with peft itself on the LLM the stage started from, quantised with the run's config.
+export is checked with peft itself on the LLM the stage started from, quantised with the run's config. Both runs
+have an ``eval:`` section: under FSDP2 every rank generates with a gathered copy carrying the same 4-bit base and
+the trained adapters, so its answers equal the 1-process run's (which generates with the model itself).
 """
 
 from __future__ import annotations
@@ -41,15 +43,40 @@ ADAPTER_ATOL = 1e-2
 QUANT_CONSTANTS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.")
 
 
-def _config(synth, run_dir: Path, strategy: str, **lora_fields) -> dict:
+def _config(synth, run_dir: Path, strategy: str, questions: Path | None = None, **lora_fields) -> dict:
+    evaluation = {} if questions is None else {"eval": _eval_section(questions)}
     stage = debug_stage(
         synth,
         max_steps=STEPS,
         global_batch_size=4,
         micro_batch_size=1,
         optim={"lr": 2e-3, "warmup_ratio": 0.0, "schedule": "constant"},
+        **evaluation,
     )
     return debug_config(run_dir, [stage], lora={**QLORA, **lora_fields}, strategy={"name": strategy})
+
+
+def _eval_section(questions: Path) -> dict:
+    return {"benchmarks": ["heldout"], "data": {"heldout": str(questions)}, "every": 2, "batch_size": 2}
+
+
+@pytest.fixture(scope="module")
+def questions(synth, tmp_path_factory) -> Path:
+    """Three held-out-style questions about synthetic images (two batches of 2: one rank answers 2, the other 1)."""
+    images = sorted((synth.root / "images" / "train").glob("*.png"))[:3]
+    kinds = [("What colour is the shape?", "red", "colour"), ("How many shapes are there?", "two", "count")]
+    records = [
+        {"question_id": f"q{i}", "image": str(image), "question": q, "answer": a, "type": t}
+        for i, (image, (q, a, t)) in enumerate(zip(images, kinds * 2))
+    ]
+    path = tmp_path_factory.mktemp("questions") / "heldout.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def _predictions(run_dir: Path, step: int) -> list[dict]:
+    folder = run_dir / "finetune" / "eval" / f"step-{step:06d}" / "heldout"
+    return [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
 
 
 def _launch(tmp_path: Path, config: dict, *overrides: str) -> list[float]:
@@ -68,16 +95,16 @@ def _launch(tmp_path: Path, config: dict, *overrides: str) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def single_run(tmp_path_factory, synth):
+def single_run(tmp_path_factory, synth, questions):
     run_dir = tmp_path_factory.mktemp("qlora-single") / "single"
-    losses = train(config_from_dict(_config(synth, run_dir, "single"))).stages[0].losses
+    losses = train(config_from_dict(_config(synth, run_dir, "single", questions))).stages[0].losses
     return run_dir, losses
 
 
 @pytest.fixture(scope="module")
-def fsdp2_run(tmp_path_factory, synth):
+def fsdp2_run(tmp_path_factory, synth, questions):
     tmp_path = tmp_path_factory.mktemp("qlora-fsdp2")
-    config = _config(synth, tmp_path / "fsdp2", "fsdp2")
+    config = _config(synth, tmp_path / "fsdp2", "fsdp2", questions)
     return tmp_path, config, _launch(tmp_path, config, "logging.save_every=2")
 
 
@@ -147,20 +174,30 @@ def test_two_process_fsdp2_qlora_matches_one_process_and_exports(single_run, fsd
     _check_adapter_on_quantised_base(final, Path(config["run_dir"]) / "parts" / "debug-clip-llama" / "llm")
 
 
+def test_two_process_fsdp2_qlora_evaluates_the_trained_model(single_run, fsdp2_run):
+    single_dir, _ = single_run
+    _, config, _ = fsdp2_run
+    run_dir = Path(config["run_dir"])
+    logged = [json.loads(line) for line in (run_dir / "finetune" / "eval.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged] == [2, STEPS]
+    for step in (2, STEPS):
+        ours, alone = _predictions(run_dir, step), _predictions(single_dir, step)
+        assert [r["question_id"] for r in ours] == [r["question_id"] for r in alone] == ["q0", "q1", "q2"]
+        # The 2-process model differs from the 1-process one by float summation order only (losses equal to 1e-4).
+        assert [r["prediction"] for r in ours] == [r["prediction"] for r in alone]
+
+
 def test_two_process_fsdp2_qlora_resume_reproduces_the_lost_steps(fsdp2_run):
     tmp_path, config, first = fsdp2_run
     stage_dir = Path(config["run_dir"]) / "finetune"
     checkpoint = stage_dir / "checkpoints" / "step-000002"
     metadata = _SafeFileSystemReader(str(checkpoint)).read_metadata()
-    # The quantisation constants are rebuilt with the model, not saved; the packed base (replicated on every rank)
-    # is written once, by one rank.
-    assert not [fqn for fqn in metadata.state_dict_metadata if fqn.endswith(QUANT_CONSTANTS)]
-    packed = {
-        info.relative_path
-        for index, info in metadata.storage_data.items()
-        if index.fqn.startswith("model.llm.") and index.fqn.endswith("q_proj.base_layer.weight")
-    }
-    assert len(packed) == 1
+    # The packed 4-bit base and its quantisation constants are rebuilt with the model, not saved.
+    saved = metadata.state_dict_metadata
+    assert not [fqn for fqn in saved if fqn.endswith(QUANT_CONSTANTS)]
+    assert not [fqn for fqn in saved if fqn.startswith("model.") and fqn.endswith("_proj.base_layer.weight")]
+    tensors = [item for item in saved.values() if getattr(item, "properties", None) is not None]
+    assert not [item for item in tensors if item.properties.dtype == torch.uint8], "packed 4-bit bytes were saved"
     # Without the export, the next launch resumes from step 2 (a fresh start would rewrite that checkpoint).
     (stage_dir / "final").rename(stage_dir / "first-final")
     for later in (stage_dir / "checkpoints").glob("step-*"):

@@ -21,8 +21,11 @@ classes DCP's metadata is made of, and DCP's non-tensor values (optimizer hyper-
 ``torch.load(weights_only=True)``. Checkpoints from older llavakit versions hold a pickled ``rank-XXXXX.pt``; they
 are refused with a conversion recipe (:data:`LEGACY_CONVERSION`) instead of being unpickled.
 
-bitsandbytes' quantisation constants (``absmax``, ``quant_map``, ``quant_state.*``: QLoRA) are left out: they are
-frozen, rebuilt identically when the stage's model is rebuilt, and their modules cannot load them back.
+QLoRA: bitsandbytes' quantised base weights (`llavakit.training.lora.quantised_params`, found by identity, so
+under any wrapper's names) and their quantisation constants (``absmax``, ``quant_map``, ``quant_state.*``) are left
+out: they are frozen and rebuilt identically from the model source when the stage's model is rebuilt (and 4-bit
+modules cannot load their constants back), so a checkpoint holds no base bytes. The load is non-strict for exactly
+those weights: any other missing or unexpected key is a `CheckpointError`.
 """
 
 from __future__ import annotations
@@ -46,10 +49,16 @@ from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from llavakit.distributed import DistContext, barrier
 from llavakit.errors import CheckpointError
+from llavakit.training.lora import quantised_params
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 _QUANT_STATE = re.compile(
@@ -242,7 +251,8 @@ class CheckpointManager:
         model_state, optim_state = _state_dicts(model, optimizer)
         bundle = {"model": model_state, "optim": optim_state}
         dcp.load(bundle, storage_reader=reader, planner=_SafeLoadPlanner())
-        set_state_dict(model, optimizer, model_state_dict=bundle["model"], optim_state_dict=bundle["optim"])
+        _load_model_state(model, bundle["model"], path)
+        set_optimizer_state_dict(model, optimizer, bundle["optim"])
         scheduler_state, rng = read_rank_state(stem)
         scheduler.load_state_dict(scheduler_state)
         _set_rng_state(rng)
@@ -438,9 +448,34 @@ class _SafeLoadPlanner(DefaultLoadPlanner):
 
 
 def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Model and optimizer state as DCP saves them, without bitsandbytes' quantisation constants."""
+    """Model and optimizer state as DCP saves them, without bitsandbytes' quantised weights and constants."""
     model_state, optim_state = get_state_dict(model, optimizer)
-    return {k: v for k, v in model_state.items() if not _QUANT_STATE.search(k)}, optim_state
+    # A state dict holds a parameter detached: same storage, another tensor object.
+    quantised = {param.data_ptr() for param in quantised_params(model)}
+    kept = {
+        key: value
+        for key, value in model_state.items()
+        if not (_QUANT_STATE.search(key) or (isinstance(value, torch.Tensor) and value.data_ptr() in quantised))
+    }
+    return kept, optim_state
+
+
+def _load_model_state(model: nn.Module, state: dict[str, Any], path: Path) -> None:
+    """Load ``state`` (from `_state_dicts`) into ``model``: every parameter and buffer but the quantised weights.
+
+    Raises:
+        CheckpointError: a key other than a quantised weight is missing, or one is unexpected.
+    """
+    result = set_model_state_dict(model, state, options=StateDictOptions(strict=False))
+    quantised = quantised_params(model)
+    parameters = dict(model.named_parameters())
+    missing = [key for key in result.missing_keys if parameters.get(key) not in quantised]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this stage's model (missing: {missing[:3]}, unexpected: "
+            f"{list(result.unexpected_keys)[:3]}): it was written for another model or LoRA setup; resume with the "
+            "config that wrote it or start a new run_dir"
+        )
 
 
 def _rng_state() -> dict[str, Any]:

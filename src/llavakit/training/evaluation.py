@@ -14,7 +14,9 @@ rank 0 scores. What each rank generates with:
   submodules outside the root forward and stops at different lengths on different ranks, which sharded parameters
   (all-gathered inside each unit's forward, by all ranks together) cannot follow. The copy holds the whole model in
   the compute dtype (bf16 under ``mixed_precision: bf16``) on each rank's device for the evaluation's duration; the
-  gather briefly holds the fp32 weights.
+  gather briefly holds the fp32 weights. With LoRA the copy is wrapped by peft like the model; with QLoRA its 4-bit
+  base layers are copies of the model's own (replicated on every rank), so it generates with the same quantised
+  base and the trained adapters, as the model itself would.
 
 Generation forks the RNG (`llavakit.inference.generate`), so an evaluation leaves the training run's random state,
 and hence its losses, unchanged.
@@ -32,7 +34,9 @@ import torch
 from torch import nn
 
 from llavakit.distributed import DistContext, barrier
+from llavakit.errors import TrainingError
 from llavakit.training.config import EvalSection, TrainConfig
+from llavakit.training.lora import peft_skeleton, quantised_params
 from llavakit.training.strategies.base import Strategy
 
 
@@ -140,23 +144,52 @@ def generation_model(model: nn.Module, strategy: Strategy, context: DistContext)
 def full_copy(model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> nn.Module:
     """An unsharded copy of an FSDP2-sharded `LlavaNextModel` on ``device`` (collective: every rank calls it).
 
-    The skeleton is built on the meta device (no random initialisation, no memory) and takes the gathered tensors
-    as its parameters; buffers, which FSDP2 does not shard, are the model's own (non-persistent ones, such as rotary
-    frequencies, are not in a state dict).
+    The skeleton is built on the meta device (no random initialisation, no memory), wrapped by peft like ``model``
+    when it has LoRA (`llavakit.training.lora.peft_skeleton`), and takes the gathered tensors as its parameters;
+    buffers, which FSDP2 does not shard, are the model's own (non-persistent ones, such as rotary frequencies, are
+    not in a state dict). QLoRA: the quantised base layers, whole on every rank (FSDP2 ``ignored_params``), are
+    copies of ``model``'s own (`peft_skeleton`), so the copy computes with the trained model's 4-bit base and its
+    gathered adapters; their packed weights are not taken from the state dict (the copy holds the same bytes, and
+    a plain tensor assigned in their place would lose bitsandbytes' quantisation state). The copies add the
+    quantised base's size (about 0.5 byte per weight of the LLM's linear layers) on each rank's device.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from llavakit.model.llava_next import LlavaNextModel
 
+    quantised = _quantised_names(model)
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    state = {name: _cast(tensor.to(device), dtype) for name, tensor in state.items()}
+    state = {
+        name: _cast(tensor.to(device), dtype)
+        for name, tensor in state.items()
+        if not _belongs_to(name, quantised)
+    }
     with torch.device("meta"):
         copy = LlavaNextModel.from_config(model.config, tokenizer=model.tokenizer)
-    copy.load_state_dict(state, strict=True, assign=True)
+    # Outside the meta context: bitsandbytes cannot copy its quantised weights under it. peft draws the adapters'
+    # initial values on the CPU (the gathered ones replace them below).
+    peft_skeleton(copy, model)
+    missing, unexpected = copy.load_state_dict(state, strict=False, assign=True)
+    if set(missing) != quantised or unexpected:
+        raise TrainingError(
+            f"the gathered state of the FSDP2 model does not fit its unsharded copy (missing: {sorted(missing)[:3]}, "
+            f"unexpected: {sorted(unexpected)[:3]}); this is a llavakit bug: please report it"
+        )
     for name, buffer in model.named_buffers():
         owner, _, leaf = name.rpartition(".")
         copy.get_submodule(owner).register_buffer(leaf, buffer, persistent=name in state)
     return copy.requires_grad_(False).eval()
+
+
+def _quantised_names(model: nn.Module) -> set[str]:
+    """Names of bitsandbytes' quantised weights in ``model`` (empty without QLoRA)."""
+    quantised = quantised_params(model)
+    return {name for name, param in model.named_parameters() if param in quantised}
+
+
+def _belongs_to(key: str, names: set[str]) -> bool:
+    """Whether state-dict ``key`` is one of ``names`` or one of their quantisation constants (``<name>.absmax``)."""
+    return key in names or any(key.startswith(name + ".") for name in names)
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

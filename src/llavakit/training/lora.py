@@ -29,7 +29,10 @@ same weights the same way, so the ranks' bases are identical. Refused by `check_
 loads: 8 bits (torch's distributed state dict cannot name the ``SCB`` entry of bitsandbytes' 8-bit layers, so
 neither checkpoints nor the export could be written), ``strategy.cpu_offload``, and torch < 2.7 (no
 ``ignored_params``). The export gathers the sharded tensors into a skeleton whose quantised layers are copies of
-the trained (replicated) ones (`peft_skeleton`), then dequantises and merges as above.
+the trained (replicated) ones (`peft_skeleton`), then dequantises and merges as above; a stage's ``eval:`` section
+generates with a gathered copy built the same way (`llavakit.training.evaluation.full_copy`), not merged, so it
+computes as the trained model does. Resume checkpoints hold no quantised base (`llavakit.training.checkpoint`): it is
+rebuilt identically from the model source.
 
 Adapter initial values (`initialise_adapters`) are the same in every strategy and follow the run's ``seed``: peft's
 default initialisation (``init_lora_weights=True``: ``lora_A`` Kaiming-uniform with ``a=sqrt(5)``, ``lora_B``
