@@ -36,13 +36,19 @@ STEPS = 4
 LORA = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}
 
 
-def _config(synth, run_dir: Path, strategy: str, path: Path | None = None) -> dict:
+def _config(
+    synth, run_dir: Path, strategy: str, path: Path | None = None, questions: Path | None = None
+) -> dict:
+    # A stage eval section generates with a gathered copy under FSDP2; it must carry the peft wrapping.
+    section = {"benchmarks": ["heldout"], "data": {"heldout": str(questions)}, "every": 2, "batch_size": 2}
+    evaluation = {} if questions is None else {"eval": section}
     stage = debug_stage(
         synth,
         max_steps=STEPS,
         global_batch_size=4,
         micro_batch_size=1,
         optim={"lr": 2e-3, "warmup_ratio": 0.0, "schedule": "constant"},
+        **evaluation,
     )
     config = debug_config(run_dir, [stage], lora=LORA, strategy={"name": strategy})
     if path is not None:
@@ -88,16 +94,35 @@ def _check_adapter_matches_merged(final: Path, base_llm_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def single_run(tmp_path_factory, synth):
+def questions(synth, tmp_path_factory) -> Path:
+    """Three held-out-style questions about synthetic images (two batches of 2: one rank answers 2, the other 1)."""
+    images = sorted((synth.root / "images" / "train").glob("*.png"))[:3]
+    kinds = [("What colour is the shape?", "red", "colour"), ("How many shapes are there?", "two", "count")]
+    records = [
+        {"question_id": f"q{i}", "image": str(image), "question": q, "answer": a, "type": t}
+        for i, (image, (q, a, t)) in enumerate(zip(images, kinds * 2))
+    ]
+    path = tmp_path_factory.mktemp("questions") / "heldout.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def _predictions(run_dir: Path, step: int) -> list[str]:
+    folder = run_dir / "finetune" / "eval" / f"step-{step:06d}" / "heldout"
+    return [json.loads(line)["prediction"] for line in (folder / "predictions.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory, synth, questions):
     run_dir = tmp_path_factory.mktemp("lora-single") / "single"
-    losses = train(config_from_dict(_config(synth, run_dir, "single"))).stages[0].losses
+    losses = train(config_from_dict(_config(synth, run_dir, "single", questions=questions))).stages[0].losses
     return run_dir, losses
 
 
 @pytest.fixture(scope="module")
-def fsdp2_run(tmp_path_factory, synth):
+def fsdp2_run(tmp_path_factory, synth, questions):
     tmp_path = tmp_path_factory.mktemp("lora-fsdp2")
-    config = _config(synth, tmp_path / "fsdp2", "fsdp2")
+    config = _config(synth, tmp_path / "fsdp2", "fsdp2", questions=questions)
     return tmp_path, config, _launch(tmp_path, config, 2, "logging.save_every=2")
 
 
@@ -133,6 +158,14 @@ def test_two_process_fsdp2_lora_matches_one_process_and_exports(tmp_path, synth,
     for name, tensor in expected.items():
         torch.testing.assert_close(exported[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     _check_adapter_matches_merged(final, Path(config["run_dir"]) / "parts" / "debug-clip-llama" / "llm")
+
+
+@pytest.mark.slow
+def test_two_process_fsdp2_lora_evaluates_the_trained_model(single_run, fsdp2_run):
+    single_dir, _ = single_run
+    _, config, _ = fsdp2_run
+    for step in (2, STEPS):
+        assert _predictions(Path(config["run_dir"]), step) == _predictions(single_dir, step)
 
 
 @pytest.mark.slow
