@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import yaml
-from training_helpers import debug_config, debug_stage
+from training_helpers import debug_config, debug_stage, heldout_questions
 
 from llavakit.errors import ConfigError
 from llavakit.evaluation import score
@@ -25,15 +25,7 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def questions(synth, tmp_path_factory):
     """Held-out-style questions about 7 of the synthetic images (the session's held-out split has one question)."""
-    images = sorted((synth.root / "images" / "train").glob("*.png"))[:7]
-    kinds = [("What colour is the shape?", "red", "colour"), ("How many shapes are there?", "two", "count")]
-    records = [
-        {"question_id": f"q{i}", "image": str(image), "question": q, "answer": a, "type": t}
-        for i, (image, (q, a, t)) in enumerate(zip(images, kinds * 4))
-    ]
-    path = tmp_path_factory.mktemp("questions") / "heldout.jsonl"
-    path.write_text("".join(json.dumps(record) + "\n" for record in records))
-    return path
+    return heldout_questions(synth, tmp_path_factory.mktemp("questions"), 7)
 
 
 def _eval_stage(synth, questions, **eval_fields):

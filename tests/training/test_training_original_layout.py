@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
-from training_helpers import debug_config, debug_stage
+from training_helpers import adamw_losses, anyres_batch, debug_config, debug_stage, local_shard
 
 from llavakit.conversion import original
 from llavakit.conversion.original import export_original, import_original
@@ -89,36 +89,6 @@ def test_one_process_trains_as_from_the_converted_folder(folders, synth, tmp_pat
     assert exported.config.image_spec.unpad_rounding == "floor"
 
 
-def _batch(model: LlavaNextModel) -> dict[str, torch.Tensor]:
-    """One image (a 1x2 AnyRes grid) between text tokens, every text token supervised."""
-    generator = torch.Generator().manual_seed(1)
-    tile = model.config.image_spec.tile_size
-    tiles = torch.randn(3, 3, tile, tile, generator=generator)
-    sizes = torch.tensor([[tile, 2 * tile]])
-    image_tokens = model.encode_images(tiles, sizes)[0].shape[0]
-    text = torch.randint(0, 100, (2, 6), generator=generator)
-    ids = torch.cat([text[0], torch.full((image_tokens,), model.config.image_token_id), text[1]])[None]
-    labels = torch.where(ids == model.config.image_token_id, -100, ids)
-    return {"input_ids": ids, "labels": labels, "pixel_values": tiles, "image_sizes": sizes}
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
-def _losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> list[float]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model.train()
-    losses = []
-    for _ in range(STEPS):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
 def _worker(rank: int, init_file: str, cases: list, synth, run_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
@@ -136,7 +106,7 @@ def _compare(context, synth, run_dir: Path, orig: Path, hf: Path, param_dtype: s
     stage = sharded_config.stages[0]
     plain = build_model(plain_config, stage, None, context)
     with torch.no_grad():
-        batch = _batch(plain)
+        batch = anyres_batch(plain)
     old = FSDP2Strategy(sharded_config.strategy, context).wrap(plain)
     loader = FSDP2Strategy(sharded_config.strategy, context)
     new = loader.wrap(build_model(sharded_config, stage, None, context))
@@ -146,7 +116,7 @@ def _compare(context, synth, run_dir: Path, orig: Path, hf: Path, param_dtype: s
     assert old_params.keys() == new_params.keys()
     for name, param in new_params.items():
         assert param.dtype == old_params[name].dtype, name
-        assert torch.equal(_local(param), _local(old_params[name])), name
+        assert torch.equal(local_shard(param), local_shard(old_params[name])), name
     old_buffers = dict(old.named_buffers())
     for name, buffer in new.named_buffers():
         assert torch.equal(buffer, old_buffers[name]), name
@@ -154,7 +124,7 @@ def _compare(context, synth, run_dir: Path, orig: Path, hf: Path, param_dtype: s
 
     dtype = {"auto": None, "bf16": torch.bfloat16}[param_dtype]
     converted = FSDP2Strategy(sharded_config.strategy, context).wrap(meta_model(hf, None, dtype))
-    assert _losses(new, batch) == _losses(converted, batch)
+    assert adamw_losses(new, batch, STEPS) == adamw_losses(converted, batch, STEPS)
 
 
 def test_fsdp2_shards_equal_the_plain_path_and_train_as_the_converted_folder(folders, synth, tmp_path):

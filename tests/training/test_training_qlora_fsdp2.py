@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from training_helpers import debug_config, debug_stage
+from training_helpers import debug_config, debug_stage, heldout_questions
 
 from llavakit.errors import ConfigError
 from llavakit.model.llava_next import LlavaNextModel
@@ -63,15 +63,7 @@ def _eval_section(questions: Path) -> dict:
 @pytest.fixture(scope="module")
 def questions(synth, tmp_path_factory) -> Path:
     """Three held-out-style questions about synthetic images (two batches of 2: one rank answers 2, the other 1)."""
-    images = sorted((synth.root / "images" / "train").glob("*.png"))[:3]
-    kinds = [("What colour is the shape?", "red", "colour"), ("How many shapes are there?", "two", "count")]
-    records = [
-        {"question_id": f"q{i}", "image": str(image), "question": q, "answer": a, "type": t}
-        for i, (image, (q, a, t)) in enumerate(zip(images, kinds * 2))
-    ]
-    path = tmp_path_factory.mktemp("questions") / "heldout.jsonl"
-    path.write_text("".join(json.dumps(record) + "\n" for record in records))
-    return path
+    return heldout_questions(synth, tmp_path_factory.mktemp("questions"), 3)
 
 
 def _predictions(run_dir: Path, step: int) -> list[dict]:

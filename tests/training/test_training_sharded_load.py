@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from training_helpers import adamw_losses, anyres_batch, local_shard
 
 from llavakit.distributed import DistContext
 from llavakit.errors import CheckpointError
@@ -24,36 +25,6 @@ from llavakit.training.strategies.fsdp import FSDP2Strategy
 
 WORLD = 2
 STEPS = 2
-
-
-def _batch(model: LlavaNextModel) -> dict[str, torch.Tensor]:
-    """One image (a 1x2 AnyRes grid) between text tokens, every text token supervised."""
-    generator = torch.Generator().manual_seed(1)
-    tile = model.config.image_spec.tile_size
-    tiles = torch.randn(3, 3, tile, tile, generator=generator)
-    sizes = torch.tensor([[tile, 2 * tile]])
-    image_tokens = model.encode_images(tiles, sizes)[0].shape[0]
-    text = torch.randint(0, 100, (2, 6), generator=generator)
-    ids = torch.cat([text[0], torch.full((image_tokens,), model.config.image_token_id), text[1]])[None]
-    labels = torch.where(ids == model.config.image_token_id, -100, ids)
-    return {"input_ids": ids, "labels": labels, "pixel_values": tiles, "image_sizes": sizes}
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
-def _losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> list[float]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model.train()
-    losses = []
-    for _ in range(STEPS):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
 
 
 def _worker(rank: int, init_file: str, folder: str, dtype: torch.dtype | None, mixed_precision: str) -> None:
@@ -68,7 +39,7 @@ def _compare(rank: int, folder: Path, dtype: torch.dtype | None, mixed_precision
     context = DistContext(rank=rank, world_size=WORLD, local_rank=rank, device=torch.device("cpu"))
     config = StrategyConfig(name="fsdp2", mixed_precision=mixed_precision)
     eager = LlavaNextModel.from_pretrained(folder, dtype=dtype)
-    batch = _batch(eager)
+    batch = anyres_batch(eager)
     with torch.no_grad():
         eager_logits = eager(**batch).logits
     old = FSDP2Strategy(config, context).wrap(LlavaNextModel.from_pretrained(folder, dtype=dtype))
@@ -79,7 +50,7 @@ def _compare(rank: int, folder: Path, dtype: torch.dtype | None, mixed_precision
     assert old_params.keys() == new_params.keys()
     for name, param in new_params.items():
         assert param.dtype == old_params[name].dtype, name
-        assert torch.equal(_local(param), _local(old_params[name])), name
+        assert torch.equal(local_shard(param), local_shard(old_params[name])), name
     old_buffers = dict(old.named_buffers())
     for name, buffer in new.named_buffers():
         assert torch.equal(buffer, old_buffers[name]), name
@@ -87,7 +58,7 @@ def _compare(rank: int, folder: Path, dtype: torch.dtype | None, mixed_precision
         assert new.llm.lm_head.weight is new.llm.get_input_embeddings().weight
 
     total = sum(p.numel() * p.element_size() for p in eager.parameters())
-    local = sum(_local(p).numel() * _local(p).element_size() for p in new.parameters())
+    local = sum(local_shard(p).numel() * local_shard(p).element_size() for p in new.parameters())
     # Shards are dim-0 chunks: this rank's bytes are 1/W of the model up to one row per tensor.
     assert abs(local - total / WORLD) < 0.02 * total, (local, total)
     assert strategy.load_stats is not None
@@ -97,7 +68,7 @@ def _compare(rank: int, folder: Path, dtype: torch.dtype | None, mixed_precision
         new_logits = new(**batch).logits
     tolerance = {"atol": 2e-2, "rtol": 2e-2} if mixed_precision == "bf16" else {"atol": 1e-5, "rtol": 1e-5}
     torch.testing.assert_close(new_logits.float(), eager_logits.float(), **tolerance)
-    assert _losses(new, batch) == _losses(old, batch)
+    assert adamw_losses(new, batch, STEPS) == adamw_losses(old, batch, STEPS)
 
 
 def _spawn(

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
+from training_helpers import adamw_losses, anyres_batch, local_shard
 
 from llavakit.distributed import DistContext
 from llavakit.errors import CheckpointError
@@ -33,36 +34,6 @@ from llavakit.training.strategies.fsdp import FSDP2Strategy
 WORLD = 2
 STEPS = 2
 SEED = 7
-
-
-def _batch(model: LlavaNextModel) -> dict[str, torch.Tensor]:
-    """One image (a 1x2 AnyRes grid) between text tokens, every text token supervised."""
-    generator = torch.Generator().manual_seed(1)
-    tile = model.config.image_spec.tile_size
-    tiles = torch.randn(3, 3, tile, tile, generator=generator)
-    sizes = torch.tensor([[tile, 2 * tile]])
-    image_tokens = model.encode_images(tiles, sizes)[0].shape[0]
-    text = torch.randint(0, 100, (2, 6), generator=generator)
-    ids = torch.cat([text[0], torch.full((image_tokens,), model.config.image_token_id), text[1]])[None]
-    labels = torch.where(ids == model.config.image_token_id, -100, ids)
-    return {"input_ids": ids, "labels": labels, "pixel_values": tiles, "image_sizes": sizes}
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
-def _losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> list[float]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model.train()
-    losses = []
-    for _ in range(STEPS):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
 
 
 def _plain(parts: dict, dtype: torch.dtype | None, projector_file: str | None) -> LlavaNextModel:
@@ -98,7 +69,7 @@ def _compare(
     config = StrategyConfig(name="fsdp2", mixed_precision=mixed)
     plain = _plain(parts, dtype, projector_file)
     with torch.no_grad():
-        batch = _batch(plain)  # before sharding: encode_images outside forward needs whole parameters
+        batch = anyres_batch(plain)  # before sharding: encode_images outside forward needs whole parameters
     old = FSDP2Strategy(config, context).wrap(plain)
     strategy = FSDP2Strategy(config, context)
     new = strategy.wrap(_meta(parts, dtype, projector_file))
@@ -109,7 +80,7 @@ def _compare(
     for name, param in new_params.items():
         assert param.dtype == old_params[name].dtype, name
         assert param.requires_grad == old_params[name].requires_grad, name
-        assert torch.equal(_local(param), _local(old_params[name])), name
+        assert torch.equal(local_shard(param), local_shard(old_params[name])), name
     old_buffers = dict(old.named_buffers())
     for name, buffer in new.named_buffers():
         assert torch.equal(buffer, old_buffers[name]), name
@@ -121,7 +92,7 @@ def _compare(
         f.stat().st_size for part in ("vision", "llm") for f in Path(parts[part]).glob("*.safetensors")
     )
     assert 0 < strategy.load_stats.bytes_read < 0.6 * part_bytes
-    assert _losses(new, batch) == _losses(old, batch)
+    assert adamw_losses(new, batch, STEPS) == adamw_losses(old, batch, STEPS)
 
 
 def _spawn(
