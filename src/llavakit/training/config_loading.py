@@ -113,16 +113,15 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         options = [arg for arg in args if arg is not type(None)]
-        for option in options[:-1]:
+        if len(options) == 1:
+            return _coerce(options[0], value, where)  # keeps a nested section's own message
+        for option in options:
             try:
                 return _coerce(option, value, where)
             except ConfigError:
                 continue
-        try:
-            return _coerce(options[-1], value, where)
-        except ConfigError:
-            names = " or ".join(getattr(option, "__name__", str(option)) for option in options)
-            raise ConfigError(f"{where}: expected {names}, got {value!r}") from None
+        names = " or ".join(getattr(option, "__name__", str(option)) for option in options)
+        raise ConfigError(f"{where}: expected {names}, got {value!r}")
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where)
     if origin in (list, tuple):
