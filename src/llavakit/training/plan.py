@@ -297,16 +297,11 @@ def model_config_for(config: TrainConfig, model_configs: Mapping[str, str] | Non
 
 def _original_config(path: Path) -> Any:
     """The llavakit config of an original-layout folder, from its config files and weight-file headers only."""
-    from safetensors import safe_open
-
     from llavakit.conversion.original import original_layout, original_weight_files
+    from llavakit.training.sharded_load import read_header
 
-    keys: list[str] = []
-    for file in original_weight_files(path):
-        if file.suffix == ".safetensors":
-            with safe_open(str(file), "pt") as handle:
-                keys.extend(handle.keys())
-    return original_layout(path, keys).config
+    files = [file for file in original_weight_files(path) if file.suffix == ".safetensors"]
+    return original_layout(path, [key for file in files for key in read_header(file)]).config
 
 
 def _config_from_parts(config: TrainConfig, model_configs: Mapping[str, str]) -> LlavaKitConfig:
