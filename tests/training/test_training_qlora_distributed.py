@@ -1,4 +1,5 @@
-"""QLoRA (4-bit nf4 base) under FSDP2: 2-process torchrun (gloo) losses and export equal the 1-process QLoRA run.
+"""QLoRA (4-bit nf4 base) under FSDP2 and DDP: 2-process torchrun (gloo) losses, export and resume equal the
+1-process QLoRA run.
 
 The quantised base weights are FSDP2 ``ignored_params`` (whole on every rank); adapters, projector and the rest are
 sharded. nf4 quantisation is deterministic, so both world sizes train the same base; losses are compared with the
@@ -100,6 +101,13 @@ def fsdp2_run(tmp_path_factory, synth, questions):
     return tmp_path, config, _launch(tmp_path, config, "logging.save_every=2")
 
 
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, synth):
+    tmp_path = tmp_path_factory.mktemp("qlora-ddp")
+    config = _config(synth, tmp_path / "ddp", "ddp")
+    return tmp_path, config, _launch(tmp_path, config, "logging.save_every=2")
+
+
 def test_qlora_fsdp2_preflight_accepts_4_bits_and_refuses_what_cannot_work(tmp_path, synth, monkeypatch):
     four_bits = config_from_dict(_config(synth, tmp_path / "run", "fsdp2"))
     preflight(four_bits, world_size=2)
@@ -180,7 +188,25 @@ def test_two_process_fsdp2_qlora_evaluates_the_trained_model(single_run, fsdp2_r
 
 
 def test_two_process_fsdp2_qlora_resume_reproduces_the_lost_steps(fsdp2_run):
-    tmp_path, config, first = fsdp2_run
+    _check_resume_reproduces_the_lost_steps(*fsdp2_run)
+
+
+def test_two_process_ddp_qlora_matches_one_process_and_resumes(single_run, ddp_run):
+    """DDP keeps a whole 4-bit model per rank; its losses, export and resume follow the 1-process run too."""
+    single_dir, single_losses = single_run
+    tmp_path, config, losses = ddp_run
+    assert losses == pytest.approx(single_losses, rel=TOLERANCE)
+    final = Path(config["run_dir"]) / "finetune" / "final"
+    exported = LlavaNextModel.from_pretrained(final).state_dict()
+    expected = LlavaNextModel.from_pretrained(single_dir / "finetune" / "final").state_dict()
+    assert exported.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(exported[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
+    _check_resume_reproduces_the_lost_steps(tmp_path, config, losses)
+
+
+def _check_resume_reproduces_the_lost_steps(tmp_path: Path, config: dict, first: list[float]) -> None:
+    """Relaunch a finished 2-process run from its step-2 checkpoint: steps 3.. and the export come out the same."""
     stage_dir = Path(config["run_dir"]) / "finetune"
     checkpoint = stage_dir / "checkpoints" / "step-000002"
     metadata = _SafeFileSystemReader(str(checkpoint)).read_metadata()
