@@ -26,6 +26,8 @@ BENCHMARK_MODULES = (
     "mmmu",
     "textvqa",
     "gqa",
+    "vqav2",
+    "vizwiz",
     "heldout",
 )
 

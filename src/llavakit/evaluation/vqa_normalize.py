@@ -76,12 +76,12 @@ def normalize_answer(answer: str) -> str:
     """``answer`` normalised by the four steps in the module docstring."""
     text = answer.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
     text = text.replace("\n", " ").replace("\t", " ").strip()
-    text = _punctuation(text)
+    text = process_punctuation(text)
     text = PERIOD.sub("", text, count=MAX_PERIODS)
-    return _words(text)
+    return process_digit_article(text)
 
 
-def _punctuation(text: str) -> str:
+def process_punctuation(text: str) -> str:
     """Step 2: each mark deleted if it touches a space anywhere in ``text``, else replaced by a space."""
     out = text
     for mark in PUNCTUATION:
@@ -91,7 +91,7 @@ def _punctuation(text: str) -> str:
     return out
 
 
-def _words(text: str) -> str:
+def process_digit_article(text: str) -> str:
     """Step 4: number words to digits, articles dropped, contractions restored."""
     words = [NUMBERS.get(word, word) for word in text.lower().split()]
     return " ".join(CONTRACTIONS.get(word, word) for word in words if word not in ARTICLES)
