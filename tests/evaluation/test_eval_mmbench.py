@@ -281,6 +281,8 @@ def test_reads_hub_snapshot_subsets(tmp_path):
     assert [bench.row_id(row, n) for n, row in enumerate(loaded)] == [str(row["index"]) for row in _rows()]
     answers = _predictions(_rows())
     assert score(bench, _with(loaded, answers)) == score(bench, _with(_rows(), answers))
+    # A subset's own folder passed directly (its name is the subset) is read whole.
+    assert len(load_benchmark_data(bench, tmp_path / "snapshot" / "en")) == len(_rows())
 
 
 def _write_tsv(path: Path, rows: list[dict]) -> Path:

@@ -28,6 +28,8 @@ BENCHMARK_MODULES = (
     "gqa",
     "vqav2",
     "vizwiz",
+    "chartqa",
+    "docvqa",
     "heldout",
 )
 

@@ -174,8 +174,12 @@ def _split_files(benchmark: Benchmark, folder: Path) -> list[Path]:
         raise DataError(
             f"{folder}: no .parquet files (expected a snapshot of {benchmark.dataset or 'the dataset'})"
         )
-    if benchmark.subset is not None and folder.name != benchmark.subset:
+    if benchmark.subset is not None:
         in_subset = [f for f in files if benchmark.subset in f.relative_to(folder).parts[:-1]]
+        # A folder named like the subset is that subset's own download, unless it holds a subfolder of that name:
+        # a whole snapshot of a dataset whose config shares its name (lmms-lab DocVQA/DocVQA) has several subsets.
+        if not in_subset and folder.name == benchmark.subset:
+            in_subset = files
         if not in_subset:
             found = sorted(
                 {f.relative_to(folder).parts[0] for f in files if len(f.relative_to(folder).parts) > 1}
