@@ -67,6 +67,7 @@ def test_the_section_is_typed_and_checked():
     [
         ({"benchmarks": ["no_such_bench"], "data": {}}, "no_such_bench"),
         ({"data": {"heldout": "missing.jsonl"}}, "missing.jsonl"),
+        ({"benchmarks": ["mmvet"], "data": {}}, r"\['mmvet'\] are graded by an LLM judge.*llavakit eval"),
     ],
 )
 def test_bad_benchmarks_fail_before_any_weight_loads(

@@ -1,7 +1,8 @@
 """``llavakit eval``: evaluate a checkpoint on standard benchmarks, re-score predictions, list benchmarks.
 
     llavakit eval --model DIR --benchmark mme,pope [--data SRC | --data ID=SRC ...] [--limit N] [--out DIR]
-    llavakit eval score BENCHMARK --data SRC --predictions FILE [--json]
+                  [--judge-model M] [--judge-base-url URL]
+    llavakit eval score BENCHMARK --data SRC --predictions FILE [--json] [--judge-model M] [--judge-base-url URL]
     llavakit eval custom --model DIR --questions Q.jsonl --image-folder DIR --answers-file A.jsonl
     llavakit eval list
 
@@ -14,8 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llavakit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from llavakit.evaluation.judge import JudgeOptions
 
 DESCRIPTION = (
     "Evaluate a checkpoint on benchmarks (lmms-eval task ids: mme, pope, mmbench_en_dev, scienceqa_img, "
@@ -23,7 +28,11 @@ DESCRIPTION = (
     "spec and scored exactly as lmms-eval's rule-based scorers. Batched greedy generation (length-sorted, "
     "left-padded); under torchrun each rank answers a share and rank 0 merges them. Answers are appended to "
     "OUT/BENCHMARK/predictions.jsonl as they finish: rerunning the same command resumes. Writes OUT/metrics.json "
-    "and prints a table per benchmark. 'llavakit eval list' shows the benchmarks and their data sources."
+    "and prints a table per benchmark. 'llavakit eval list' shows the benchmarks and their data sources. "
+    "llava_in_the_wild and mmvet are graded by an LLM judge, as lmms-eval grades them: an OpenAI-compatible chat "
+    "endpoint whose key is read from OPENAI_API_KEY (endpoint: --judge-base-url, else OPENAI_API_URL or "
+    "OPENAI_BASE_URL; model: --judge-model, else MODEL_VERSION, else lmms-eval's gpt-4o-2024-11-20); every "
+    "judge exchange is logged to OUT/BENCHMARK/reviews.jsonl."
 )
 
 
@@ -55,6 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--device", help="cpu | cuda (default: cuda when available; LOCAL_RANK under torchrun)"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_judge_arguments(parser)
     parser.set_defaults(func=run, parser=parser)
     actions = parser.add_subparsers(dest="eval_command", metavar="ACTION")
     _register_score(actions)
@@ -77,7 +87,27 @@ def _register_score(actions: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", help="data source (default: the benchmark's Hub dataset)")
     parser.add_argument("--limit", type=int, help="score the first N questions of the data")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    _add_judge_arguments(parser)
     parser.set_defaults(func=run_score)
+
+
+def _add_judge_arguments(parser: argparse.ArgumentParser) -> None:
+    """The LLM judge's model and endpoint (the API key comes from OPENAI_API_KEY only)."""
+    parser.add_argument(
+        "--judge-model",
+        help="LLM judge model for llava_in_the_wild / mmvet (default: MODEL_VERSION, else gpt-4o-2024-11-20)",
+    )
+    parser.add_argument(
+        "--judge-base-url",
+        help="OpenAI-compatible endpoint of the judge (default: OPENAI_API_URL, else OPENAI_BASE_URL, else "
+        "https://api.openai.com/v1); its key is read from OPENAI_API_KEY",
+    )
+
+
+def _judge_options(args: argparse.Namespace) -> JudgeOptions:
+    from llavakit.evaluation.judge import JudgeOptions
+
+    return JudgeOptions(model=args.judge_model, base_url=args.judge_base_url)
 
 
 def _register_custom(actions: argparse._SubParsersAction) -> None:
@@ -148,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
         data=parse_data(args.data, names),
         limit=args.limit,
         options=EvalOptions(args.batch_size, args.max_new_tokens, progress=not args.no_progress),
+        judge=_judge_options(args),
     )
     results = run_suite(config, device=args.device)
     if init_distributed(needs_process_group=False).is_main:
@@ -162,7 +193,7 @@ def run_score(args: argparse.Namespace) -> int:
     from llavakit.evaluation.report import print_metrics
     from llavakit.evaluation.suite import score_file
 
-    metrics = score_file(args.benchmark, Path(args.predictions), args.data, args.limit)
+    metrics = score_file(args.benchmark, Path(args.predictions), args.data, args.limit, _judge_options(args))
     if args.json:
         print(json.dumps(metrics, indent=2, ensure_ascii=False))
     else:

@@ -30,6 +30,8 @@ BENCHMARK_MODULES = (
     "vizwiz",
     "chartqa",
     "docvqa",
+    "llava_wild",
+    "mmvet",
     "heldout",
 )
 

@@ -6,6 +6,7 @@ Output layout (``--out DIR``)::
     DIR/<benchmark>/predictions.jsonl
     DIR/<benchmark>/metrics.json
     DIR/<benchmark>/<submission files>   (benchmarks scored by a server, e.g. MMBench test)
+    DIR/<benchmark>/reviews.jsonl       (benchmarks scored by an LLM judge: every judge exchange)
 
 Under torchrun every rank loads the model on its own device and answers its share of each benchmark (see
 `llavakit.evaluation.runner`); rank 0 writes the results.
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from llavakit.distributed import init_distributed
 from llavakit.errors import ConfigError
+from llavakit.evaluation.judge import JudgeOptions, attach_judge
 from llavakit.evaluation.predictions import match_predictions, read_predictions
 from llavakit.evaluation.registry import get_benchmark, score
 from llavakit.evaluation.runner import EvalOptions, EvalResult, evaluate
@@ -38,6 +40,7 @@ class SuiteConfig:
         out: output folder.
         limit: evaluate the first N questions of each benchmark (None: all).
         options: batch size, answer length, progress.
+        judge: the LLM judge's model and endpoint, for judge-scored benchmarks (llava_in_the_wild, mmvet).
     """
 
     model: Path
@@ -46,6 +49,7 @@ class SuiteConfig:
     data: Mapping[str, str] = field(default_factory=dict)
     limit: int | None = None
     options: EvalOptions = EvalOptions()
+    judge: JudgeOptions = JudgeOptions()
 
     def __post_init__(self) -> None:
         if not self.benchmarks:
@@ -62,14 +66,17 @@ def run_suite(
 ) -> list[EvalResult]:
     """Evaluate ``config.model`` on every benchmark; returns the results (complete on rank 0).
 
-    Benchmark ids and data sources are checked before the model loads, so a typo costs no loading time.
+    Benchmark ids, data sources and the LLM judge's configuration are checked before the model loads, so a typo
+    costs no loading time.
 
     Args:
         config: what to run.
         assistant: an already loaded model (None: load ``config.model``).
         device: where to load it (None: this rank's CUDA device, else the CPU).
     """
-    benchmarks = [get_benchmark(name) for name in config.benchmarks]
+    benchmarks = [
+        attach_judge(get_benchmark(name), config.judge, config.out / name) for name in config.benchmarks
+    ]
     context = init_distributed(needs_process_group=False)
     sources = [load_benchmark_data(b, config.data.get(b.id)).limited(config.limit) for b in benchmarks]
     assistant = assistant or load(config.model, device=device or context.device)
@@ -104,14 +111,19 @@ def write_summary(config: SuiteConfig, results: Sequence[EvalResult]) -> Path:
 
 
 def score_file(
-    benchmark: str, predictions: Path, data: str | None = None, limit: int | None = None
+    benchmark: str,
+    predictions: Path,
+    data: str | None = None,
+    limit: int | None = None,
+    judge: JudgeOptions | None = None,
 ) -> dict[str, float]:
     """Metrics of a predictions file (JSONL of ``{"question_id", "prediction"}``) against ``benchmark``'s data.
 
     Every question of the data (its first ``limit``) needs exactly one prediction; unknown, missing and duplicate
-    ids are errors naming them.
+    ids are errors naming them. Judge-scored benchmarks ask the LLM ``judge`` again and append its exchanges to
+    ``reviews.jsonl`` beside the predictions file.
     """
-    bench = get_benchmark(benchmark)
+    bench = attach_judge(get_benchmark(benchmark), judge or JudgeOptions(), predictions.parent)
     source = load_benchmark_data(bench, data).limited(limit)
     rows = source.rows_without_images()
     ids = [bench.row_id(row, index) for index, row in enumerate(rows)]

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from llavakit.distributed import DistContext, barrier
-from llavakit.errors import TrainingError
+from llavakit.errors import ConfigError, TrainingError
 from llavakit.training.config import EvalSection, TrainConfig
 from llavakit.training.lora import peft_skeleton, quantised_params
 from llavakit.training.strategies.base import Strategy
@@ -112,17 +112,25 @@ def check_evaluations(config: TrainConfig) -> list[StageEvaluator | None]:
 
     Raises:
         RegistryError: an unknown benchmark id (the valid ones are listed).
+        ConfigError: a benchmark graded by an LLM judge (each evaluation would send a paid request per question).
         DataError: a missing or unreadable data source, or one lacking a benchmark's columns.
     """
+    from llavakit.evaluation.judge import JudgedBenchmark
     from llavakit.evaluation.registry import get_benchmark
     from llavakit.evaluation.sources import load_benchmark_data
 
     evaluators: list[StageEvaluator | None] = []
-    for stage in config.stages:
+    for number, stage in enumerate(config.stages):
         section = stage.eval
         if not section.enabled:
             evaluators.append(None)
             continue
+        judged = [name for name in section.benchmarks if isinstance(get_benchmark(name), JudgedBenchmark)]
+        if judged:
+            raise ConfigError(
+                f"stages.{number}.eval.benchmarks: {judged} are graded by an LLM judge, which training-time "
+                "evaluation does not call; evaluate the exported checkpoint with `llavakit eval` instead"
+            )
         data = [
             load_benchmark_data(get_benchmark(name), section.data.get(name)).limited(section.limit)
             for name in section.benchmarks
