@@ -66,6 +66,7 @@ from typing import Any
 
 from llavakit.errors import DataError
 from llavakit.evaluation.benchmark import Benchmark, Row
+from llavakit.evaluation.choices import MCQ_DEFAULT_LETTERS, extract_mcq_answer
 
 LETTERS = ("A", "B", "C", "D", "E")
 # The official toolkit's scorer only ever offers A-D as choices.
@@ -86,18 +87,6 @@ _WRAPPED_FORMS = (
     ("", "."), ("", ","), ("", ":"), ("", ")"), ("", ")."), ("(", ")"), ("(", ")."),
     (":", ""), (":", ","), (":", "."), (":", ")"), (":", ")."),
 )  # fmt: skip
-# extract_mcq_answer's table: the phrases a letter may follow, and each form's rank.
-_ANSWER_PHRASES = (
-    "the answer is", "answer is", "the correct answer is", "correct answer is", "the best answer is",
-    "best answer is", "the correct option is", "correct option is", "the best option is", "best option is",
-    "the choice is", "choice is", "the correct choice is", "correct choice is", "i choose", "i select",
-    "i pick", "my answer is", "my choice is", "옵션", "정답은", "답은", "답:", "答案是", "答案为", "选",
-    "答えは",
-)  # fmt: skip
-_MCQ_DEFAULT_LETTERS = ("A", "B", "C", "D", "E", "F", "G", "H")
-_MCQ_EDGE_PUNCTUATION = (",", ".", "!", "?", ";", ":", "'", '"')
-_MCQ_MARKED_FORMS = (("({})", 6), ("{}.", 5), ("{}:", 4), ("{})", 3), ("{} ", 2))
-_RANK_PHRASE, _RANK_START, _RANK_END, _RANK_ANYWHERE = 7, 10, 9, 0
 # VLMEvalKit's circular rotations by option count: where A, B, ... move to in each copy.
 _ROTATIONS = {2: ("BA",), 3: ("BCA", "CAB"), 4: ("BCDA", "CDAB", "DABC")}
 
@@ -128,7 +117,7 @@ def extract_option(prediction: str, options: Mapping[str, str]) -> str | None:
     return (
         _letter_token(prediction)
         or _matching_option_text(prediction, options)
-        or _ranked_letter(prediction, sorted(options) or list(_MCQ_DEFAULT_LETTERS))
+        or extract_mcq_answer(prediction, sorted(options) or list(MCQ_DEFAULT_LETTERS))
         or None
     )
 
@@ -154,40 +143,6 @@ def _matching_option_text(answer: str, options: Mapping[str, str]) -> str | None
     lowered = answer.lower()
     found = [letter for letter, text in options.items() if text.lower() in lowered]
     return found[0] if len(found) == 1 else None
-
-
-def _ranked_letter(response: str, letters: Sequence[str]) -> str:
-    """Step 4 (lmms-eval's ``extract_mcq_answer``): the best-ranked letter occurrence, or ``""``."""
-    if not response.strip():
-        return ""
-    text = response.strip()
-    for mark in _MCQ_EDGE_PUNCTUATION:
-        text = text.strip(mark)
-    text = f" {text} "
-    found: list[tuple[int, int, str]] = []  # (rank, position, letter)
-    for pattern, rank in _MCQ_MARKED_FORMS:
-        for letter in letters:
-            position = text.rfind(pattern.format(letter))
-            if position >= 0:
-                found.append((rank, position, letter))
-    lowered = text.lower()
-    for phrase in _ANSWER_PHRASES:
-        start = lowered.find(phrase)
-        if start >= 0:
-            for letter in letters:
-                position = text.find(letter, start + len(phrase))
-                if position >= 0:
-                    found.append((_RANK_PHRASE, position, letter))
-    core = text.strip()
-    for letter in letters:
-        if core.startswith(letter) and (len(core) == 1 or not core[1].isalpha()):
-            found.append((_RANK_START, 0, letter))
-        if core.endswith(letter) and (len(core) == 1 or not core[-2].isalpha()):
-            found.append((_RANK_END, len(text) - 1, letter))
-    if not found:
-        found = [(_RANK_ANYWHERE, text.rfind(letter), letter) for letter in letters if letter in text]
-    # Equal (rank, position) pairs always carry the same letter, so max() needs no tie rule.
-    return max(found, key=lambda item: (item[0], item[1]))[2] if found else ""
 
 
 def row_index(row: Row) -> int:

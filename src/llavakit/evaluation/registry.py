@@ -32,6 +32,9 @@ BENCHMARK_MODULES = (
     "docvqa",
     "llava_wild",
     "mmvet",
+    "ocrbench",
+    "realworldqa",
+    "mmstar",
     "heldout",
 )
 

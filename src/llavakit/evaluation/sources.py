@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from llavakit.errors import DataError
 from llavakit.evaluation.benchmark import Benchmark
 
@@ -168,12 +170,16 @@ def _from_local(benchmark: Benchmark, path: Path) -> BenchmarkData:
 
 
 def _split_files(benchmark: Benchmark, folder: Path) -> list[Path]:
-    """The parquet files of ``benchmark``'s subset and split in a Hub snapshot folder."""
+    """The parquet files of ``benchmark``'s subset and split in a Hub snapshot folder: those its dataset card
+    maps to them, else those named or foldered like them (the Hub's default layout)."""
     files = sorted(folder.rglob("*.parquet"))
     if not files:
         raise DataError(
             f"{folder}: no .parquet files (expected a snapshot of {benchmark.dataset or 'the dataset'})"
         )
+    carded = _card_files(benchmark, folder)
+    if carded:
+        return carded
     if benchmark.subset is not None:
         in_subset = [f for f in files if benchmark.subset in f.relative_to(folder).parts[:-1]]
         # A folder named like the subset is that subset's own download, unless it holds a subfolder of that name:
@@ -205,6 +211,37 @@ def _split_files(benchmark: Benchmark, folder: Path) -> list[Path]:
             f"in a '{benchmark.split}' folder); found {[str(f.relative_to(folder)) for f in files[:5]]}"
         )
     return chosen
+
+
+def _card_files(benchmark: Benchmark, folder: Path) -> list[Path]:
+    """The parquet files the snapshot's dataset card (``README.md`` YAML header, ``configs:``) lists for the
+    benchmark's subset (``default`` or the only config when it has none) and split; [] when it lists none.
+
+    Datasets whose files follow no naming rule (``Lin-Chen/MMStar``: one ``mmstar.parquet`` for split ``val``)
+    say there which file is which split, as ``datasets.load_dataset`` reads it.
+    """
+    card = folder / "README.md"
+    if not card.is_file():
+        return []
+    text = card.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return []
+    try:
+        header = yaml.safe_load(text.split("---", 2)[1]) or {}
+    except (yaml.YAMLError, IndexError):
+        return []
+    configs = [c for c in header.get("configs") or [] if isinstance(c, dict)] if isinstance(header, dict) else []
+    wanted = benchmark.subset or ("default" if len(configs) != 1 else configs[0].get("config_name"))
+    for config in configs:
+        if config.get("config_name") != wanted:
+            continue
+        entries = config.get("data_files")
+        for entry in entries if isinstance(entries, list) else []:
+            if isinstance(entry, dict) and entry.get("split") == benchmark.split:
+                patterns = entry.get("path")
+                patterns = [patterns] if isinstance(patterns, str) else list(patterns or [])
+                return sorted({f for pattern in patterns for f in folder.glob(pattern) if f.suffix == ".parquet"})
+    return []
 
 
 def _from_tsv(benchmark: Benchmark, path: Path) -> BenchmarkData:
