@@ -17,6 +17,15 @@ instead, so that transformers refuses it loudly rather than loading it and compu
 A llava-hf ``llava`` checkpoint (e.g. ``llava-hf/llava-1.5-7b-hf``) has no AnyRes fields: its preprocessing is that
 of its image processor config, ``do_pad`` true meaning ``pad`` and false (llava-hf's own ``CLIPImageProcessor``, a
 shortest-edge resize and centre crop) meaning ``square``.
+
+Video (``video_spec`` set, ``<video>`` in the vocabulary): the spec and the token id live in the ``"llavakit"``
+section. transformers' LlavaOnevision runs videos one way only: bilinear pooling at stride 2 and ``one_token`` (one
+newline after the video), frames squashed to the tile size. A ``llava_onevision`` checkpoint whose video spec pools
+and lays out tokens that way also gets ``video_token_index`` (transformers' field), so it runs videos in transformers
+too; any other video spec keeps ``video_token_index: -1`` (images still run there, videos are refused for a token
+count mismatch rather than computed differently). A llava-hf ``llava_onevision`` checkpoint with a
+``video_token_index`` loads with exactly those transformers semantics (`TRANSFORMERS_VIDEO_SPEC`). A model without
+video writes no video field: its ``config.json`` is byte for byte what it was before video existed.
 """
 
 from __future__ import annotations
@@ -26,12 +35,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llavakit.anyres.spec import ImageSpec
+from llavakit.anyres.video_spec import VideoSpec
 from llavakit.errors import CheckpointError, ConfigError
 
 LLAVAKIT_KEY = "llavakit"
 FORMAT_VERSION = 1
 # transformers classes whose model unpads the tiled feature map (with round(x, 7))
 _UNPADDING_CLASSES = ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration")
+# How transformers' LlavaOnevision turns frames into video tokens (``get_video_features``, ``apply_pooling``) and
+# its video processor resizes frames; it samples no frames by default (``do_sample_frames=False``), so the sampling
+# fields keep VideoSpec's defaults.
+TRANSFORMERS_VIDEO_SPEC = VideoSpec(frame_view="squash", pool_stride=2, pool_mode="bilinear", newline="one_token")
 
 
 @dataclass
@@ -50,6 +64,8 @@ class LlavaKitConfig:
         image_token_id: vocabulary id of ``<image>``.
         pad_token_id: id used to pad batches.
         padding_side: side training batches are padded on.
+        video_spec: how frames become video tokens; None: the model takes no videos.
+        video_token_id: vocabulary id of ``<video>``; set exactly when ``video_spec`` is.
     """
 
     vision_encoder: str
@@ -63,6 +79,15 @@ class LlavaKitConfig:
     image_token_id: int = 32000
     pad_token_id: int | None = None
     padding_side: str = "right"
+    video_spec: VideoSpec | None = None
+    video_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.video_spec is None) != (self.video_token_id is None):
+            raise ConfigError(
+                f"video_spec ({self.video_spec}) and video_token_id ({self.video_token_id}) must be set together "
+                "(a video model) or both left None (no video)"
+            )
 
     @property
     def family(self) -> str:
@@ -128,13 +153,25 @@ class LlavaKitConfig:
             return "LlavaNextForConditionalGeneration"
         return "LlavaOnevisionForConditionalGeneration"
 
+    def transformers_video_token_index(self) -> int:
+        """``video_token_index`` for transformers' LlavaOnevision: ``<video>``'s id when transformers preprocesses
+        frames, pools and lays out video tokens as this model does (`TRANSFORMERS_VIDEO_SPEC`; frame sampling
+        aside), else -1 (never an input id: no video there)."""
+        spec = self.video_spec
+        if spec is None or self.video_token_id is None:
+            return -1
+        layout = ("pool_stride", "pool_mode", "newline", "frame_view")
+        if any(getattr(spec, name) != getattr(TRANSFORMERS_VIDEO_SPEC, name) for name in layout):
+            return -1
+        return self.video_token_id
+
     def vision_feature_select_strategy(self, has_cls_token: bool) -> str:
         """transformers' name for our feature selection: ``default`` drops CLS, ``full`` keeps every token."""
         return "default" if has_cls_token and self.image_spec.select_feature == "patch" else "full"
 
     def llavakit_section(self) -> dict[str, Any]:
-        """The ``config.json["llavakit"]`` section."""
-        return {
+        """The ``config.json["llavakit"]`` section (video fields only for a video model)."""
+        section = {
             "format_version": FORMAT_VERSION,
             "vision_encoder": self.vision_encoder,
             "projector": self.projector,
@@ -144,6 +181,9 @@ class LlavaKitConfig:
             "system_prompt": self.system_prompt,
             "padding_side": self.padding_side,
         }
+        if self.video_spec is not None:
+            section.update(video_spec=self.video_spec.to_dict(), video_token_id=self.video_token_id)
+        return section
 
     def to_config_json(self, has_cls_token: bool) -> dict[str, Any]:
         """The full ``config.json`` content (transformers ``LlavaNextConfig`` fields, or ``LlavaConfig`` fields for
@@ -180,8 +220,8 @@ class LlavaKitConfig:
             LLAVAKIT_KEY: self.llavakit_section(),
         }
         if architecture == "LlavaOnevisionForConditionalGeneration":
-            # No video token in a LLaVA-NeXT model: -1 never matches an input id.
-            data.update(vision_aspect_ratio=spec.aspect_ratio, video_token_index=-1)
+            # -1 never matches an input id: no video in transformers unless it pools as we do.
+            data.update(vision_aspect_ratio=spec.aspect_ratio, video_token_index=self.transformers_video_token_index())
         if architecture == "LlavaForConditionalGeneration":
             # LlavaConfig has no AnyRes fields.
             del data["image_grid_pinpoints"], data["use_image_newline_parameter"]
@@ -247,6 +287,8 @@ class LlavaKitConfig:
                 image_token_id=int(data["image_token_index"]),
                 pad_token_id=data.get("pad_token_id"),
                 padding_side=section.get("padding_side", "right"),
+                video_spec=VideoSpec.from_dict(section["video_spec"]) if "video_spec" in section else None,
+                video_token_id=int(section["video_token_id"]) if "video_spec" in section else None,
             )
         except KeyError as err:
             raise CheckpointError(f"{source}: the 'llavakit' section lacks field {err}") from None
@@ -291,6 +333,7 @@ class LlavaKitConfig:
             raise CheckpointError(f"{source}: strategy 'full' on a CLS encoder cannot be merged spatially")
         spec = ImageSpec(**fields)
         family_template = family_for(data["text_config"].get("model_type", "llama")).default_template
+        video_token_id = _llava_hf_video_token(data)
         return cls(
             vision_encoder=backbone.id,
             vision_config=vision,
@@ -301,7 +344,18 @@ class LlavaKitConfig:
             template="processor" if has_chat_template else family_template,
             image_token_id=int(data.get("image_token_index", data.get("image_token_id", 32000))),
             pad_token_id=data.get("pad_token_id"),
+            video_spec=None if video_token_id is None else TRANSFORMERS_VIDEO_SPEC,
+            video_token_id=video_token_id,
         )
+
+
+def _llava_hf_video_token(data: dict[str, Any]) -> int | None:
+    """``<video>``'s id in a llava-hf ``llava_onevision`` config (``video_token_index``, or ``video_token_id`` as
+    transformers' attribute is called), or None: another model type, no field, or -1 (no video)."""
+    if data["model_type"] != "llava_onevision":
+        return None
+    token = data.get("video_token_index", data.get("video_token_id"))
+    return int(token) if token is not None and int(token) >= 0 else None
 
 
 # PIL resampling filters by the integer transformers stores in ``resample`` (`PIL.Image.Resampling` values).

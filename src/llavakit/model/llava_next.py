@@ -12,6 +12,11 @@ The sequence already holds one ``<image>`` token per visual token (the data pipe
 `llavakit.anyres.geometry.count_visual_tokens`), so placing features is a single masked scatter, and a count
 mismatch is an error naming both numbers instead of a silent reuse of another image's features (upstream).
 
+Videos (a model built with a `VideoSpec`) take the same road without AnyRes: ``pixel_values_videos [ΣF, 3, S, S]``
+──vision_encoder, projector──► ``[ΣF, T, D]`` ──split by ``video_frames``, `anyres.video_features.merge_video_features`
+(2D pooling, newlines from the same ``image_newline``)──► ``[count_tokens(F_v), D]`` per video ──masked_scatter at
+the ``<video>`` positions. Images and videos mix freely in one batch and one sample.
+
 LLM families differ only by data (`llavakit.model.family`); the class never branches on a model name. The model
 knows nothing of distribution: `shard_units` only *declares* the modules a strategy may shard.
 """
@@ -38,13 +43,15 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from llavakit.anyres import features as anyres_features
 from llavakit.anyres import geometry
 from llavakit.anyres.spec import ImageSpec
+from llavakit.anyres.video_features import merge_video_features
+from llavakit.anyres.video_spec import VideoSpec
 from llavakit.errors import ConfigError, DataError
 from llavakit.model import attention
 from llavakit.model.config import LlavaKitConfig
 from llavakit.model.family import family_for, set_pad_token
 from llavakit.model.loss import supervised_lm_loss
 from llavakit.model.projector import Projector
-from llavakit.model.tokenizer import ensure_image_token
+from llavakit.model.tokenizer import ensure_image_token, ensure_video_token
 from llavakit.model.vision import (
     VISION_BACKBONES,
     VisionBackbone,
@@ -78,6 +85,7 @@ class LlavaNextModel(nn.Module):
     ) -> None:
         super().__init__()
         _check_spec_matches_encoder(config.image_spec, vision_encoder)
+        _check_video_spec(config)
         self.config = config
         self.vision_encoder = vision_encoder
         self.projector = Projector(config.projector, vision_encoder.hidden_size, config.hidden_size)
@@ -106,6 +114,7 @@ class LlavaNextModel(nn.Module):
         llm_kwargs: dict[str, Any] | None = None,
         system_prompt: str | None = None,
         load_parts: PartsLoader | None = None,
+        video_spec: VideoSpec | None = None,
     ) -> LlavaNextModel:
         """Build a fresh model from a vision encoder and an LLM (hub ids or local folders) and a new projector.
 
@@ -130,10 +139,13 @@ class LlavaNextModel(nn.Module):
                 (integer) weights are not floating point, so the final `cast_parameters` leaves them as loaded.
             load_parts: builds the two parts instead of transformers' ``from_pretrained`` (see `PartsLoader`), e.g.
                 without weights (`llavakit.training.sharded_load.meta_model_from_parts`).
+            video_spec: makes a video model: ``<video>`` is added to the tokenizer like ``<image>`` and videos are
+                pooled and laid out as it says (None: images only, and nothing about the model changes).
         """
         load_kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
         tokenizer = AutoTokenizer.from_pretrained(llm)
         image_token_id = ensure_image_token(tokenizer)
+        video_token_id = None if video_spec is None else ensure_video_token(tokenizer)
         backbone, vision_model, language_model = (load_parts or _load_parts)(
             vision_encoder, vision, llm, tokenizer, load_kwargs, attn_implementation, llm_kwargs or {}
         )
@@ -154,6 +166,8 @@ class LlavaNextModel(nn.Module):
             image_token_id=image_token_id,
             pad_token_id=tokenizer.pad_token_id,
             padding_side=family.padding_side,
+            video_spec=video_spec,
+            video_token_id=video_token_id,
         )
         encoder = build_vision_encoder(backbone.id, vision_model, select_layer, spec.select_feature)
         model = cls(config, encoder, language_model, tokenizer)
@@ -245,6 +259,37 @@ class LlavaNextModel(nn.Module):
         rows, cols = geometry.grid_shape(size, self.image_spec)
         return 1 + rows * cols
 
+    def encode_videos(
+        self, pixel_values_videos: torch.Tensor, video_frames: torch.Tensor | list[int]
+    ) -> list[torch.Tensor]:
+        """Video tokens of each video: frames through the vision encoder and projector (no AnyRes), then pooled
+        and laid out with newlines as ``config.video_spec`` says (`anyres.video_features.merge_video_features`).
+
+        Args:
+            pixel_values_videos: ``[ΣF_v, 3, S, S]``, the frames of all videos, video after video, in time order.
+            video_frames: ``[N_videos]`` frames per video, in the order of the videos' ``<video>`` runs.
+
+        Returns:
+            One ``[video_spec.count_tokens(F_v, grid_side), D]`` tensor per video.
+        """
+        spec = self.config.video_spec
+        if spec is None:
+            raise DataError(
+                "this model takes no videos (config.video_spec is None): build it with "
+                "LlavaNextModel.from_parts(..., video_spec=VideoSpec(...))"
+            )
+        frames = [int(n) for n in (video_frames.tolist() if torch.is_tensor(video_frames) else video_frames)]
+        if any(n <= 0 for n in frames):
+            raise DataError(f"video_frames {frames} must all be positive: every video needs at least one frame")
+        if pixel_values_videos.dim() != 4 or pixel_values_videos.shape[0] != sum(frames):
+            raise DataError(
+                f"pixel_values_videos has shape {tuple(pixel_values_videos.shape)} but video_frames {frames} sum to "
+                f"{sum(frames)} frames ([total_frames, 3, S, S], frames of all videos in placeholder order)"
+            )
+        features = self.projector(self.vision_encoder(pixel_values_videos))
+        grid_side = self.image_spec.grid_side
+        return [merge_video_features(chunk, grid_side, spec, self.image_newline) for chunk in features.split(frames)]
+
     def embed_inputs(
         self,
         input_ids: torch.Tensor,
@@ -252,13 +297,29 @@ class LlavaNextModel(nn.Module):
         image_sizes: torch.Tensor | None = None,
         image_tiled: torch.Tensor | None = None,
         image_features: Sequence[torch.Tensor] | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_frames: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token embeddings ``[B, L, D]`` with visual tokens placed at the ``<image>`` positions.
+        """Token embeddings ``[B, L, D]`` with visual tokens placed at the ``<image>`` and ``<video>`` positions.
 
         The visual tokens come from ``pixel_values`` (encoded here) or, when given instead, from ``image_features``:
         one ``[n_i, D]`` tensor per image in placeholder order, as `encode_images` returns (e.g. from a cache).
+        Video tokens come from ``pixel_values_videos`` and ``video_frames`` (see `encode_videos`).
         """
         embeds = self.llm.get_input_embeddings()(input_ids)
+        embeds = self._embed_images(embeds, input_ids, pixel_values, image_sizes, image_tiled, image_features)
+        return self._embed_videos(embeds, input_ids, pixel_values_videos, video_frames)
+
+    def _embed_images(
+        self,
+        embeds: torch.Tensor,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_sizes: torch.Tensor | None,
+        image_tiled: torch.Tensor | None,
+        image_features: Sequence[torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """``embeds`` with image tokens placed (arguments as in `embed_inputs`)."""
         image_mask = input_ids == self.config.image_token_id
         placeholders = int(image_mask.sum())
         if image_features is not None:
@@ -268,12 +329,41 @@ class LlavaNextModel(nn.Module):
         if pixel_values is None:
             if placeholders:
                 raise DataError(f"the batch has {placeholders} <image> tokens but no pixel_values")
+            # Also in a video-only batch: a no_token video leaves image_newline out of the graph.
             if self.training:
                 embeds = embeds + self._vision_graph_anchor(embeds.dtype)
             return embeds
         if image_sizes is None:
             raise DataError("pixel_values were given without image_sizes ([N_images, 2], original height and width)")
         return self._place_visual_tokens(embeds, image_mask, self.encode_images(pixel_values, image_sizes, image_tiled))
+
+    def _embed_videos(
+        self,
+        embeds: torch.Tensor,
+        input_ids: torch.Tensor,
+        pixel_values_videos: torch.Tensor | None,
+        video_frames: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``embeds`` with video tokens placed at the ``<video>`` positions (arguments as in `encode_videos`)."""
+        token = self.config.video_token_id
+        placeholders = 0 if token is None else int((input_ids == token).sum())
+        if pixel_values_videos is None:
+            if placeholders:
+                raise DataError(f"the batch has {placeholders} <video> tokens but no pixel_values_videos")
+            if video_frames is not None:
+                raise DataError("video_frames were given without pixel_values_videos")
+            return embeds
+        if video_frames is None:
+            raise DataError("pixel_values_videos were given without video_frames ([N_videos], frames per video)")
+        features = self.encode_videos(pixel_values_videos, video_frames)
+        visual = torch.cat(features)
+        if visual.shape[0] != placeholders:
+            raise DataError(
+                f"the batch has {placeholders} <video> tokens but its videos yield {visual.shape[0]} video tokens: "
+                "expand each <video> to video_spec.count_tokens(frames, grid_side) and never truncate inside a video"
+            )
+        video_mask = (input_ids == token).unsqueeze(-1)
+        return embeds.masked_scatter(video_mask, visual.to(embeds.dtype))
 
     def _place_visual_tokens(
         self, embeds: torch.Tensor, image_mask: torch.Tensor, features: list[torch.Tensor]
@@ -313,12 +403,14 @@ class LlavaNextModel(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         supervised_logits_only: bool = False,
         loss_kernel: str = "logits",
+        pixel_values_videos: torch.Tensor | None = None,
+        video_frames: torch.Tensor | None = None,
         **llm_kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Run the model.
 
         Args:
-            input_ids: ``[B, L]`` with expanded ``<image>`` tokens.
+            input_ids: ``[B, L]`` with expanded ``<image>`` (and ``<video>``) tokens.
             attention_mask: ``[B, L]`` (1 = token) or a 4-D ``[B, 1, L, L]`` mask (packed samples).
             position_ids: ``[B, L]``; packed batches restart them per sample.
             pixel_values, image_sizes, image_tiled: see `encode_images`.
@@ -329,6 +421,7 @@ class LlavaNextModel(nn.Module):
             loss_kernel: with ``supervised_logits_only``, how the loss is computed from the last hidden states:
                 ``logits`` (the ``[N, V]`` logits, then cross-entropy), ``chunked`` or ``liger`` (fused linear
                 cross-entropy that never holds the logits; ``logits`` is then None). See `llavakit.model.loss`.
+            pixel_values_videos, video_frames: ``[ΣF_v, 3, S, S]`` and ``[N_videos]``, see `encode_videos`.
             llm_kwargs: passed to the LLM (``past_key_values``, ``use_cache``, ``num_items_in_batch`` ...).
 
         Returns:
@@ -337,7 +430,14 @@ class LlavaNextModel(nn.Module):
         if inputs_embeds is None:
             if input_ids is None:
                 raise DataError("forward needs input_ids or inputs_embeds")
-            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes, image_tiled)
+            inputs_embeds = self.embed_inputs(
+                input_ids,
+                pixel_values,
+                image_sizes,
+                image_tiled,
+                pixel_values_videos=pixel_values_videos,
+                video_frames=video_frames,
+            )
         llm_kwargs = {**self._varlen_kwargs(attention_mask, position_ids, inputs_embeds.shape[0], llm_kwargs), **llm_kwargs}
         if supervised_logits_only and labels is not None:
             loss, logits = supervised_lm_loss(
@@ -388,14 +488,20 @@ class LlavaNextModel(nn.Module):
         image_sizes: torch.Tensor | None = None,
         image_tiled: torch.Tensor | None = None,
         image_features: Sequence[torch.Tensor] | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_frames: torch.Tensor | None = None,
         **generate_kwargs: Any,
     ) -> torch.Tensor:
         """Generate with the LLM's ``generate`` from the multimodal embeddings (left-pad batches).
 
+        Images and videos as in `forward` (or cached ``image_features`` as in `embed_inputs`).
+
         Returns:
             ``[B, new_tokens]`` generated ids (the prompt is not repeated).
         """
-        embeds = self.embed_inputs(input_ids, pixel_values, image_sizes, image_tiled, image_features)
+        embeds = self.embed_inputs(
+            input_ids, pixel_values, image_sizes, image_tiled, image_features, pixel_values_videos, video_frames
+        )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
@@ -457,6 +563,26 @@ def _check_spec_matches_encoder(spec: ImageSpec, encoder: VisionEncoder) -> None
             f"image_spec normalises with mean {spec.image_mean} / std {spec.image_std}, but {encoder.backbone.id} "
             f"was trained with {encoder.backbone.image_mean} / {encoder.backbone.image_std}",
             stacklevel=3,
+        )
+
+
+def _check_video_spec(config: LlavaKitConfig) -> None:
+    """A video model pools each frame's square patch grid and, unless ``no_token``, needs the learned newline."""
+    spec = config.video_spec
+    if spec is None:
+        return
+    if config.image_spec.select_feature != "patch":
+        raise ConfigError("video needs image_spec.select_feature 'patch': a CLS token has no place in a frame's grid")
+    if spec.newline != "no_token" and config.image_spec.merge_type != "spatial_unpad":
+        raise ConfigError(
+            f"video_spec.newline {spec.newline!r} appends the learned image_newline, which only merge_type "
+            f"'spatial_unpad' models have (this one: {config.image_spec.merge_type!r}): use newline 'no_token' or "
+            "merge_type 'spatial_unpad'"
+        )
+    if spec.pooled_side(config.image_spec.grid_side) == 0:
+        raise ConfigError(
+            f"video_spec.pool_stride {spec.pool_stride} with pool_mode {spec.pool_mode!r} pools the "
+            f"{config.image_spec.grid_side}² frame grid to nothing: use a stride of at most the grid side"
         )
 
 

@@ -3,7 +3,7 @@
 The placeholder is a real special token (``<image>``), expanded by the data pipeline to one token per visual
 token — the transformers convention. Upstream LLaVA instead splices a sentinel id (-200) that is not in the
 vocabulary and that every consumer must special-case; a real token lets the checkpoint load in transformers and
-vLLM unchanged.
+vLLM unchanged. Video models add ``<video>`` the same way (transformers' LlavaOnevision placeholder).
 
 `build_bpe_tokenizer` trains a byte-level BPE on a given corpus in well under a second, so tests and the demo get
 a real `transformers` fast tokenizer without any download.
@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from llavakit.errors import ConfigError
 
 IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"
 
 # Special tokens and chat template per tokenizer style. Llama-style tokenizers add a BOS; Qwen2 ones do not.
 _LLAMA_SPECIALS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
@@ -47,10 +48,22 @@ def ensure_image_token(tokenizer: PreTrainedTokenizerBase) -> int:
 
     The caller must resize the LLM's embeddings when the vocabulary grew (`LlavaNextModel.from_parts` does).
     """
-    token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    return _ensure_special_token(tokenizer, IMAGE_TOKEN)
+
+
+def ensure_video_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Add ``<video>`` (transformers' LlavaOnevision placeholder) as a special token if missing; return its id.
+
+    Only video models get it, so image-only tokenizers and checkpoints stay as they were. Resize as for `<image>`.
+    """
+    return _ensure_special_token(tokenizer, VIDEO_TOKEN)
+
+
+def _ensure_special_token(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
+    token_id = tokenizer.convert_tokens_to_ids(token)
     if token_id is None or token_id == tokenizer.unk_token_id:
-        tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
-        token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        tokenizer.add_tokens([token], special_tokens=True)
+        token_id = tokenizer.convert_tokens_to_ids(token)
     return int(token_id)
 
 
