@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (if needed) and install llavakit with its training, serving, evaluation (and lmms-eval), test and
-# quantisation (QLoRA: bitsandbytes) extras.
+# Create .venv (if needed) and install llavakit with its training, serving, evaluation (and lmms-eval), test,
+# quantisation (QLoRA: bitsandbytes) and video (PyAV) extras.
 #
 # The packages are installed by uv (itself installed into .venv by pip): about 40 s where pip takes about 100 s
 # (measured on this project's 2-core CI machine). uv reads none of pip's configuration, so pip's package sources
@@ -55,7 +55,7 @@ if ! python -c "import torch" 2>/dev/null; then
   uv_install "$TORCH_SPEC"
 fi
 TORCH_VERSION=$(python -c "from importlib.metadata import version; print(version('torch').split('+')[0])")
-uv_install -e ".[train,serve,dev,quant,eval,lmms]" "torch==${TORCH_VERSION}"
+uv_install -e ".[train,serve,dev,quant,eval,lmms,video]" "torch==${TORCH_VERSION}"
 # lmms-eval (for `lmms-eval --model llavakit`) without its requirements: they pull torchvision and timm. The `lmms`
 # extra above holds what it needs to import.
 uv_install --no-deps "lmms-eval==${LMMS_EVAL_VERSION:-0.7.3}"

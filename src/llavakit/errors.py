@@ -19,6 +19,13 @@ class ImageError(LlavakitError, ValueError):
     """An image file is missing, unreadable, corrupt, or has an unusable size."""
 
 
+class VideoError(ImageError):
+    """A video file or frame folder is missing, unreadable, corrupt, truncated or has no frames.
+
+    A subclass of `ImageError`, so code that already skips or reports unusable images handles videos too.
+    """
+
+
 class DataError(LlavakitError, ValueError):
     """A dataset file or sample is malformed (JSON errors, bad turns, placeholder/image count mismatch, ...)."""
 

@@ -133,7 +133,7 @@ def _check_file(path: Path, label: str) -> None:
     it against a folder of their own (datasets) add where it came from (`llavakit.data.images`)."""
     if path.is_file():
         return
-    if _URL.match(str(path)):
+    if is_url(path):
         raise ImageError(
             f"{label} is a URL, but images are read from local files here: download it first (e.g. `curl -O URL`) "
             "and pass the file"
@@ -249,6 +249,22 @@ def _anyres_tiles(image: Image.Image, spec: ImageSpec) -> np.ndarray:
     return np.concatenate([_split_tiles(base, size), _split_tiles(canvas, size)])
 
 
+def frame_tiles(frames: list[Image.Image], spec: ImageSpec, view: str) -> torch.Tensor:
+    """Video frames, one tile each: ``[F, 3, S, S]`` normalised like images.
+
+    ``view`` is ``squash`` (the whole frame resized to S×S: SigLIP's processor, transformers' LlavaOnevision video
+    processor) or ``crop`` (shortest edge to S, centre S×S: CLIP's, the ``square`` image mode).
+    """
+    make_view = _squash_view if view == "squash" else _square_view
+    tiles = [_split_tiles(make_view(frame, spec), spec.tile_size) for frame in frames]
+    return _normalize(np.concatenate(tiles), spec)
+
+
+def is_url(source: str | os.PathLike) -> bool:
+    """Whether a path argument is really a URL (``https://...``), which local loaders refuse with a hint."""
+    return bool(_URL.match(os.fspath(source)))
+
+
 def _split_tiles(view: np.ndarray, size: int) -> np.ndarray:
     """uint8 ``[rows*S, cols*S, 3]`` → row-major tiles ``[rows*cols, 3, S, S]`` (cheap: still 1 byte per value)."""
     rows, cols = view.shape[0] // size, view.shape[1] // size
@@ -275,6 +291,11 @@ def _pad_view(image: Image.Image, spec: ImageSpec) -> np.ndarray:
     square = Image.new("RGB", (side, side), fill)
     square.paste(image, ((side - width) // 2, (side - height) // 2))
     return _square_view(square, spec)
+
+
+def _squash_view(image: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """The whole image resized to S×S, aspect ratio not kept: uint8 ``[S, S, 3]``."""
+    return np.asarray(image.resize((spec.tile_size, spec.tile_size), _RESAMPLE[spec.resample]))
 
 
 def _square_view(image: Image.Image, spec: ImageSpec) -> np.ndarray:
