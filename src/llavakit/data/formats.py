@@ -28,6 +28,8 @@ from llavakit.data.schema import ASSISTANT, SYSTEM, USER, Conversation, Sample, 
 from llavakit.errors import DataError
 
 IMAGE_PLACEHOLDER = "<image>"
+# Where a video goes in a turn (transformers' LlavaOnevision token); upstream data marks videos with <image>.
+VIDEO_PLACEHOLDER = "<video>"
 _ROLE_ALIASES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT, "system": SYSTEM}
 
 

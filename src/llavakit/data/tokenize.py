@@ -5,7 +5,8 @@
 belongs to, using the fast tokenizer's offsets. So the ids are exactly those of the whole prompt — what the model
 sees when it generates — for every tokenizer family: tokenising segments separately would give SentencePiece
 tokenizers (Llama-2, Vicuna, Mistral) an extra ``▁`` at each reply start. Each ``<image>`` token becomes exactly
-``image_token_counts[i]`` copies — the transformers convention the model expects — with label -100. Trainable
+``image_token_counts[i]`` copies — the transformers convention the model expects — with label -100, and each
+``<video>`` token (models with video) ``video_token_counts[i]`` copies of itself. Trainable
 segments get their own ids as labels, everything else -100; the template's ``always_trained_tokens`` (an upstream
 quirk) are then unmasked.
 
@@ -17,8 +18,8 @@ Sample text never becomes a control token. A turn's text (or a sample's system p
 tokenizer's special tokens (``</s>``, ``<s>``, ``<|im_end|>``, ``<|im_start|>``, ``<|eot_id|>``...) is tokenised as
 ordinary text, as transformers' ``split_special_tokens=True`` does, while the template's own control text keeps its
 tokens: otherwise a reply quoting ``</s>`` would teach the model to stop mid-answer, and a served user could open a
-new turn (``<|im_start|>assistant``). ``<image>`` is the exception: it stays the image placeholder, counted against
-the sample's images. Text the tokenizer does not hold as special tokens cannot be told apart from a template's
+new turn (``<|im_start|>assistant``). ``<image>`` and ``<video>`` are the exceptions: they stay the placeholders,
+counted against the sample's images and videos. Text the tokenizer does not hold as special tokens cannot be told apart from a template's
 (``[INST]`` or ``USER:`` in a Llama-2 / Vicuna tokenizer, non-special added tokens such as Qwen2.5's
 ``<tool_call>``); that is the format's own ambiguity. Upstream LLaVA tokenises the rendered prompt with special tokens
 parsed everywhere, so the few samples that spell a special token train differently from upstream; this is not a
@@ -37,13 +38,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
 from tokenizers import Tokenizer
 
-from llavakit.data.formats import IMAGE_PLACEHOLDER
+from llavakit.data.formats import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from llavakit.data.schema import Conversation
 from llavakit.data.templates.base import ChatTemplate, Segment
 from llavakit.errors import ConfigError, DataError
@@ -63,11 +64,13 @@ class EncodedSample:
         input_ids: ``[T]`` token ids, each image expanded to one ``<image>`` id per visual token.
         labels: ``[T]`` the id where supervised, -100 elsewhere (prompts, images, padding).
         image_spans: ``(start, length)`` of each image's tokens in ``input_ids``, in placeholder order.
+        video_spans: the same for each video's tokens.
     """
 
     input_ids: list[int]
     labels: list[int]
     image_spans: list[tuple[int, int]]
+    video_spans: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_supervised(self) -> int:
@@ -95,6 +98,9 @@ class SampleEncoder:
         self.image_token_id = _single_token_id(
             tokenizer, IMAGE_PLACEHOLDER, "call llavakit.model.tokenizer.ensure_image_token"
         )
+        # Only models built with video hold <video> as one token; elsewhere it is ordinary text.
+        video_ids = tokenizer(VIDEO_PLACEHOLDER, add_special_tokens=False)["input_ids"]
+        self.video_token_id = int(video_ids[0]) if len(video_ids) == 1 else None
         self.always_trained_ids = frozenset(
             _single_token_id(tokenizer, token, f"the template {template.id!r} needs it as one token")
             for token in template.always_trained_tokens()
@@ -107,22 +113,35 @@ class SampleEncoder:
         self.special_text = _special_text_pattern(tokenizer)
 
     def encode(
-        self, conversation: Conversation, image_token_counts: Sequence[int], *, for_generation: bool = False
+        self,
+        conversation: Conversation,
+        image_token_counts: Sequence[int],
+        *,
+        for_generation: bool = False,
+        video_token_counts: Sequence[int] = (),
     ) -> EncodedSample:
-        """Render and tokenise ``conversation``; ``image_token_counts[i]`` is the token count of image ``i``."""
+        """Render and tokenise ``conversation``; ``image_token_counts[i]`` is the token count of image ``i`` and
+        ``video_token_counts[i]`` that of video ``i``."""
+        if video_token_counts and self.video_token_id is None:
+            raise ConfigError(
+                f"videos were given, but the tokenizer has no {VIDEO_PLACEHOLDER} token: the model was built "
+                "without video (build it with a video_spec)"
+            )
         guarded, restore = self._guard(conversation)
         segments = self.template.render(guarded, for_generation=for_generation, tokenizer=self.tokenizer)
         text, trainable_chars = self._concatenate(segments)
         ids, starts = self._tokenize_pieces(text, restore) if restore else self._tokenize(text)
-        num_placeholders = ids.count(self.image_token_id)
-        if num_placeholders != len(image_token_counts):
-            raise DataError(
-                f"the rendered prompt has {num_placeholders} {IMAGE_PLACEHOLDER} placeholders but "
-                f"{len(image_token_counts)} images were given"
-            )
-        return self._assemble(
-            ids, [bool(trainable_chars[min(i, len(text) - 1)]) for i in starts], list(image_token_counts)
-        )
+        for token, placeholder, counts, what in (
+            (self.image_token_id, IMAGE_PLACEHOLDER, image_token_counts, "images"),
+            (self.video_token_id, VIDEO_PLACEHOLDER, video_token_counts, "videos"),
+        ):
+            found = ids.count(token) if token is not None else 0
+            if found != len(counts):
+                raise DataError(
+                    f"the rendered prompt has {found} {placeholder} placeholders but {len(counts)} {what} were given"
+                )
+        trainable = [bool(trainable_chars[min(i, len(text) - 1)]) for i in starts]
+        return self._assemble(ids, trainable, list(image_token_counts), list(video_token_counts))
 
     def _guard(self, conversation: Conversation) -> tuple[Conversation, dict[str, str]]:
         """``conversation`` with every special-token string in its texts replaced by a private-use character
@@ -194,42 +213,48 @@ class SampleEncoder:
         """The prompt text and, per character, 1 where it belongs to a trainable segment."""
         parts, flags = [], bytearray()
         for segment in segments:
-            if segment.trainable and IMAGE_PLACEHOLDER in segment.text:
+            if segment.trainable and (IMAGE_PLACEHOLDER in segment.text or VIDEO_PLACEHOLDER in segment.text):
                 raise DataError(
-                    f"template {self.template.id}: an image placeholder landed in a supervised span"
+                    f"template {self.template.id}: an image or video placeholder landed in a supervised span"
                 )
             parts.append(segment.text)
             flags.extend((1 if segment.trainable else 0,) * len(segment.text))
         return "".join(parts), flags
 
-    def _assemble(self, ids: list[int], trainable: list[bool], image_counts: list[int]) -> EncodedSample:
+    def _assemble(
+        self, ids: list[int], trainable: list[bool], image_counts: list[int], video_counts: list[int]
+    ) -> EncodedSample:
         input_ids = list(self.bos_ids)
         labels = [IGNORE_INDEX] * len(input_ids)
-        spans = []
+        spans: dict[int | None, list[tuple[int, int]]] = {self.image_token_id: [], self.video_token_id: []}
+        counts = {self.image_token_id: image_counts, self.video_token_id: video_counts}
         for token, supervised in zip(ids, trainable):
-            if token == self.image_token_id:
-                count = image_counts[len(spans)]
-                spans.append((len(input_ids), count))
-                input_ids.extend([self.image_token_id] * count)
+            if token in counts and token is not None:
+                count = counts[token][len(spans[token])]
+                spans[token].append((len(input_ids), count))
+                input_ids.extend([token] * count)
                 labels.extend([IGNORE_INDEX] * count)
                 continue
             input_ids.append(token)
             labels.append(token if supervised else IGNORE_INDEX)
         if self.always_trained_ids:
             labels = [i if i in self.always_trained_ids else label for i, label in zip(input_ids, labels)]
-        return EncodedSample(input_ids, labels, spans)
+        return EncodedSample(input_ids, labels, spans[self.image_token_id], spans[self.video_token_id])
 
     def render_for_display(self, encoded: EncodedSample) -> str:
-        """Decoded text with supervised spans wrapped in ⟦ ⟧ and each image shown as ``<image×N>``."""
+        """Decoded text with supervised spans wrapped in ⟦ ⟧ and each image (video) shown as ``<image×N>``
+        (``<video×N>``)."""
         out, run, run_supervised = [], [], False
-        starts = {start: length for start, length in encoded.image_spans}
+        starts = {start: (IMAGE_PLACEHOLDER, length) for start, length in encoded.image_spans}
+        starts.update({start: (VIDEO_PLACEHOLDER, length) for start, length in encoded.video_spans})
         position = 0
         while position < len(encoded.input_ids):
             if position in starts:
                 out.append(self._flush(run, run_supervised))
                 run = []
-                out.append(f"{IMAGE_PLACEHOLDER[:-1]}×{starts[position]}>")
-                position += starts[position]
+                placeholder, length = starts[position]
+                out.append(f"{placeholder[:-1]}×{length}>")
+                position += length
                 continue
             supervised = encoded.labels[position] != IGNORE_INDEX
             if supervised != run_supervised:
@@ -256,12 +281,12 @@ def _single_token_id(tokenizer: Any, token: str, fix: str) -> int:
 
 
 def _special_text_pattern(tokenizer: Any) -> re.Pattern[str] | None:
-    """A pattern matching the tokenizer's special-token strings but ``<image>``, longest first (as the tokenizer
+    """A pattern matching the tokenizer's special-token strings but ``<image>`` and ``<video>``, longest first (as the tokenizer
     matches them); None when it has none."""
     strings = {
         token.content
         for token in tokenizer.added_tokens_decoder.values()
-        if token.special and token.content and token.content != IMAGE_PLACEHOLDER
+        if token.special and token.content and token.content not in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)
     }
     if not strings:
         return None
