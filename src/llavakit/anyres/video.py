@@ -29,6 +29,10 @@ Upstream quirks and the choices made here:
   repeated frames are kept, as upstream does.
 - Display rotation metadata is not applied (decord applies 90/270 degree rotations; PyAV does not).
 
+`probe_video` does everything `load_video` does but decode: it returns the sampled frames' indices and times, the
+length and the rate (a `VideoProbe`), so the data layer counts a video's tokens and writes its time instruction
+when it scans a dataset, without decoding a frame.
+
 `process_frames` turns each frame into one tile with the vision tower's own processor (no AnyRes): ``squash``
 resizes to S×S (``SiglipImageProcessor``, transformers' LlavaOnevision video processor), ``crop`` resizes the
 shortest edge then centre-crops (``CLIPImageProcessor``), reusing `llavakit.anyres.pixels`' resize, tiling and
@@ -105,6 +109,53 @@ def folder_indices(total_frames: int, spec: VideoSpec) -> list[int]:
     return np.linspace(0, total_frames - 1, count, dtype=int).tolist()
 
 
+@dataclass(frozen=True)
+class VideoProbe:
+    """What `load_video` would sample, known without decoding a frame (see `probe_video`).
+
+    Attributes:
+        frame_indices: each frame to sample, as an index among the ``total_frames``.
+        frame_times: each sampled frame's time in seconds (``index / source_fps``).
+        duration: the video's length in seconds (``total_frames / source_fps``).
+        source_fps: the stream's average frame rate (2 for frame folders).
+        total_frames: frames in the video (video packets; files in a frame folder).
+    """
+
+    frame_indices: list[int]
+    frame_times: list[float]
+    duration: float
+    source_fps: float
+    total_frames: int
+
+    @property
+    def num_frames(self) -> int:
+        """Frames `load_video` returns (a repeated index counts each time)."""
+        return len(self.frame_indices)
+
+
+def probe_video(source: VideoSource, spec: VideoSpec) -> VideoProbe:
+    """The frames `load_video` samples from ``source`` and their times, without decoding: a file is demuxed once
+    (its packets counted, as `load_video` does), a frame folder only listed.
+
+    Raises:
+        VideoError: as `load_video`, for a URL, a missing, still-image, corrupt or frameless source (a frame that
+            fails to decode is only found by `load_video`).
+    """
+    path, label = _local_source(source)
+    if path.is_dir():
+        total = len(_frame_names(path, label))
+        return _probe(folder_indices(total, spec), FOLDER_FPS, total)
+    with _open(path, label) as container:
+        stream = _video_stream(container, label)
+        fps = _average_rate(stream, label)
+        total = _count_frames(container, stream, fps, label)
+    return _probe(sample_indices(total, fps, spec), fps, total)
+
+
+def _probe(indices: list[int], fps: float, total: int) -> VideoProbe:
+    return VideoProbe(indices, [index / fps for index in indices], total / fps, fps, total)
+
+
 def load_video(source: VideoSource, spec: VideoSpec) -> Video:
     """Sample and decode the frames of a local video file or a folder of frame images.
 
@@ -119,6 +170,26 @@ def load_video(source: VideoSource, spec: VideoSpec) -> Video:
     Raises:
         VideoError: the source is a URL, missing, an image, corrupt, truncated, or has no frames.
     """
+    probe = probe_video(source, spec)
+    path, label = _local_source(source)
+    if path.is_dir():
+        names = _frame_names(path, label)
+        decoded = {index: _load_frame(path / names[index], label) for index in set(probe.frame_indices)}
+    else:
+        with _open(path, label) as container:
+            decoded = _decode(container, set(probe.frame_indices), probe.total_frames, label)
+    return Video(
+        frames=[decoded[index] for index in probe.frame_indices],
+        frame_times=probe.frame_times,
+        duration=probe.duration,
+        source_fps=probe.source_fps,
+        total_frames=probe.total_frames,
+        frame_indices=probe.frame_indices,
+    )
+
+
+def _local_source(source: VideoSource) -> tuple[Path, str]:
+    """``(path, label)`` of an existing local file or folder; `VideoError` for anything else."""
     if not isinstance(source, (str, os.PathLike)):
         raise VideoError(f"cannot load a video from a {type(source).__name__}: pass a file or folder path")
     path = Path(source)
@@ -128,15 +199,13 @@ def load_video(source: VideoSource, spec: VideoSpec) -> Video:
             f"{label} is a URL, but videos are read from local files here: download it first (e.g. `curl -O URL`) "
             "and pass the file"
         )
-    if path.is_dir():
-        return _load_frame_folder(path, spec, label)
-    if not path.is_file():
+    if not path.is_dir() and not path.is_file():
         raise VideoError(f"{label} does not exist (looked for {path.absolute()}): check the path")
-    return _load_video_file(path, spec, label)
+    return path, label
 
 
-def _load_frame_folder(folder: Path, spec: VideoSpec, label: str) -> Video:
-    """Upstream's frame-folder branch: sampled files of the folder, sorted by name, at ``FOLDER_FPS``."""
+def _frame_names(folder: Path, label: str) -> list[str]:
+    """Upstream's frame-folder files, sorted by name (hidden files skipped); `VideoError` when there are none."""
     names = sorted(
         entry.name for entry in os.scandir(folder) if entry.is_file() and not entry.name.startswith(".")
     )
@@ -144,16 +213,7 @@ def _load_frame_folder(folder: Path, spec: VideoSpec, label: str) -> Video:
         raise VideoError(
             f"{label} is a folder without frame files: put one image per frame in it, or pass a video"
         )
-    indices = folder_indices(len(names), spec)
-    loaded = {index: _load_frame(folder / names[index], label) for index in sorted(set(indices))}
-    return Video(
-        frames=[loaded[index] for index in indices],
-        frame_times=[index / FOLDER_FPS for index in indices],
-        duration=len(names) / FOLDER_FPS,
-        source_fps=FOLDER_FPS,
-        total_frames=len(names),
-        frame_indices=indices,
-    )
+    return names
 
 
 def _load_frame(path: Path, label: str) -> Image.Image:
@@ -162,25 +222,6 @@ def _load_frame(path: Path, label: str) -> Image.Image:
         return load_image(path, alpha="drop")
     except ImageError as exc:
         raise VideoError(f"{label}: frame {path.name!r} is unusable: {exc}") from exc
-
-
-def _load_video_file(path: Path, spec: VideoSpec, label: str) -> Video:
-    """Count the frames (demuxing only), pick the indices, then decode up to the last one."""
-    with _open(path, label) as container:
-        stream = _video_stream(container, label)
-        fps = _average_rate(stream, label)
-        total = _count_frames(container, stream, fps, label)
-    indices = sample_indices(total, fps, spec)
-    with _open(path, label) as container:
-        decoded = _decode(container, set(indices), total, label)
-    return Video(
-        frames=[decoded[index] for index in indices],
-        frame_times=[index / fps for index in indices],
-        duration=total / fps,
-        source_fps=fps,
-        total_frames=total,
-        frame_indices=indices,
-    )
 
 
 def _import_av() -> Any:
@@ -300,12 +341,13 @@ def process_frames(frames: list[Image.Image], image_spec: ImageSpec, video_spec:
     return frame_tiles(frames, image_spec, video_spec.frame_view)
 
 
-def time_instruction(video: Video) -> str:
+def time_instruction(video: Video | VideoProbe) -> str:
     """Upstream's ``add_time_instruction`` sentence (``llava/train/train.py``), kept verbatim including its missing
-    space after ``{frame times}.``; times are ``f"{t:.2f}s"`` joined by commas."""
+    space after ``{frame times}.``; times are ``f"{t:.2f}s"`` joined by commas. A `VideoProbe` gives the same
+    sentence as the `Video` loaded with the same spec."""
     times = ",".join(f"{time:.2f}s" for time in video.frame_times)
     return (
-        f"The video lasts for {video.duration:.2f} seconds, and {len(video.frames)} frames are uniformly sampled "
+        f"The video lasts for {video.duration:.2f} seconds, and {len(video.frame_times)} frames are uniformly sampled "
         f"from it. These frames are located at {times}.Please answer the following questions related to this "
         "video."
     )

@@ -58,6 +58,14 @@ def _register_inspect(actions: argparse._SubParsersAction) -> None:
         help="JSON file with an ImageSpec dict, or a checkpoint config.json holding llavakit.image_spec "
         "(default: the LLaVA-1.6 CLIP-336 AnyRes spec)",
     )
+    parser.add_argument(
+        "--video-folder", default="", help="folder that sample 'video' paths are relative to (default: --image-folder)"
+    )
+    parser.add_argument(
+        "--video-spec",
+        help="JSON file with a VideoSpec dict, or a checkpoint config.json holding llavakit.video_spec (default: "
+        "the --image-spec checkpoint's, if any); without one, samples with a video are reported as bad",
+    )
     parser.add_argument("--model-max-length", type=int, default=4096, help="max tokens after image expansion")
     parser.add_argument("--show", type=int, default=0, metavar="N", help="print N rendered samples")
     parser.add_argument(
@@ -91,6 +99,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         InspectOptions,
         inspect_data,
         load_tokenizer_and_spec,
+        load_video_spec,
     )
     from llavakit.errors import ConfigError
 
@@ -112,6 +121,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     options = InspectOptions(
         data_path=args.data,
         image_folder=args.image_folder,
+        video_folder=args.video_folder,
+        video_spec=load_video_spec(args.video_spec or _checkpoint_config(args.image_spec)),
         template=args.template,
         system_prompt=args.system_prompt,
         model_max_length=args.model_max_length,
@@ -124,6 +135,19 @@ def run_inspect(args: argparse.Namespace) -> int:
     report = inspect_data(options, tokenizer, image_spec)
     print(report.render())
     return 0 if report.passed else 1
+
+
+def _checkpoint_config(path: str | None) -> str | None:
+    """``path`` when it is a checkpoint ``config.json`` (its llavakit section may hold a video spec), else None."""
+    import json
+    from pathlib import Path
+
+    if path is None:
+        return None
+    try:
+        return path if "llavakit" in json.loads(Path(path).read_text(encoding="utf-8")) else None
+    except (OSError, ValueError):
+        return None  # load_tokenizer_and_spec has already reported an unreadable --image-spec
 
 
 def _register_synth(actions: argparse._SubParsersAction) -> None:

@@ -9,6 +9,9 @@ Images: ``pixel_values`` concatenates the tiles of every image of the batch in p
 ``image_tiled [N_images]``. A batch without images omits the three keys; the model then runs its dummy vision pass
 so every trainable parameter still gets a (zero) gradient under DDP/FSDP.
 
+Videos: ``pixel_values_videos [ΣF, 3, S, S]`` concatenates the frames of every video of the batch in placeholder
+order (row-major over the batch), with ``video_frames [N_videos]`` (frames per video); omitted without videos.
+
 Bookkeeping keys (pop them before ``model(**batch)``): ``num_tokens`` (real tokens), ``num_padding``,
 ``num_skipped`` (examples the dataset returned as None under the skip policy), ``sample_ids``.
 """
@@ -54,6 +57,7 @@ class Collator:
             attention_mask[row, :length] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         batch.update(collate_images(kept))
+        batch.update(collate_videos(kept))
         num_tokens = int(attention_mask.sum())
         batch.update(
             num_tokens=num_tokens,
@@ -76,6 +80,16 @@ def collate_images(examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor
         "image_sizes": torch.tensor(sizes, dtype=torch.long),
         "image_tiled": torch.tensor(tiled, dtype=torch.bool),
     }
+
+
+def collate_videos(examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """``pixel_values_videos [ΣF,3,S,S]``, ``video_frames [N_videos]``; {} without videos (or items without the
+    keys: datasets that predate videos)."""
+    frames = [example["pixel_values_videos"] for example in examples if example.get("pixel_values_videos") is not None]
+    if not frames:
+        return {}
+    counts = [count for example in examples for count in example["video_frames"]]
+    return {"pixel_values_videos": torch.cat(frames), "video_frames": torch.tensor(counts, dtype=torch.long)}
 
 
 def build_collator(tokenizer: Any) -> Collator:

@@ -22,6 +22,8 @@ class DataConfig:
     Attributes:
         data_path: LLaVA ``.json`` / ``.jsonl`` file or ``.yaml`` mixture.
         image_folder: folder that relative ``image`` paths are resolved against.
+        video_folder: folder that relative ``video`` paths are resolved against (upstream ``--video_folder``);
+            empty: ``image_folder``.
         template: chat template id (`llavakit.data.templates.TEMPLATES`), saved in the checkpoint.
         upstream_quirks: reproduce upstream training masks of the template (see its module); False fixes them.
         system_prompt: replaces the template's default system prompt (samples' own system turns still win);
@@ -42,6 +44,7 @@ class DataConfig:
 
     data_path: str
     image_folder: str = ""
+    video_folder: str = ""
     template: str = "vicuna_v1"
     upstream_quirks: bool = True
     system_prompt: str | None = None
@@ -69,6 +72,11 @@ class DataConfig:
             raise ConfigError("data.max_tokens_per_pack must be >= 0 (0 = model_max_length)")
         if self.group_by_length and self.group_by_modality_length:
             raise ConfigError("choose one of data.group_by_length and data.group_by_modality_length")
+
+    @property
+    def video_root(self) -> str:
+        """Where relative video paths resolve: ``video_folder``, else ``image_folder``."""
+        return self.video_folder or self.image_folder
 
     @property
     def pack_budget(self) -> int:

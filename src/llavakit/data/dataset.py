@@ -14,9 +14,11 @@ scan yields exact token ``lengths`` (and signed ``modality_lengths``) for the sa
 ``index_dir`` the scan is stored there once and shared by ranks, stages and runs (`llavakit.data.index`); the
 dataset then holds arrays, and each `Entry` is decoded from them on access.
 
-``__getitem__`` re-encodes the sample (cheap, deterministic) and decodes its images in the DataLoader worker. An
-image whose header was fine but whose data is corrupt raises `ImageError` under ``skip_policy="error"``; under
-``"skip"`` the item is None and the collator drops it and counts it in ``num_skipped``. With ``cache_samples`` each
+``__getitem__`` re-encodes the sample (cheap, deterministic) and decodes its images and videos in the DataLoader
+worker. An image whose header was fine but whose data is corrupt (or a video that fails to decode) raises
+`ImageError` (`VideoError`) naming the sample under ``skip_policy="error"``; under ``"skip"`` the item is None and
+the collator drops it and counts it in ``num_skipped``. Videos need the model's `VideoSpec` (``video_spec``): the
+scan probes them for their frame counts (`llavakit.data.videos`) and stores the counts in the index. With ``cache_samples`` each
 item is built once and then served from memory (per worker process): for small datasets trained for many epochs,
 where decoding and encoding are a measurable share of a CPU step (the demo: ~7 %).
 """
@@ -32,6 +34,7 @@ import torch
 from torch.utils.data import Dataset
 
 from llavakit.anyres.spec import ImageSpec
+from llavakit.anyres.video_spec import VideoSpec
 from llavakit.data.config import DataConfig
 from llavakit.data.images import load_pixels
 from llavakit.data.index import Entry, ScanIndex, ScanPart, scan_key, shared_scan
@@ -40,6 +43,7 @@ from llavakit.data.mixture import read_data_records
 from llavakit.data.prepare import SampleTooLong, encode_fitted, prepare_record
 from llavakit.data.templates import ChatTemplate, check_system_prompt, get_template
 from llavakit.data.tokenize import SampleEncoder
+from llavakit.data.videos import load_frames
 from llavakit.distributed import DistContext
 from llavakit.errors import DataError, ImageError
 
@@ -56,7 +60,8 @@ class DatasetStats:
         num_truncated: kept samples whose trailing text was cut to ``model_max_length``.
         num_downscaled: kept samples whose images were reduced to one tile to fit.
         num_dropped_too_long: samples dropped because a cut would go through an image.
-        issues: bad samples by kind (``json``, ``invalid_sample``, ``image``, ``no_supervised_tokens``).
+        issues: bad samples by kind (``json``, ``invalid_sample``, ``image``, ``video``,
+            ``no_supervised_tokens``).
     """
 
     issues: IssueLog
@@ -119,6 +124,7 @@ class LlavaDataset(Dataset):
         skip_policy: ``error`` | ``skip`` for images that fail to decode in ``__getitem__``.
         stats: the scan's counts.
         cache_samples: keep every built item in memory (its pixels included) and serve it again from there.
+        video_spec: the model's video spec (frame sampling, token counts); None: no sample has videos.
     """
 
     def __init__(
@@ -130,8 +136,10 @@ class LlavaDataset(Dataset):
         skip_policy: str,
         stats: DatasetStats,
         cache_samples: bool = False,
+        video_spec: VideoSpec | None = None,
     ) -> None:
         self.entries = entries
+        self.video_spec = video_spec
         self.encoder = encoder
         self.image_spec = image_spec
         self.model_max_length = model_max_length
@@ -149,12 +157,15 @@ class LlavaDataset(Dataset):
 
     @property
     def modality_lengths(self) -> list[int]:
-        """Token lengths, positive for samples with images and negative for text-only ones (upstream convention)."""
-        return [n if image else -n for n, image in zip(self.entries.lengths, self.entries.has_image)]
+        """Token lengths, positive for samples with images or videos and negative for text-only ones (upstream
+        convention: a video sample is multimodal)."""
+        visual = [image or video for image, video in zip(self.entries.has_image, self.entries.has_video)]
+        return [n if multimodal else -n for n, multimodal in zip(self.entries.lengths, visual)]
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         """One example: ``input_ids [T]``, ``labels [T]``, ``pixel_values [n_tiles,3,S,S]`` or None,
-        ``image_sizes`` [(h, w)], ``image_tiled`` [bool], ``id``; None when skipped (see module docstring).
+        ``image_sizes`` [(h, w)], ``image_tiled`` [bool], ``pixel_values_videos [ΣF,3,S,S]`` or None,
+        ``video_frames`` [F per video], ``id``; None when skipped (see module docstring).
         Callers must not modify the item: with ``cache_samples`` the same one is returned every time."""
         if self._cache is None:
             return self._build_item(index)
@@ -171,12 +182,15 @@ class LlavaDataset(Dataset):
             entry.image_tiled,
             self.image_spec,
             self.model_max_length,
+            entry.video_frames,
+            self.video_spec,
         )
         try:
             tiles = [load_pixels(p, self.image_spec, t) for p, t in zip(entry.image_paths, entry.image_tiled)]
+            frames = self._load_videos(entry)
         except ImageError as err:
             if self.skip_policy == "error":
-                raise ImageError(f"sample {entry.sample.id!r} ({entry.sample.location}): {err}") from None
+                raise type(err)(f"sample {entry.sample.id!r} ({entry.sample.location}): {err}") from None
             return None
         return {
             "id": entry.sample.id,
@@ -185,7 +199,20 @@ class LlavaDataset(Dataset):
             "pixel_values": torch.cat(tiles) if tiles else None,
             "image_sizes": list(entry.image_sizes),
             "image_tiled": list(entry.image_tiled),
+            "pixel_values_videos": torch.cat(frames) if frames else None,
+            "video_frames": list(entry.video_frames),
         }
+
+    def _load_videos(self, entry: Entry) -> list[torch.Tensor]:
+        """Each video's ``[F, 3, S, S]`` frames, F as the scan counted (`VideoError` otherwise)."""
+        if not entry.video_paths:
+            return []
+        if self.video_spec is None:
+            raise DataError(f"sample {entry.sample.id!r} has videos but the dataset was built without a video_spec")
+        return [
+            load_frames(path, self.image_spec, self.video_spec, frames)
+            for path, frames in zip(entry.video_paths, entry.video_frames)
+        ]
 
 
 def build_dataset(
@@ -196,6 +223,7 @@ def build_dataset(
     *,
     index_dir: str | Path | None = None,
     context: DistContext | None = None,
+    video_spec: VideoSpec | None = None,
 ) -> LlavaDataset:
     """Read, validate and scan ``config.data_path``, or load the stored scan; see the module docstring.
 
@@ -206,9 +234,11 @@ def build_dataset(
         template: overrides ``config.template`` / ``config.upstream_quirks`` / ``config.system_prompt`` when given.
         index_dir: where the scan is stored and looked up (`llavakit.data.index`); None scans in memory.
         context: this process's rank; with a process group every rank scans a share (needs ``index_dir``).
+        video_spec: the model's video spec; None: a sample with a video raises `ConfigError` (no video support).
 
     Raises:
-        ConfigError: ``config.system_prompt`` is set for a template that ignores it in training.
+        ConfigError: ``config.system_prompt`` is set for a template that ignores it in training, or a sample has a
+            video and ``video_spec`` is None.
         DataError / ImageError: the first bad sample under ``skip_policy="error"``, or too many skipped samples.
     """
     if template is None:
@@ -218,13 +248,13 @@ def build_dataset(
     encoder = SampleEncoder(tokenizer, template)
 
     def scan(rank: int, world: int) -> ScanPart:
-        return _scan_share(config, encoder, image_spec, rank, world)
+        return _scan_share(config, encoder, image_spec, rank, world, video_spec)
 
     def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
         issues = IssueLog(config.skip_policy, config.max_skip_fraction)
         return DatasetStats.from_dicts(parts, issues).to_dict()
 
-    key = scan_key(config, tokenizer, image_spec, template) if index_dir is not None else {}
+    key = scan_key(config, tokenizer, image_spec, template, video_spec) if index_dir is not None else {}
     index = shared_scan(Path(index_dir) if index_dir is not None else None, key, scan, merge, context)
     issues = IssueLog(config.skip_policy, config.max_skip_fraction)
     stats = DatasetStats.from_dicts([index.stats], issues)
@@ -233,7 +263,14 @@ def build_dataset(
     if not len(index):
         raise DataError(f"{config.data_path}: no usable sample\n{stats.summary()}")
     return LlavaDataset(
-        index, encoder, image_spec, config.model_max_length, config.skip_policy, stats, config.cache_samples
+        index,
+        encoder,
+        image_spec,
+        config.model_max_length,
+        config.skip_policy,
+        stats,
+        config.cache_samples,
+        video_spec,
     )
 
 
@@ -260,7 +297,12 @@ def _check_dropped(stats: DatasetStats, issues: IssueLog, config: DataConfig, nu
 
 
 def _scan_share(
-    config: DataConfig, encoder: SampleEncoder, spec: ImageSpec, rank: int, world: int
+    config: DataConfig,
+    encoder: SampleEncoder,
+    spec: ImageSpec,
+    rank: int,
+    world: int,
+    video_spec: VideoSpec | None = None,
 ) -> ScanPart:
     """Scan records ``rank, rank + world, ...`` of the stream. Every rank reads every record (a small share of the
     cost) so mixtures sample identically; unreadable records are counted by rank 0 only."""
@@ -271,7 +313,7 @@ def _scan_share(
         if number % world != rank:
             continue
         stats.num_records += 1
-        entry = _scan_record(record, config, encoder, spec, stats)
+        entry = _scan_record(record, config, encoder, spec, stats, video_spec)
         if entry is not None:
             part.records.append(number)
             part.entries.append(entry)
@@ -285,7 +327,12 @@ def _scan_share(
 
 
 def _scan_record(
-    record: Any, config: DataConfig, encoder: SampleEncoder, spec: ImageSpec, stats: DatasetStats
+    record: Any,
+    config: DataConfig,
+    encoder: SampleEncoder,
+    spec: ImageSpec,
+    stats: DatasetStats,
+    video_spec: VideoSpec | None = None,
 ) -> Entry | None:
     try:
         prepared = prepare_record(
@@ -296,6 +343,8 @@ def _scan_record(
             spec=spec,
             max_length=config.model_max_length,
             truncation_policy=config.truncation_policy,
+            video_folder=config.video_root,
+            video_spec=video_spec,
         )
     except SampleTooLong as err:
         stats.num_dropped_too_long += 1
@@ -306,4 +355,12 @@ def _scan_record(
         return None
     stats.num_truncated += prepared.truncated
     stats.num_downscaled += prepared.downscaled
-    return Entry(prepared.sample, prepared.image_paths, prepared.image_sizes, prepared.image_tiled, prepared.length)
+    return Entry(
+        prepared.sample,
+        prepared.image_paths,
+        prepared.image_sizes,
+        prepared.image_tiled,
+        prepared.length,
+        prepared.video_paths,
+        prepared.video_frames,
+    )

@@ -11,8 +11,13 @@ Parsing follows LLaVA-NeXT:
   (``source = source[1:]``), after which turns must alternate user/assistant;
 - ``image`` is a path or a list of paths; the number of ``<image>`` placeholders (user turns only) must equal the
   number of images;
-- a turn holding the sample's only placeholder has it moved to the start as ``<image>\\n`` (upstream
-  ``preprocess_multimodal``); multi-image text is left as written.
+- ``video`` (LLaVA-Video / OneVision) is a file or frame folder relative to the video folder (or a list of them);
+  as upstream, the text marks a video with ``<image>``, which becomes ``<video>`` here when the sample has no
+  ``image`` field. ``<video>`` (transformers' convention) is accepted as written, and needed when a sample has both
+  images and videos. The number of ``<video>`` placeholders must equal the number of videos;
+- a turn holding the sample's only placeholder (image or video) has it moved to the start as ``<image>\\n``
+  (``<video>\\n``) (upstream ``preprocess_multimodal``, which sees videos as ``<image>`` too); multi-image text is
+  left as written.
 """
 
 from __future__ import annotations
@@ -168,30 +173,69 @@ def _line_of(text: str, index: int) -> int:
     return text.count("\n", 0, index) + 1
 
 
-def parse_sample(record: Record) -> Sample:
-    """Validate a raw record and build a `Sample`; `DataError` names the sample id, location and fix."""
+def parse_sample(record: Record, time_instruction: str | None = None) -> Sample:
+    """Validate a raw record and build a `Sample`; `DataError` names the sample id, location and fix.
+
+    ``time_instruction`` (one-video samples): upstream's ``add_time_instruction`` rewrite of the first user turn,
+    applied to the raw text before placeholders are placed, as upstream does: ``{mark}\\n{instruction}\\n{text
+    without the mark}``, the mark being ``<video>`` if the sample writes it, else ``<image>``."""
     data = record.data
     sample_id = str(data.get("id", record.location))
     where = f"sample {sample_id!r} ({record.location})"
     images = _parse_images(data.get("image"), where)
+    videos = _parse_paths(data.get("video"), "video", where)
     turns = _parse_turns(data.get("conversations"), where)
+    if time_instruction is not None:
+        turns = _with_time_instruction(turns, len(videos), time_instruction, where)
     system = None
     if turns and turns[0].role == SYSTEM:
         system, turns = turns[0].text, turns[1:]
     if turns and turns[0].role == ASSISTANT:
         turns = turns[1:]
     _check_alternation(turns, where)
-    turns = _place_placeholders(turns, len(images), where)
-    return Sample(sample_id, Conversation(tuple(turns), system), images, record.location)
+    if videos:
+        turns = _mark_videos(turns, bool(images), where)
+        turns = _place_placeholders(turns, len(videos), where, VIDEO_PLACEHOLDER, "video", move=not images)
+    turns = _place_placeholders(turns, len(images), where, IMAGE_PLACEHOLDER, "image", move=not videos)
+    return Sample(sample_id, Conversation(tuple(turns), system), images, record.location, videos)
 
 
 def _parse_images(value: Any, where: str) -> tuple[str, ...]:
+    return _parse_paths(value, "image", where)
+
+
+def _parse_paths(value: Any, name: str, where: str) -> tuple[str, ...]:
     if value is None:
         return ()
     paths = [value] if isinstance(value, str) else value
     if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
-        raise DataError(f"{where}: field 'image' must be a path or a list of paths, got {value!r}")
+        raise DataError(f"{where}: field {name!r} must be a path or a list of paths, got {value!r}")
     return tuple(paths)
+
+
+def _with_time_instruction(turns: list[Turn], num_videos: int, instruction: str, where: str) -> list[Turn]:
+    if num_videos != 1:
+        raise DataError(
+            f"{where}: {num_videos} videos; video_spec.add_time_instruction describes one video per sample: split "
+            "the sample or turn the instruction off"
+        )
+    mark = VIDEO_PLACEHOLDER if any(VIDEO_PLACEHOLDER in turn.text for turn in turns) else IMAGE_PLACEHOLDER
+    first = next(number for number, turn in enumerate(turns) if turn.role == USER)
+    turns = list(turns)
+    turns[first] = Turn(USER, f"{mark}\n{instruction}\n{turns[first].text.replace(mark, '')}")
+    return turns
+
+
+def _mark_videos(turns: list[Turn], has_images: bool, where: str) -> list[Turn]:
+    """Upstream's convention: without ``<video>`` in the text, the ``<image>`` placeholders mark the videos."""
+    if any(VIDEO_PLACEHOLDER in turn.text for turn in turns):
+        return turns
+    if has_images:
+        raise DataError(
+            f"{where}: the sample has both 'image' and 'video' but its text has no {VIDEO_PLACEHOLDER}: mark each "
+            f"video with {VIDEO_PLACEHOLDER} (the {IMAGE_PLACEHOLDER} placeholders are the images)"
+        )
+    return [Turn(turn.role, turn.text.replace(IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)) for turn in turns]
 
 
 def _parse_turns(value: Any, where: str) -> list[Turn]:
@@ -225,21 +269,26 @@ def _check_alternation(turns: list[Turn], where: str) -> None:
             )
 
 
-def _place_placeholders(turns: list[Turn], num_images: int, where: str) -> list[Turn]:
-    counts = [turn.text.count(IMAGE_PLACEHOLDER) for turn in turns]
+def _place_placeholders(
+    turns: list[Turn], num_items: int, where: str, placeholder: str, name: str, move: bool = True
+) -> list[Turn]:
+    """Check ``placeholder`` against the sample's ``num_items`` ``name`` entries; with ``move``, a single one is
+    moved to the start of its turn (upstream ``preprocess_multimodal``)."""
+    counts = [turn.text.count(placeholder) for turn in turns]
     if any(count and turn.role != USER for count, turn in zip(counts, turns)):
-        raise DataError(f"{where}: an assistant turn holds {IMAGE_PLACEHOLDER}; images go in user turns only")
-    if sum(counts) != num_images:
+        raise DataError(f"{where}: an assistant turn holds {placeholder}; {name}s go in user turns only")
+    if sum(counts) != num_items:
+        hint = f" (or {IMAGE_PLACEHOLDER}, upstream's mark of a video)" if name == "video" else ""
         raise DataError(
-            f"{where}: {sum(counts)} {IMAGE_PLACEHOLDER} placeholders but {num_images} images; "
-            f"write one {IMAGE_PLACEHOLDER} per entry of 'image'"
+            f"{where}: {sum(counts)} {placeholder} placeholders but {num_items} {name}s; "
+            f"write one {placeholder}{hint} per entry of {name!r}"
         )
-    if num_images != 1:
+    if num_items != 1 or not move:
         return turns
     placed = []
     for turn, count in zip(turns, counts):
-        if count == 1 and not turn.text.startswith(IMAGE_PLACEHOLDER):
-            text = turn.text.replace(IMAGE_PLACEHOLDER, "").strip()
-            turn = Turn(turn.role, f"{IMAGE_PLACEHOLDER}\n{text}".strip())
+        if count == 1 and not turn.text.startswith(placeholder):
+            text = turn.text.replace(placeholder, "").strip()
+            turn = Turn(turn.role, f"{placeholder}\n{text}".strip())
         placed.append(turn)
     return placed

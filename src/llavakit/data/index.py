@@ -5,7 +5,11 @@ millisecond per sample: ~11 minutes for LLaVA-665K, paid by every rank at every 
 result is a pure function of its inputs, so it is stored under a digest of everything it depends on (`scan_key`):
 the data files (path, size, mtime; every file of a mixture and the mixture itself), the tokenizer's serialised
 content (not its path), the template with its system prompt and upstream quirks, the image spec, the image folder,
-``max_length``, the truncation and skip policies, the mixture seed and this format's version.
+``max_length``, the truncation and skip policies, the mixture seed and this format's version; for a model with video,
+also the video spec, the video folder and every referenced video's size and mtime (a frame folder's entry count and
+mtime): a video re-encoded in place changes its frame count, hence its token count, which a stale index would get
+wrong (images keep their header sizes, so they are not stamped). Stamping costs a read of the records and a
+``stat`` per video, against a demux per video for the scan itself.
 
 Where it lives: ``<run_dir>/.index/`` by default (``data.index_dir`` elsewhere). The run folder is already what a
 multi-node run must share, so every rank of every node finds the index there; a re-run of the run folder, and each
@@ -47,6 +51,7 @@ import torch.distributed as dist
 
 from llavakit import __version__
 from llavakit.anyres.spec import ImageSpec
+from llavakit.anyres.video_spec import VideoSpec
 from llavakit.data.config import DataConfig
 from llavakit.data.schema import Conversation, Sample, Turn
 from llavakit.data.templates import ChatTemplate
@@ -56,6 +61,9 @@ from llavakit.errors import DataError
 logger = logging.getLogger(__name__)
 
 INDEX_VERSION = 1
+# Arrays added with video: an index written before them (image-only by construction) reads as having no videos, so
+# existing indexes stay valid; a video dataset's key holds video components no such index has.
+VIDEO_ARRAYS = ("video_counts", "video_frames")
 META = "meta.json"
 NO_INDEX = "no index yet"
 Size = tuple[int, int]
@@ -65,6 +73,8 @@ ARRAYS = {
     "image_counts": (np.int32, 1),
     "image_sizes": (np.int32, 2),
     "image_tiled": (np.bool_, 1),
+    "video_counts": (np.int32, 1),
+    "video_frames": (np.int32, 1),
     "sample_offsets": (np.int64, 1),
     "samples": (np.uint8, 1),
 }
@@ -83,6 +93,8 @@ class Entry:
     image_sizes: tuple[Size, ...]
     image_tiled: tuple[bool, ...]
     length: int
+    video_paths: tuple[Path, ...] = ()
+    video_frames: tuple[int, ...] = ()
 
 
 @dataclass
@@ -141,10 +153,47 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return digest.hexdigest()
 
 
-def scan_key(config: DataConfig, tokenizer: Any, spec: ImageSpec, template: ChatTemplate) -> dict[str, Any]:
+def video_stamps(config: DataConfig) -> str:
+    """SHA-256 over (path, size, mtime) of every video the records name, in record order; a missing one is
+    stamped as missing (the scan reports it). A frame folder is stamped by its mtime and entry count."""
+    from llavakit.data.issues import IssueLog
+    from llavakit.data.mixture import read_data_records
+    from llavakit.data.videos import resolve_video_path
+
+    digest = hashlib.sha256()
+    reading = IssueLog("skip")  # unreadable records are reported by the scan itself
+    for record in read_data_records(config.data_path, reading, config.seed):
+        videos = record.data.get("video")
+        for video in [videos] if isinstance(videos, str) else videos if isinstance(videos, list) else []:
+            path = resolve_video_path(config.video_root or ".", str(video))
+            try:
+                stat = path.stat()
+                entries = len(os.listdir(path)) if path.is_dir() else 0
+                stamp = f"{stat.st_size}:{stat.st_mtime_ns}:{entries}"
+            except OSError:
+                stamp = "missing"
+            digest.update(f"{path}\0{stamp}\0".encode())
+    return digest.hexdigest()
+
+
+def scan_key(
+    config: DataConfig,
+    tokenizer: Any,
+    spec: ImageSpec,
+    template: ChatTemplate,
+    video_spec: VideoSpec | None = None,
+) -> dict[str, Any]:
     """Everything the scan of ``config`` depends on (see the module docstring), as a JSON-ready dict."""
     data_path = Path(config.data_path)
+    videos = {}
+    if video_spec is not None:
+        videos = {
+            "video_spec": repr(video_spec),
+            "video_folder": str(Path(config.video_root or ".").resolve()),
+            "videos": video_stamps(config),
+        }
     return {
+        **videos,
         "version": INDEX_VERSION,
         "llavakit": __version__,
         "data_path": str(data_path.resolve()),
@@ -178,7 +227,8 @@ def _encode_sample(entry: Entry) -> bytes:
     sample = entry.sample
     turns = [[turn.role, turn.text] for turn in sample.conversation.turns]
     record = [sample.id, sample.location, sample.conversation.system, turns, list(sample.images)]
-    return json.dumps([*record, [str(p) for p in entry.image_paths]], ensure_ascii=False).encode()
+    paths = [[str(p) for p in entry.image_paths], list(sample.videos), [str(p) for p in entry.video_paths]]
+    return json.dumps([*record, *paths], ensure_ascii=False).encode()
 
 
 def part_arrays(part: ScanPart) -> dict[str, np.ndarray]:
@@ -190,6 +240,8 @@ def part_arrays(part: ScanPart) -> dict[str, np.ndarray]:
         "image_counts": np.array([len(entry.image_paths) for entry in part.entries], dtype=np.int32),
         "image_sizes": np.array(sizes, dtype=np.int32).reshape(len(sizes), 2),
         "image_tiled": np.array([t for entry in part.entries for t in entry.image_tiled], dtype=np.bool_),
+        "video_counts": np.array([len(entry.video_paths) for entry in part.entries], dtype=np.int32),
+        "video_frames": np.array([n for entry in part.entries for n in entry.video_frames], dtype=np.int32),
         "sample_offsets": np.concatenate([[0], np.cumsum([len(blob) for blob in blobs], dtype=np.int64)]),
         "samples": np.frombuffer(b"".join(blobs), dtype=np.uint8),
     }
@@ -199,36 +251,46 @@ def merge_arrays(parts: Sequence[tuple[np.ndarray, dict[str, np.ndarray]]]) -> d
     """One index from ``(records [n], arrays)`` parts: samples in record order, texts copied slice by slice."""
     order = np.argsort(np.concatenate([records for records, _ in parts]), kind="stable")
     joined = {name: np.concatenate([arrays[name] for _, arrays in parts]) for name in ARRAYS}
-    counts = joined["image_counts"][order]
-    # Where each sample's images and text start in the concatenated parts.
-    image_base = np.cumsum([0] + [len(arrays["image_tiled"]) for _, arrays in parts])
+    images = _ragged_gather(parts, order, "image_counts")
+    videos = _ragged_gather(parts, order, "video_counts")
     text_base = np.cumsum([0] + [len(arrays["samples"]) for _, arrays in parts])
-    image_start = np.concatenate(
-        [
-            np.cumsum(arrays["image_counts"], dtype=np.int64) - arrays["image_counts"] + base
-            for (_, arrays), base in zip(parts, image_base)
-        ]
-    )[order]
     text_start = np.concatenate(
         [arrays["sample_offsets"][:-1] + base for (_, arrays), base in zip(parts, text_base)]
     )[order]
     text_stop = np.concatenate(
         [arrays["sample_offsets"][1:] + base for (_, arrays), base in zip(parts, text_base)]
     )[order]
-    new_start = np.cumsum(counts, dtype=np.int64) - counts
-    gather = np.repeat(image_start - new_start, counts) + np.arange(int(counts.sum()), dtype=np.int64)
     text = joined["samples"].tobytes()
     return {
         "lengths": joined["lengths"][order],
-        "image_counts": counts,
-        "image_sizes": joined["image_sizes"][gather].reshape(-1, 2),
-        "image_tiled": joined["image_tiled"][gather],
+        "image_counts": joined["image_counts"][order],
+        "image_sizes": joined["image_sizes"][images].reshape(-1, 2),
+        "image_tiled": joined["image_tiled"][images],
+        "video_counts": joined["video_counts"][order],
+        "video_frames": joined["video_frames"][videos],
         "sample_offsets": np.concatenate([[0], np.cumsum(text_stop - text_start)]).astype(np.int64),
         "samples": np.frombuffer(
             b"".join(text[start:stop] for start, stop in zip(text_start.tolist(), text_stop.tolist())),
             dtype=np.uint8,
         ),
     }
+
+
+def _ragged_gather(
+    parts: Sequence[tuple[np.ndarray, dict[str, np.ndarray]]], order: np.ndarray, counts_name: str
+) -> np.ndarray:
+    """Positions, in the parts' concatenated per-item arrays (images, videos), of the items of the samples in
+    ``order``; ``counts_name`` holds each sample's number of items."""
+    counts = np.concatenate([arrays[counts_name] for _, arrays in parts])[order]
+    base = np.cumsum([0] + [int(arrays[counts_name].sum()) for _, arrays in parts])
+    start = np.concatenate(
+        [
+            np.cumsum(arrays[counts_name], dtype=np.int64) - arrays[counts_name] + offset
+            for (_, arrays), offset in zip(parts, base)
+        ]
+    )[order]
+    new_start = np.cumsum(counts, dtype=np.int64) - counts
+    return np.repeat(start - new_start, counts) + np.arange(int(counts.sum()), dtype=np.int64)
 
 
 def check_arrays(arrays: dict[str, np.ndarray], where: str) -> None:
@@ -243,6 +305,9 @@ def check_arrays(arrays: dict[str, np.ndarray], where: str) -> None:
         len(arrays["image_counts"]) != num and "image_counts does not have one row per sample",
         arrays["image_sizes"].shape != (num_images, 2) and "image_sizes does not match image_counts",
         len(arrays["image_tiled"]) != num_images and "image_tiled does not match image_counts",
+        len(arrays["video_counts"]) != num and "video_counts does not have one row per sample",
+        len(arrays["video_frames"]) != int(arrays["video_counts"].sum())
+        and "video_frames does not match video_counts",
         len(offsets) != num + 1 and "sample_offsets does not have one row per sample + 1",
         len(offsets)
         and (offsets[0] != 0 or offsets[-1] != len(arrays["samples"]))
@@ -270,6 +335,7 @@ class ScanIndex(Sequence[Entry]):
         self.stats = stats
         self.source = source
         self._image_start = np.concatenate([[0], np.cumsum(arrays["image_counts"], dtype=np.int64)])
+        self._video_start = np.concatenate([[0], np.cumsum(arrays["video_counts"], dtype=np.int64)])
 
     def __len__(self) -> int:
         return len(self.arrays["lengths"])
@@ -284,21 +350,31 @@ class ScanIndex(Sequence[Entry]):
         """Whether each sample has at least one image."""
         return (self.arrays["image_counts"] > 0).tolist()
 
+    @property
+    def has_video(self) -> list[bool]:
+        """Whether each sample has at least one video."""
+        return (self.arrays["video_counts"] > 0).tolist()
+
     def __getitem__(self, index: int) -> Entry:  # type: ignore[override]
         if not -len(self) <= index < len(self):
             raise IndexError(f"sample {index} of {len(self)}")
         index %= len(self)
         start, stop = self.arrays["sample_offsets"][index : index + 2]
         raw = self.arrays["samples"][start:stop].tobytes()
-        sample_id, location, system, turns, images, paths = json.loads(raw)
+        # an index written before videos holds six fields per sample
+        sample_id, location, system, turns, images, paths, *video = json.loads(raw)
+        videos, video_paths = video or ([], [])
         conversation = Conversation(tuple(Turn(role, text) for role, text in turns), system)
         first, last = self._image_start[index : index + 2]
+        video_first, video_last = self._video_start[index : index + 2]
         return Entry(
-            sample=Sample(sample_id, conversation, tuple(images), location),
+            sample=Sample(sample_id, conversation, tuple(images), location, tuple(videos)),
             image_paths=tuple(Path(path) for path in paths),
             image_sizes=tuple((int(h), int(w)) for h, w in self.arrays["image_sizes"][first:last]),
             image_tiled=tuple(bool(t) for t in self.arrays["image_tiled"][first:last]),
             length=int(self.arrays["lengths"][index]),
+            video_paths=tuple(Path(path) for path in video_paths),
+            video_frames=tuple(int(n) for n in self.arrays["video_frames"][video_first:video_last]),
         )
 
 
@@ -356,6 +432,9 @@ def read_index(folder: Path, key: dict[str, Any]) -> ScanIndex:
     for name in ARRAYS:
         path = folder / f"{name}.npy"
         expected = files.get(path.name) if isinstance(files, dict) else None
+        if name in VIDEO_ARRAYS and expected is None and "video_spec" not in key:
+            arrays[name] = _no_videos(name, meta.get("num_samples"))
+            continue
         if not isinstance(expected, dict) or not path.is_file():
             raise IndexCorrupt(f"{path}: missing")
         if path.stat().st_size != expected.get("bytes") or _sha256(path) != expected.get("sha256"):
@@ -365,6 +444,12 @@ def read_index(folder: Path, key: dict[str, Any]) -> ScanIndex:
         except (OSError, ValueError) as err:
             raise IndexCorrupt(f"{path}: not a NumPy array ({err})") from None
     return ScanIndex(arrays, stats, str(folder))
+
+
+def _no_videos(name: str, num_samples: Any) -> np.ndarray:
+    """A video array of an index written before videos: no video per sample."""
+    size = num_samples if name == "video_counts" and isinstance(num_samples, int) else 0
+    return np.zeros(size, dtype=ARRAYS[name][0])
 
 
 def _stale_message(root: Path, key: dict[str, Any]) -> str:

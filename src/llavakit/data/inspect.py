@@ -11,6 +11,11 @@ Image sizes come from file headers, checked with the loader's limits (smallest s
 data is only decoded with ``decode=True``: then every image of a usable sample goes through the training loader's
 `llavakit.anyres.pixels.load_image` in a thread pool (PIL releases the GIL while decoding), so truncated and corrupt
 files are found before a run; the report gives images/s. Without it the report says only headers were checked.
+
+Videos are probed as the training scan probes them (demuxed, not decoded: frame counts and token counts); the report
+counts samples with videos and frames per video. They need the model's `VideoSpec` (``InspectOptions.video_spec``,
+`load_video_spec` reads it from a checkpoint's ``config.json``); without one, video samples are reported as bad
+(kind ``video``) with the fix. ``decode`` does not decode videos (a decode per video costs far more than a probe).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from tqdm import tqdm
 
 from llavakit.anyres.pixels import load_image
 from llavakit.anyres.spec import ImageSpec
+from llavakit.anyres.video_spec import VideoSpec
 from llavakit.data.formats import Record
 from llavakit.data.issues import IssueLog
 from llavakit.data.mixture import read_data_records
@@ -58,6 +64,8 @@ class InspectOptions:
         truncation_policy: ``drop`` | ``downscale`` (as in training).
         decode: fully decode every image of a usable sample (finds truncated/corrupt pixel data).
         decode_workers: threads decoding images when ``decode`` is set.
+        video_folder: root of relative video paths; empty: ``image_folder``.
+        video_spec: the model's video spec (frame sampling, token counts); None: video samples are bad.
     """
 
     data_path: str
@@ -71,6 +79,8 @@ class InspectOptions:
     truncation_policy: str = "drop"
     decode: bool = False
     decode_workers: int = DEFAULT_DECODE_WORKERS
+    video_folder: str = ""
+    video_spec: VideoSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +104,8 @@ class InspectReport:
     num_samples: int = 0
     num_with_images: int = 0
     num_multi_image: int = 0
+    num_with_videos: int = 0
+    frames_per_video: Counter = field(default_factory=Counter)
     num_truncated: int = 0
     num_downscaled: int = 0
     num_dropped: int = 0
@@ -125,7 +137,7 @@ class InspectReport:
 
     def render(self) -> str:
         """The report as text."""
-        text_only = self.num_samples - self.num_with_images
+        text_only = self.num_samples - self.num_with_images - self.num_with_videos
         system = (
             "" if self.options.system_prompt is None else f", system prompt {self.options.system_prompt!r}"
         )
@@ -133,7 +145,7 @@ class InspectReport:
             f"data: {self.options.data_path}  (template {self.options.template}{system}, "
             f"model_max_length {self.options.model_max_length})",
             f"samples: {self.num_samples}  with images: {self.num_with_images} (multi-image: {self.num_multi_image})"
-            f"  text-only: {text_only}",
+            f"{f'  with videos: {self.num_with_videos}' if self.num_with_videos else ''}  text-only: {text_only}",
             f"usable: {len(self.lengths)}  truncated: {self.num_truncated}  downscaled: {self.num_downscaled}  "
             f"dropped (too long): {self.num_dropped}  bad: {self.num_bad}",
             *(f"    e.g. {message}" for message in self.dropped_examples),
@@ -143,6 +155,11 @@ class InspectReport:
             *_histogram(_bin_lengths(self.lengths)),
             "tiles per image:",
             *_histogram([(str(k), v) for k, v in sorted(self.tiles_per_image.items()) if v]),
+            *(
+                ["frames per video:", *_histogram([(str(k), v) for k, v in sorted(self.frames_per_video.items())])]
+                if self.num_with_videos
+                else []
+            ),
             self._render_decoding(),
         ]
         for number, sample in enumerate(self.shown):
@@ -192,6 +209,9 @@ def _inspect_record(
     if images:
         report.num_with_images += 1
         report.num_multi_image += isinstance(images, list) and len(images) > 1
+    elif record.data.get("video"):
+        # a sample with both counts as an image sample (upstream's _get_item reads "image" first)
+        report.num_with_videos += 1
     try:
         prepared = prepare_record(
             record,
@@ -201,7 +221,12 @@ def _inspect_record(
             spec=spec,
             max_length=options.model_max_length,
             truncation_policy=options.truncation_policy,
+            video_folder=options.video_folder or options.image_folder,
+            video_spec=options.video_spec,
         )
+    except ConfigError as err:  # videos without a video spec: every video sample is unusable, each is counted
+        report.issues.report("video", err)
+        return
     except SampleTooLong as err:
         report.num_dropped += 1
         if len(report.dropped_examples) < REPORTED_EXAMPLES:
@@ -216,6 +241,7 @@ def _inspect_record(
         count_tiles(size, spec, tiled) for size, tiled in zip(prepared.image_sizes, prepared.image_tiled)
     )
     report.tiles_per_image.update(tiles)
+    report.frames_per_video.update(prepared.video_frames)
     if options.decode and prepared.image_paths:
         where = f"{record.location} (sample {record.data.get('id')!r})"
         report.to_decode.append(
@@ -284,6 +310,20 @@ def _histogram(rows: list[tuple[str, int]]) -> list[str]:
         f"  {label:>{width}}: {count:>8} {'█' * max(1, round(BAR_WIDTH * count / peak))}"
         for label, count in rows
     ]
+
+
+def load_video_spec(config_path: str | None) -> VideoSpec | None:
+    """The `VideoSpec` of a checkpoint's ``config.json`` (``llavakit.video_spec``), or of a JSON file holding a
+    VideoSpec dict; None without a file or when the checkpoint has no video."""
+    if config_path is None:
+        return None
+    try:
+        data = json.loads(Path(config_path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"cannot read video spec {config_path}: {err}") from None
+    if isinstance(data.get("llavakit"), dict):
+        data = data["llavakit"].get("video_spec")
+    return None if data is None else VideoSpec.from_dict(data)
 
 
 def load_tokenizer_and_spec(tokenizer_path: str, image_spec_path: str | None) -> tuple[Any, ImageSpec]:

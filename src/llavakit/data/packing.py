@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from llavakit.data.collate import collate_images
+from llavakit.data.collate import collate_images, collate_videos
 from llavakit.data.tokenize import IGNORE_INDEX
 from llavakit.errors import ConfigError, DataError
 
@@ -148,6 +148,7 @@ class PackingCollator:
         batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
         batch.update(self._attention(segment_ids))
         batch.update(collate_images([example for row in rows for example in row]))
+        batch.update(collate_videos([example for row in rows for example in row]))
         batch.update(
             num_tokens=num_tokens,
             num_padding=input_ids.numel() - num_tokens,

@@ -21,7 +21,7 @@ class Turn:
 
     Attributes:
         role: ``user`` | ``assistant`` | ``system``.
-        text: the message; ``<image>`` marks where an image goes (user turns only).
+        text: the message; ``<image>`` marks where an image goes, ``<video>`` a video (user turns only).
     """
 
     role: str
@@ -50,14 +50,21 @@ class Sample:
         conversation: the turns, placeholders already placed (see `llavakit.data.formats`).
         images: image paths as written in the file (relative to the image folder), in placeholder order.
         location: ``file:line`` of the sample, for error messages.
+        videos: video files or frame folders as written (relative to the video folder), in ``<video>`` order.
     """
 
     id: str
     conversation: Conversation
     images: tuple[str, ...]
     location: str
+    videos: tuple[str, ...] = ()
 
     @property
     def has_image(self) -> bool:
         """True when the sample has at least one image."""
         return bool(self.images)
+
+    @property
+    def has_video(self) -> bool:
+        """True when the sample has at least one video."""
+        return bool(self.videos)

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from llavakit.anyres.video_spec import VideoSpec
 from llavakit.errors import ConfigError
 
 TRAINABLE_PARTS = ("vision_tower", "projector", "language_model")
@@ -49,6 +50,9 @@ class ModelConfig:
             (upstream ``--pretrain_mm_mlp_adapter``).
         projector, template, select_layer: override the preset's/encoder's defaults when set (fresh models only).
         image_spec: `llavakit.anyres.ImageSpec` fields overriding the preset/encoder defaults.
+        video_spec: `llavakit.anyres.VideoSpec` fields (``{}`` for its defaults): the fresh model takes videos
+            (``<video>`` added to the tokenizer, saved in the checkpoint); None: an image-only model. A checkpoint
+            (``model.path``, later stages) keeps its own.
         attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2`` or ``sdpa_varlen`` (PyTorch SDPA that runs
             packed and padding-free rows sample by sample, `llavakit.model.attention`).
     """
@@ -61,6 +65,7 @@ class ModelConfig:
     template: str | None = None
     select_layer: int | None = None
     image_spec: dict[str, Any] = field(default_factory=dict)
+    video_spec: dict[str, Any] | None = None
     pretrained_projector: str | None = None
     attn_implementation: str = "sdpa"
 
@@ -73,6 +78,9 @@ class ModelConfig:
         if bool(self.vision) != bool(self.llm):
             raise ConfigError("model.vision and model.llm go together: set both (hub ids or local folders)")
         fresh_only = [name for name in ("projector", "template", "select_layer", "image_spec") if getattr(self, name)]
+        if self.video_spec is not None:
+            fresh_only.append("video_spec")
+            VideoSpec.from_dict(self.video_spec)  # a bad field fails here, before anything is loaded
         if self.path and fresh_only:
             raise ConfigError(
                 f"model.{fresh_only[0]} builds a fresh model (model.preset or model.vision+model.llm); with "
@@ -92,6 +100,8 @@ class DataSection:
     Attributes:
         path: LLaVA JSON/JSONL file or YAML mixture.
         image_folder: root for relative ``image`` paths; required when the data has images.
+        video_folder: root for relative ``video`` paths (files or frame folders; upstream ``--video_folder``);
+            None = ``image_folder``. Videos need a model with a video spec (``model.video_spec``).
         template: chat template id for this stage (``plain`` for align); None = the model's own template.
         system_prompt: replaces the default system prompt of the stage's template; None = that template's default
             (or, on the model's own template, the system prompt recorded with it). A conversation template and its
@@ -125,6 +135,7 @@ class DataSection:
 
     path: str = ""
     image_folder: str | None = None
+    video_folder: str | None = None
     template: str | None = None
     system_prompt: str | None = None
     max_length: int = 2048

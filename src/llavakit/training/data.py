@@ -39,6 +39,7 @@ def data_config(stage: StageConfig, model: LlavaNextModel, seed: int = 0) -> Dat
     return DataConfig(
         data_path=section.path,
         image_folder=section.image_folder or "",
+        video_folder=section.video_folder or "",
         template=template,
         upstream_quirks=section.upstream_quirks,
         system_prompt=system_prompt,
@@ -80,7 +81,7 @@ def build_train_data(
 
     Args:
         stage: the stage config.
-        model: its tokenizer and image spec are used.
+        model: its tokenizer, image spec and video spec (None: no video samples allowed) are used.
         seed: the run's seed (mixture sampling, packing).
         run_dir: the run folder (index and data stats); None keeps both off unless ``data.index_dir`` is set.
         context: this process's rank; None: one process.
@@ -94,7 +95,12 @@ def build_train_data(
         )
     config = data_config(stage, model, seed)
     dataset = build_dataset(
-        config, model.tokenizer, model.config.image_spec, index_dir=index_dir(stage, run_dir), context=context
+        config,
+        model.tokenizer,
+        model.config.image_spec,
+        index_dir=index_dir(stage, run_dir),
+        context=context,
+        video_spec=model.config.video_spec,
     )
     if context is None or context.is_main:
         report_stats(stage, dataset.stats, run_dir)

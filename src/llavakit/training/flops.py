@@ -183,13 +183,17 @@ def sample_lengths(batch: dict[str, Any], pad_token_id: int | None) -> list[int]
 
 
 def batch_tiles(batch: dict[str, Any]) -> int:
-    """Image tiles of a collated batch (``pixel_values [N_tiles, 3, S, S]``; 0 without images)."""
-    pixels = batch.get("pixel_values")
-    if pixels is None:
-        return 0
-    if pixels.dim() != 4:
-        raise DataError(f"expected pixel_values [N_tiles, 3, S, S], got shape {tuple(pixels.shape)}")
-    return int(pixels.shape[0])
+    """Tiles through the vision tower in a collated batch: image tiles (``pixel_values [N_tiles, 3, S, S]``) and
+    video frames (``pixel_values_videos [ΣF, 3, S, S]``, one tile each); 0 without either."""
+    tiles = 0
+    for key in ("pixel_values", "pixel_values_videos"):
+        pixels = batch.get(key)
+        if pixels is None:
+            continue
+        if pixels.dim() != 4:
+            raise DataError(f"expected {key} [N, 3, S, S], got shape {tuple(pixels.shape)}")
+        tiles += int(pixels.shape[0])
+    return tiles
 
 
 def _llm_params(model: LlavaNextModel) -> int:

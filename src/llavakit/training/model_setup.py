@@ -36,6 +36,7 @@ DDP, does not broadcast rank 0's weights).
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import warnings
 from pathlib import Path
@@ -47,6 +48,7 @@ from transformers.utils import is_flash_attn_2_available
 
 from llavakit.anyres.geometry import parse_pinpoints
 from llavakit.anyres.spec import ImageSpec
+from llavakit.anyres.video_spec import VideoSpec
 from llavakit.conversion.original import (
     add_image_token,
     is_original_checkpoint,
@@ -55,6 +57,7 @@ from llavakit.conversion.original import (
     original_weight_files,
 )
 from llavakit.data.templates import check_system_prompt, get_template
+from llavakit.data.videos import data_has_videos
 from llavakit.distributed import DistContext, barrier
 from llavakit.errors import CheckpointError, ConfigError
 from llavakit.model.checkpoint import part_config
@@ -102,7 +105,10 @@ def preflight(config: TrainConfig, world_size: int) -> None:
             )
         if data.image_folder is not None and not Path(data.image_folder).is_dir():
             raise ConfigError(f"{where}: data.image_folder {data.image_folder!r} is not a directory")
+        if data.video_folder is not None and not Path(data.video_folder).is_dir():
+            raise ConfigError(f"{where}: data.video_folder {data.video_folder!r} is not a directory")
         stage.accumulation_steps(world_size)
+    _check_video_support(config)
     for field in ("vision", "llm"):
         if getattr(config.model, field):
             part_config(getattr(config.model, field), f"model.{field}")
@@ -115,6 +121,45 @@ def preflight(config: TrainConfig, world_size: int) -> None:
         raise ConfigError(
             "logging.report_to=wandb needs the wandb package: pip install wandb (or report_to=tensorboard)"
         )
+
+
+def _check_video_support(config: TrainConfig) -> None:
+    """A stage whose data has videos needs a model with a video spec; checked from ``config.json`` and the data
+    files' bytes (`llavakit.data.videos.data_has_videos`), before anything is loaded.
+
+    Raises:
+        ConfigError: the data has videos and the first stage's model has none, with the fix.
+    """
+    if model_has_video(config) is not False:
+        return
+    for index, stage in enumerate(config.stages):
+        if data_has_videos(stage.data.path):
+            raise ConfigError(
+                f"stages.{index} ({stage.name}): data.path {stage.data.path} has video samples but the model has no "
+                "video support: add model.video_spec (e.g. {frames_upbound: 32, newline: grid}) to build it with "
+                "video, start from a checkpoint with video, or remove the video samples"
+            )
+
+
+def model_has_video(config: TrainConfig) -> bool | None:
+    """Whether the first stage's model takes videos: from ``model.video_spec``, or a checkpoint's ``config.json``
+    (our ``llavakit.video_spec``, or llava-hf OneVision's ``video_token_index``); None when unknown (an original
+    upstream layout, an unreadable file: the dataset scan says so later)."""
+    model = config.model
+    if model.video_spec is not None:
+        return True
+    if not model.path:
+        return False
+    try:
+        data = json.loads((Path(model.path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or "text_config" not in data:
+        return None
+    section = data.get("llavakit")
+    if isinstance(section, dict):
+        return "video_spec" in section
+    return data.get("video_token_index") not in (None, -1)
 
 
 def _check_lora(config: TrainConfig) -> None:
@@ -364,6 +409,8 @@ def _from_parts_kwargs(config: TrainConfig, context: DistContext) -> dict[str, A
             kwargs[name] = getattr(model_config, name)
     if model_config.image_spec:
         kwargs["image_spec"] = _spec_with(kwargs.get("image_spec"), model_config.image_spec, kwargs["vision"])
+    if model_config.video_spec is not None:
+        kwargs["video_spec"] = VideoSpec.from_dict(model_config.video_spec)
     kwargs["attn_implementation"] = resolve_attention(model_config.attn_implementation)
     return kwargs
 

@@ -58,7 +58,16 @@ from llavakit.training.strategies import STRATEGIES, build_strategy
 from llavakit.training.strategies.base import MIN_LOSS_SCALE
 
 # Keys of a collated batch that the model's forward takes; the rest is bookkeeping (token counts, ids).
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_sizes", "image_tiled")
+MODEL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "position_ids",
+    "pixel_values",
+    "image_sizes",
+    "image_tiled",
+    "pixel_values_videos",
+    "video_frames",
+)
 
 
 @dataclass
