@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -103,3 +106,28 @@ def test_video_spec_is_checked_with_the_config(tmp_path):
         )
     with pytest.raises(ConfigError, match="model.video_spec builds a fresh model"):
         config_from_dict(_config(tmp_path / "b", {"path": str(tmp_path), "video_spec": {}}))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_gives_the_one_process_losses(tmp_path):
+    """Videos of different lengths land on different ranks; gradients averaged by DDP give the 1-process steps."""
+    model = {"preset": "debug-siglip-qwen2", "video_spec": VIDEO_SPEC}
+    single = _config(tmp_path / "single", model, steps=3)
+    single["stages"][0].update(global_batch_size=4, micro_batch_size=1)
+    expected = train(config_from_dict(single)).stages[0].losses
+    ddp = _config(tmp_path / "ddp", model, steps=3)
+    ddp["stages"][0].update(global_batch_size=4, micro_batch_size=1)
+    ddp["strategy"] = {"name": "ddp"}
+    config_file = tmp_path / "ddp.yaml"
+    config_file.write_text(yaml.safe_dump(ddp))
+    command = [
+        sys.executable,
+        *("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"),
+        *("-m", "llavakit.cli.main", "train", "--config", str(config_file)),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    metrics = (tmp_path / "ddp" / "run" / "finetune" / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["loss"] for line in metrics]
+    assert len(losses) == 3 and losses == pytest.approx(expected, rel=1e-4)

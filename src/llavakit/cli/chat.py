@@ -1,6 +1,7 @@
-"""``llavakit chat --model PATH [--image IMG]``: talk to a checkpoint about images, turn by turn.
+"""``llavakit chat --model PATH [--image IMG] [--video VIDEO]``: talk to a checkpoint about images and videos.
 
-Reads questions from stdin (interactive or piped); ``/image PATH``, ``/reset`` and ``/quit`` control the session.
+Reads questions from stdin (interactive or piped); ``/image PATH``, ``/video PATH``, ``/reset`` and ``/quit``
+control the session. ``--video`` needs a checkpoint built with video; it is read with the checkpoint's video spec.
 The work happens in `llavakit.inference.chat`; this module parses arguments and loads the model.
 """
 
@@ -17,12 +18,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="Chat with a trained model about images (multi-turn, interactive or piped).",
         description=(
             "Load a checkpoint (llavakit or llava-hf layout) and answer questions read from stdin. Commands: "
-            "/image PATH (use an image, start a new conversation), /reset, /quit. Bad input (missing file, not an "
-            "image, empty question) prints a message and the chat goes on."
+            "/image PATH (use an image, start a new conversation), /video PATH (use a video, start a new "
+            "conversation), /reset, /quit. Bad input (missing file, not an image or video, empty question) prints a "
+            "message and the chat goes on."
         ),
     )
     parser.add_argument("--model", required=True, help="checkpoint folder, e.g. runs/demo/final")
     parser.add_argument("--image", help="image for the first question")
+    parser.add_argument(
+        "--video", help="video file or frame folder for the first question (checkpoints built with video)"
+    )
     parser.add_argument(
         "--max-new-tokens", type=int, default=64, help="answer length cap in tokens (default 64)"
     )
@@ -48,12 +53,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model and run the chat over stdin."""
+    from pathlib import Path
+
     from llavakit.anyres.pixels import load_image
+    from llavakit.errors import VideoError
     from llavakit.inference.api import load
     from llavakit.inference.chat import interactive_lines, run_chat
+    from llavakit.inference.videos import read_video
 
     if args.image is not None:
         load_image(args.image)  # a bad --image stops here (exit 1), not after an answer given without it
+    if args.video is not None and not Path(args.video).exists():
+        raise VideoError(f"--video {args.video!r} does not exist: pass a video file or a folder of frames")
 
     assistant = load(
         args.model,
@@ -66,4 +77,8 @@ def run(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
     )
-    return run_chat(assistant, interactive_lines(sys.stdin, sys.stdout), sys.stdout, image=args.image)
+    # Read here, with the checkpoint's video spec: a bad --video (or a model without video) stops before the chat.
+    video = None if args.video is None else read_video(args.video, assistant.model.config.video_spec)
+    return run_chat(
+        assistant, interactive_lines(sys.stdin, sys.stdout), sys.stdout, image=args.image, video=video
+    )

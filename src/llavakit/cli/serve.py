@@ -64,6 +64,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="images per request at most (%(default)s)",
     )
     parser.add_argument(
+        "--max-videos-per-request",
+        type=int,
+        default=_DEFAULTS.max_videos_per_request,
+        help="videos (video_url parts) per request at most (%(default)s)",
+    )
+    parser.add_argument(
+        "--max-video-bytes",
+        type=int,
+        default=_DEFAULTS.max_video_bytes,
+        help="encoded bytes per video at most (%(default)s; a data: URL also counts against --max-body-bytes)",
+    )
+    parser.add_argument(
+        "--max-video-frames",
+        type=int,
+        default=_DEFAULTS.max_video_frames,
+        help="frames one video may be sampled to at most, counted before decoding (%(default)s)",
+    )
+    parser.add_argument(
         "--max-batch",
         type=int,
         default=_DEFAULTS.max_batch,
@@ -118,7 +136,10 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         allowed_local_media_path=args.allowed_local_media_path,
         allowed_media_domains=tuple(args.allowed_media_domains),
         max_images_per_request=args.max_images_per_request,
+        max_videos_per_request=args.max_videos_per_request,
         max_image_bytes=args.max_image_bytes,
+        max_video_bytes=args.max_video_bytes,
+        max_video_frames=args.max_video_frames,
         max_image_pixels=args.max_image_pixels,
         max_body_bytes=args.max_body_bytes,
         max_batch=args.max_batch,

@@ -4,12 +4,17 @@
     >>> answer, history = assistant.chat("images/cat.png", "What colour is the circle?")
     >>> answer, history = assistant.chat(None, "And the square?", history=history)
     >>> assistant.generate(["<image>\\nWhat word is written?"], images=[["a.png"]], max_new_tokens=4)
+    >>> answer, history = assistant.chat(None, "What happens?", video="clips/ball.mp4")   # a video model
+    >>> assistant.generate(["What happens?", "Describe it."], videos=[["a.mp4"], ["b.webm"]])
 
 The checkpoint carries everything needed to prompt it as it was trained (``config.json["llavakit"]``: chat template
 id and image spec; the tokenizer files), so `load` takes nothing but a path. Prompts go through
 `llavakit.inference.prompts` (the training templates and tokenisation) and tokens through
 `llavakit.inference.generate` (transformers' generation loop with a KV cache). Encoded images are kept in an `ImageFeatureCache`, so a chat
 does not re-run the vision tower on its history's images every turn.
+
+Videos (checkpoints built with a `VideoSpec`) are read with that spec's frame sampling and laid out as in training,
+time instruction included when the spec asks for it (`llavakit.inference.videos`); a chat decodes its video once.
 """
 
 from __future__ import annotations
@@ -22,27 +27,35 @@ from pathlib import Path
 import torch
 
 from llavakit.anyres.pixels import ImageSource
+from llavakit.data.formats import VIDEO_PLACEHOLDER
 from llavakit.data.schema import ASSISTANT, USER, Conversation, Turn
 from llavakit.data.templates import get_template
 from llavakit.errors import CheckpointError, ConfigError, DataError
 from llavakit.inference.feature_cache import ImageFeatureCache
 from llavakit.inference.generate import SamplingParams, decode, generate_ids, stop_token_ids
 from llavakit.inference.prompts import PromptBuilder, Request, user_text
+from llavakit.inference.videos import VideoInput, no_video_error, read_video
 from llavakit.model.llava_next import LlavaNextModel
 
 
 @dataclass(frozen=True)
 class ChatHistory:
-    """The state of a multi-turn chat: the turns so far and the images they refer to, in placeholder order."""
+    """The state of a multi-turn chat: the turns so far and the images (videos) they refer to, in placeholder
+    order. Videos are kept decoded (`llavakit.anyres.video.Video`), so later turns do not read them again."""
 
     turns: tuple[Turn, ...] = ()
     images: tuple[ImageSource, ...] = field(default=())
+    videos: tuple[VideoInput, ...] = field(default=())
 
-    def extended(self, question: str, image: ImageSource | None, answer: str) -> ChatHistory:
-        """This history plus one exchange (``image`` is placed before ``question`` when given)."""
+    def extended(
+        self, question: str, image: ImageSource | None, answer: str, video: VideoInput | None = None
+    ) -> ChatHistory:
+        """This history plus one exchange (``image``, then ``video``, placed before ``question`` when given)."""
         new_images = () if image is None else (image,)
-        turns = (*self.turns, Turn(USER, user_text(question, len(new_images))), Turn(ASSISTANT, answer))
-        return ChatHistory(turns, (*self.images, *new_images))
+        new_videos = () if video is None else (video,)
+        user = Turn(USER, user_text(question, len(new_images), len(new_videos)))
+        turns = (*self.turns, user, Turn(ASSISTANT, answer))
+        return ChatHistory(turns, (*self.images, *new_images), (*self.videos, *new_videos))
 
 
 class Assistant:
@@ -73,7 +86,9 @@ class Assistant:
         self.tokenizer = model.tokenizer
         system = system_prompt if system_prompt is not None else model.config.system_prompt
         self.template = get_template(template or model.config.template, system_prompt=system)
-        self.prompts = PromptBuilder(self.tokenizer, self.template, model.config.image_spec)
+        self.prompts = PromptBuilder(
+            self.tokenizer, self.template, model.config.image_spec, model.config.video_spec
+        )
         self.stop_ids = stop_token_ids(self.tokenizer, self.template)
         self.defaults = defaults or SamplingParams()
         self.feature_cache = feature_cache if feature_cache is not None else ImageFeatureCache()
@@ -83,13 +98,17 @@ class Assistant:
         self,
         prompts: str | Sequence[str],
         images: Sequence[Sequence[ImageSource]] | None = None,
+        videos: Sequence[Sequence[VideoInput]] | None = None,
         **sampling: object,
     ) -> list[str]:
-        """Answer single-turn prompts in one left-padded batch.
+        """Answer single-turn prompts in one left-padded batch (text, image and video prompts may mix).
 
         Args:
-            prompts: user messages; each holds one ``<image>`` per image of its row.
+            prompts: user messages; each holds one ``<image>`` per image of its row, and one ``<video>`` per video
+                (a prompt without ``<video>`` gets its videos' placeholders in front, one line each).
             images: per prompt, its images (paths, bytes or PIL images); None = text only.
+            videos: per prompt, its videos (file paths, frame folders or loaded `Video` values); None = none.
+                Only for a model built with video.
             sampling: `SamplingParams` fields (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``,
                 ``seed``) overriding the defaults.
 
@@ -98,10 +117,15 @@ class Assistant:
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         images = images if images is not None else [()] * len(prompts)
-        if len(images) != len(prompts):
-            raise DataError(f"generate got {len(prompts)} prompts but {len(images)} image lists")
+        videos = videos if videos is not None else [()] * len(prompts)
+        for name, rows in (("image", images), ("video", videos)):
+            if len(rows) != len(prompts):
+                raise DataError(f"generate got {len(prompts)} prompts but {len(rows)} {name} lists")
+        if any(videos) and self.model.config.video_spec is None:
+            raise no_video_error()
         requests = [
-            Request(Conversation((Turn(USER, prompt),)), tuple(row)) for prompt, row in zip(prompts, images)
+            Request(Conversation((Turn(USER, _with_video_lines(prompt, len(clips))),)), tuple(row), tuple(clips))
+            for prompt, row, clips in zip(prompts, images, videos)
         ]
         return self.generate_requests(requests, **sampling)
 
@@ -132,7 +156,7 @@ class Assistant:
         for row, length in enumerate(prompt_lengths):
             if length + max_new_tokens > self.context_length:
                 raise DataError(
-                    f"request {row}: the prompt takes {length} tokens (images included) and the answer up to "
+                    f"request {row}: the prompt takes {length} tokens (images and videos included) and the answer up to "
                     f"{max_new_tokens}, but the model's context is {self.context_length} tokens: shorten the "
                     "conversation (/reset in the chat), send fewer or smaller images, or lower max_new_tokens"
                 )
@@ -142,6 +166,7 @@ class Assistant:
         image: ImageSource | None,
         question: str,
         history: ChatHistory | None = None,
+        video: VideoInput | None = None,
         **sampling: object,
     ) -> tuple[str, ChatHistory]:
         """One chat turn.
@@ -151,22 +176,33 @@ class Assistant:
                 history's images (or to chat without images).
             question: the user's message; must not be empty.
             history: the state returned by the previous call, or None to start.
+            video: a video for this turn (a file path, frame folder or loaded `Video`; placed after the image,
+                before the question), read once with the checkpoint's `VideoSpec`. Only for a video model.
             sampling: `SamplingParams` overrides.
 
         Returns:
             (answer, the new history).
 
         Raises:
-            DataError: empty question. ImageError: unusable image (the history is unchanged).
+            DataError: empty question, or a video for a model without video. ImageError: unusable image,
+            VideoError: unusable video (the history is unchanged).
         """
         if not question.strip():
             raise DataError("the question is empty: type a question about the image")
         history = history or ChatHistory()
         new_images = () if image is None else (image,)
-        user = Turn(USER, user_text(question.strip(), len(new_images)))
-        request = Request(Conversation((*history.turns, user)), (*history.images, *new_images))
+        new_videos = () if video is None else (read_video(video, self.model.config.video_spec),)
+        user = Turn(USER, user_text(question.strip(), len(new_images), len(new_videos)))
+        request = Request(
+            Conversation((*history.turns, user)), (*history.images, *new_images), (*history.videos, *new_videos)
+        )
         (answer,) = self.generate_requests([request], **sampling)
-        return answer, history.extended(question.strip(), image, answer)
+        return answer, history.extended(question.strip(), image, answer, *new_videos)
+
+
+def _with_video_lines(prompt: str, num_videos: int) -> str:
+    """``prompt`` as given when it places its videos itself, else with one ``<video>`` line per video in front."""
+    return prompt if VIDEO_PLACEHOLDER in prompt else user_text(prompt, 0, num_videos)
 
 
 def load(

@@ -39,6 +39,7 @@ from llavakit.errors import ConfigError
 from llavakit.inference.detokenize import IncrementalDetokenizer
 from llavakit.inference.feature_cache import ImageFeatureCache
 from llavakit.inference.images import PreparedImage, encode_prepared
+from llavakit.inference.videos import PreparedVideo, video_inputs
 from llavakit.model.llava_next import LlavaNextModel
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class EngineRequest:
     Attributes:
         prompt_ids: the prompt's token ids, image placeholders expanded.
         images: its images in placeholder order.
+        videos: its videos in placeholder order (frames; encoded at prefill).
         max_new_tokens: generated tokens at most (the stop token included).
         temperature: 0 = greedy; else the softmax temperature.
         top_p: nucleus mass in (0, 1] when sampling.
@@ -100,6 +102,7 @@ class EngineRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stream: bool = True
+    videos: tuple[PreparedVideo, ...] = ()
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -250,8 +253,10 @@ class GenerationEngine:
             mask[row, width - len(request.prompt_ids) :] = 1
         images = [image for request in requests for image in request.images]
         features = encode_prepared(self.model, images, self.feature_cache, self.model_key) if images else None
+        dtype = next(self.model.projector.parameters()).dtype
+        videos = video_inputs([video for request in requests for video in request.videos], self.device, dtype)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        embeds = self.model.embed_inputs(ids, image_features=features)
+        embeds = self.model.embed_inputs(ids, image_features=features, **videos)
         cache = DynamicCache()
         output = self.model.llm(
             inputs_embeds=embeds,
@@ -262,7 +267,7 @@ class GenerationEngine:
             **{self._cache_arg: cache},
         )
         for request in requests:
-            request.images = ()  # their features are in the KV cache now; the decoded pixels can go
+            request.images = request.videos = ()  # their features are in the KV cache now; the pixels can go
         rows = [self._new_row(request) for request in requests]
         self._merge(rows, cache, mask)
         self._admitted += len(rows)

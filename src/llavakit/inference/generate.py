@@ -21,6 +21,7 @@ from llavakit.errors import ConfigError
 from llavakit.inference.feature_cache import ImageFeatureCache
 from llavakit.inference.images import encode_prepared
 from llavakit.inference.prompts import GenerationBatch
+from llavakit.inference.videos import video_inputs
 from llavakit.model.llava_next import LlavaNextModel
 
 
@@ -91,6 +92,7 @@ def generate_ids(
     """
     device = next(model.parameters()).device
     features = encode_prepared(model, batch.images, cache, model_key) if batch.images else None
+    videos = video_inputs(batch.videos, device, next(model.projector.parameters()).dtype)
     options = {
         "max_new_tokens": params.max_new_tokens,
         "do_sample": params.do_sample,
@@ -111,6 +113,7 @@ def generate_ids(
             batch.input_ids.to(device),
             attention_mask=batch.attention_mask.to(device),
             image_features=features,
+            **videos,
             **options,
         )
 

@@ -4,9 +4,9 @@ A request goes through four steps, each refusing bad input with an OpenAI-style 
 
 1. the body is read with a size cap and parsed (`llavakit.serving.protocol`);
 2. messages become a conversation with placeholders (`llavakit.serving.messages`);
-3. in a worker thread, images are fetched and decoded under the media policy (`llavakit.serving.media`) and the
-   prompt is tokenised with the checkpoint's template (`llavakit.inference.prompts`); its length is checked
-   against the model's context;
+3. in a worker thread, images (and videos, ``video_url`` parts, for a model built with video) are fetched and
+   decoded under the media policy (`llavakit.serving.media`) and the prompt is tokenised with the checkpoint's
+   template (`llavakit.inference.prompts`); its length is checked against the model's context;
 4. one `EngineRequest` per choice (``n``) joins the model's continuous batch; its events come back through an
    asyncio queue and become one JSON response or server-sent events (``data: {chunk}`` ... ``data: [DONE]``).
 
@@ -33,9 +33,10 @@ from llavakit.errors import LlavakitError
 from llavakit.inference.engine import EngineBusy, EngineRequest, Event, Failed, Finished, TextDelta
 from llavakit.inference.prompts import EncodedRequest
 from llavakit.inference.prompts import Request as PromptRequest
+from llavakit.inference.videos import no_video_error
 from llavakit.serving.config import ServeConfig
 from llavakit.serving.errors import APIError, api_error_handler, bad_request, unexpected_error_handler
-from llavakit.serving.media import MediaError, MediaPolicy, load_image_url
+from llavakit.serving.media import MediaError, MediaPolicy, load_image_url, load_video_url
 from llavakit.serving.messages import ParsedMessages, parse_messages
 from llavakit.serving.pool import ModelPool, ServedModel
 from llavakit.serving.protocol import (
@@ -81,6 +82,8 @@ def create_app(pool: ModelPool, config: ServeConfig) -> FastAPI:
         max_image_bytes=config.max_image_bytes,
         max_image_pixels=config.max_image_pixels,
         fetch_timeout_s=config.fetch_timeout_s,
+        max_video_bytes=config.max_video_bytes,
+        max_video_frames=config.max_video_frames,
     )
     created = int(time.time())
     authorized = Depends(_api_key_check(config.api_key))
@@ -100,7 +103,7 @@ def create_app(pool: ModelPool, config: ServeConfig) -> FastAPI:
         if request.n > config.max_n:
             raise bad_request(f"n={request.n} is above this server's limit of {config.max_n}", param="n")
         stops = request.stop_strings()
-        parsed = parse_messages(request.messages, config.max_images_per_request)
+        parsed = parse_messages(request.messages, config.max_images_per_request, config.max_videos_per_request)
         encoded = await run_in_threadpool(_encode, served, parsed, policy)
         prompt_tokens = len(encoded.input_ids)
         max_new = _answer_budget(served, request, prompt_tokens, config.default_max_tokens)
@@ -175,15 +178,24 @@ def _too_large(size: int, limit: int) -> APIError:
 
 
 def _encode(served: ServedModel, parsed: ParsedMessages, policy: MediaPolicy) -> EncodedRequest:
-    """Fetch and decode the images, then tokenise the conversation (runs in a worker thread)."""
-    images = []
-    for ref in parsed.images:
-        try:
-            images.append(load_image_url(ref.url, policy))
-        except MediaError as err:
-            raise APIError(err.status, str(err), param=ref.param, code=err.code) from None
+    """Fetch and decode the images and videos, then tokenise the conversation (runs in a worker thread)."""
+    video_spec = served.assistant.model.config.video_spec
+    if parsed.videos and video_spec is None:
+        raise bad_request(
+            f"model {served.name!r}: {no_video_error()}", param=parsed.videos[0].param, code="video_not_supported"
+        )
+    images, videos = [], []
     try:
-        return served.assistant.prompts.encode(PromptRequest(parsed.conversation, tuple(images)))
+        for ref in parsed.images:
+            images.append(load_image_url(ref.url, policy))
+        for ref in parsed.videos:
+            videos.append(load_video_url(ref.url, policy, video_spec))
+    except MediaError as err:
+        raise APIError(err.status, str(err), param=ref.param, code=err.code) from None
+    try:
+        return served.assistant.prompts.encode(
+            PromptRequest(parsed.conversation, tuple(images), tuple(videos))
+        )
     except LlavakitError as err:
         raise bad_request(str(err), param="messages") from None
 
@@ -225,6 +237,7 @@ def _submit(
             EngineRequest(
                 prompt_ids=encoded.input_ids,
                 images=encoded.images,
+                videos=encoded.videos,
                 max_new_tokens=max_new,
                 on_event=deliver,
                 temperature=request.temperature,

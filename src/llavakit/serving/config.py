@@ -41,6 +41,9 @@ class ServeConfig:
         allowed_local_media_path: folder whose files ``file://`` URLs and local paths may name (None: none).
         allowed_media_domains: hosts whose URLs may be fetched even if they resolve to private addresses.
         max_images_per_request: images in one request's messages at most.
+        max_videos_per_request: videos (``video_url`` parts) in one request's messages at most.
+        max_video_bytes: encoded size of one video at most.
+        max_video_frames: frames one video is sampled to at most (checked before decoding).
         max_image_bytes: encoded size of one image at most.
         max_image_pixels: width × height of one image at most (checked before decoding).
         max_body_bytes: request body size at most.
@@ -61,6 +64,9 @@ class ServeConfig:
     allowed_local_media_path: str | None = None
     allowed_media_domains: tuple[str, ...] = ()
     max_images_per_request: int = 8
+    max_videos_per_request: int = 1
+    max_video_bytes: int = 40 * 1024**2
+    max_video_frames: int = 64
     max_image_bytes: int = 20 * 1024**2
     max_image_pixels: int = 40_000_000
     max_body_bytes: int = 64 * 1024**2
@@ -84,7 +90,10 @@ class ServeConfig:
             )
         for name in (
             "max_images_per_request",
+            "max_videos_per_request",
             "max_image_bytes",
+            "max_video_bytes",
+            "max_video_frames",
             "max_image_pixels",
             "max_body_bytes",
             "max_batch",

@@ -31,6 +31,13 @@ and the check that answers each:
 - Path traversal: local reads are off unless ``allowed_local_path`` is set; then the path's real location (``..``
   and symlinks resolved) must lie inside it, and it must be a regular file (no FIFOs or devices).
 
+Videos (vLLM's ``video_url`` part, `load_video_url`) are read under the same policy: the same schemes, local
+folder, hosts and deadline (``data:video/...;base64`` URLs), with their own byte limit (``max_video_bytes``). FFmpeg
+has many more demuxers than PIL has decoders, so the container is opened (probed) first and only the formats in
+``allowed_video_formats`` (MP4/MOV, Matroska/WebM, AVI) are decoded, each frame's width*height checked against
+``max_image_pixels`` from the stream header; then `llavakit.anyres.video.load_video` samples the frames with the
+model's `VideoSpec` from a private temporary copy of the bytes (PyAV reads files; the copy is deleted at once).
+
 Every refusal is a `MediaError` (an OpenAI ``invalid_request_error``, HTTP 400: the client sent something this
 server will not use, including a URL that timed out or whose server failed) naming the URL and the fix. Messages do
 not reveal the server's folders. Nothing here changes global state; `load_image_url` is safe to call from many
@@ -47,11 +54,12 @@ import os
 import socket
 import ssl
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -59,13 +67,19 @@ import httpx
 from PIL import Image, UnidentifiedImageError
 
 from llavakit.anyres.pixels import check_complete, load_image
-from llavakit.errors import ConfigError, ImageError, LlavakitError
+from llavakit.anyres.video import Video, VideoProbe, load_video, probe_video
+from llavakit.anyres.video_spec import VideoSpec
+from llavakit.errors import ConfigError, ImageError, LlavakitError, VideoError
 
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
 # 40 megapixels: above any camera photo a client would send (a 24 MP DSLR shot is 6000x4000), far below bombs.
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 # The formats OpenAI's vision API accepts, plus BMP; every other PIL decoder stays unreachable.
 DEFAULT_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+DEFAULT_MAX_VIDEO_BYTES = 40 * 1024 * 1024
+DEFAULT_MAX_VIDEO_FRAMES = 64  # LLaVA-Video samples 64 frames, OneVision 32
+# FFmpeg demuxer names (``container.format.name``): MP4/MOV, Matroska/WebM, AVI.
+DEFAULT_VIDEO_FORMATS = ("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi")
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
@@ -73,6 +87,7 @@ _MAX_LABEL_CHARS = 200
 _DATA_URL_LABEL_CHARS = 40
 
 _LOCAL_FIX = "send the image as a data:image/...;base64 URL or an http(s) URL"
+_VIDEO_FIX = "send the video as a data:video/...;base64 URL or an http(s) URL"
 _DOMAINS_FIX = "the server operator can allow this host with --allowed-media-domains"
 
 
@@ -104,6 +119,10 @@ class MediaPolicy:
         fetch_timeout_s: deadline for a whole http(s) fetch: resolution, every redirect hop and the body.
         max_redirects: redirects followed before giving up.
         allowed_formats: PIL format names that may be decoded.
+        max_video_bytes: largest encoded video (download, decoded data URL, local file).
+        max_video_frames: most frames one video may be sampled to (counted from its packets before decoding): a
+            small file can hold a great many tiny frames, each of which becomes a full tile.
+        allowed_video_formats: FFmpeg demuxer names (``container.format.name``) whose videos may be decoded.
     """
 
     allowed_local_path: Path | None = None
@@ -113,9 +132,12 @@ class MediaPolicy:
     fetch_timeout_s: float = 10.0
     max_redirects: int = 3
     allowed_formats: tuple[str, ...] = DEFAULT_IMAGE_FORMATS
+    max_video_bytes: int = DEFAULT_MAX_VIDEO_BYTES
+    max_video_frames: int = DEFAULT_MAX_VIDEO_FRAMES
+    allowed_video_formats: tuple[str, ...] = DEFAULT_VIDEO_FORMATS
 
     def __post_init__(self) -> None:
-        for name in ("max_image_bytes", "max_image_pixels", "fetch_timeout_s"):
+        for name in ("max_image_bytes", "max_image_pixels", "fetch_timeout_s", "max_video_bytes", "max_video_frames"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"MediaPolicy.{name}={getattr(self, name)!r} must be positive")
         if self.max_redirects < 0:
@@ -199,16 +221,16 @@ def _describe(url: str) -> str:
     return f"image_url {url!r}"
 
 
-def _read_bytes(url: str, label: str, policy: MediaPolicy) -> bytes:
-    """The encoded image bytes, dispatched on the URL scheme."""
+def _read_bytes(url: str, label: str, policy: MediaPolicy, kind: str = "image") -> bytes:
+    """The encoded image (``kind`` video: video) bytes, dispatched on the URL scheme."""
     try:
         scheme = urlsplit(url).scheme.lower()
     except ValueError as exc:  # e.g. an unclosed "[" IPv6 bracket
         raise MediaError(f"{label} is not a valid URL ({exc}); {_LOCAL_FIX}") from exc
     if scheme == "data":
-        return _read_data_url(url, label, policy)
+        return _read_data_url(url, label, policy, kind)
     if scheme in ("http", "https"):
-        return _fetch(url, label, policy)
+        return _fetch(url, label, policy, kind)
     if scheme in ("file", ""):
         return _read_local(url, scheme, label, policy)
     local = " (or a file:// URL under the server's allowed folder)" if policy.allowed_local_path else ""
@@ -217,7 +239,7 @@ def _read_bytes(url: str, label: str, policy: MediaPolicy) -> bytes:
 
 def _too_large(label: str, size: str, limit: int) -> MediaError:
     return MediaError(
-        f"{label} is {size}, above this server's limit of {limit} bytes; send a smaller or more compressed image",
+        f"{label} is {size}, above this server's limit of {limit} bytes; send a smaller or more compressed file",
         code="image_too_large",
     )
 
@@ -225,15 +247,16 @@ def _too_large(label: str, size: str, limit: int) -> MediaError:
 # --- data: URLs -------------------------------------------------------------------------------------------------
 
 
-def _read_data_url(url: str, label: str, policy: MediaPolicy) -> bytes:
-    """Decode ``data:image/<type>[;param]*;base64,<payload>`` strictly (standard alphabet, padding, no spaces)."""
+def _read_data_url(url: str, label: str, policy: MediaPolicy, kind: str = "image") -> bytes:
+    """Decode ``data:<kind>/<type>[;param]*;base64,<payload>`` strictly (standard alphabet, padding, no spaces)."""
     header, comma, payload = url[len("data:") :].partition(",")
     mime, *params = header.split(";")
     if not comma or [p.strip().lower() for p in params[-1:]] != ["base64"]:
-        raise MediaError(f"{label} is not a base64 data URL; send data:image/<type>;base64,<base64 data>")
-    if not mime.strip().lower().startswith("image/"):
+        raise MediaError(f"{label} is not a base64 data URL; send data:{kind}/<type>;base64,<base64 data>")
+    if not mime.strip().lower().startswith(f"{kind}/"):
+        example = "image/png" if kind == "image" else "video/mp4"
         raise MediaError(
-            f"{label} has the media type {mime!r}; data URLs must be image/* (data:image/png;base64,...)",
+            f"{label} has the media type {mime!r}; data URLs must be {kind}/* (data:{example};base64,...)",
             code="invalid_image_format",
         )
     # 4 base64 characters carry 3 bytes: refuse oversized payloads before decoding them.
@@ -296,11 +319,11 @@ def _local_path(url: str, label: str) -> str:
 # --- http(s) --------------------------------------------------------------------------------------------------
 
 
-def _fetch(url: str, label: str, policy: MediaPolicy) -> bytes:
+def _fetch(url: str, label: str, policy: MediaPolicy, kind: str = "image") -> bytes:
     """Download an http(s) URL under one deadline, following at most ``max_redirects`` checked redirects."""
     deadline = time.monotonic() + policy.fetch_timeout_s
     target = _http_url(url, label)
-    headers = {"Accept": "image/*", "Accept-Encoding": "identity", "User-Agent": "llavakit"}
+    headers = {"Accept": f"{kind}/*", "Accept-Encoding": "identity", "User-Agent": "llavakit"}
     try:
         with httpx.Client(
             trust_env=False, follow_redirects=False, headers=headers, verify=_ssl_context()
@@ -532,3 +555,85 @@ def _corrupt(label: str, exc: Exception) -> MediaError:
         f"{label} is a corrupt or truncated image ({type(exc).__name__}: {exc}); re-encode it as PNG or JPEG",
         code="invalid_image_format",
     )
+
+
+# --- videos -------------------------------------------------------------------------------------------------------
+
+
+def load_video_url(url: str, policy: MediaPolicy, spec: VideoSpec) -> Video:
+    """The video a ``video_url.url`` names, its frames sampled with ``spec`` (see the module docstring).
+
+    Args:
+        url: a ``data:video/<type>;base64,...`` URL, an ``http(s)://`` URL, or (with ``policy.allowed_local_path``)
+            a ``file://`` URL or a plain path.
+        policy: what may be read and the size limits (``max_video_bytes``, ``max_image_pixels`` per frame).
+        spec: the model's frame sampling.
+
+    Raises:
+        MediaError: (status 400) the URL is malformed, not allowed, unreachable, too large, or not a usable video
+            (codes ``invalid_video_url``, ``video_too_large``, ``invalid_video_format``).
+    """
+    if not isinstance(url, str) or not url.strip():
+        raise MediaError(
+            f"video_url.url must be a non-empty string, got {url!r}; {_VIDEO_FIX}", code="invalid_video_url"
+        )
+    label = "video_url" + _describe(url).removeprefix("image_url")
+    try:
+        data = _read_bytes(url.strip(), label, replace(policy, max_image_bytes=policy.max_video_bytes), "video")
+    except MediaError as err:  # the image reader's words, said of a video
+        raise MediaError(
+            str(err).replace(_LOCAL_FIX, _VIDEO_FIX), code=err.code.replace("image", "video"), status=err.status
+        ) from None
+    with tempfile.TemporaryDirectory(prefix="llavakit-video-") as folder:
+        path = Path(folder) / "video"
+        path.write_bytes(data)
+        _check_video_header(path, label, policy)
+        try:
+            _check_frame_count(probe_video(path, spec), label, policy)
+            return load_video(path, spec)
+        except VideoError as err:  # names the temporary copy (FFmpeg's text too): say the URL instead
+            message = str(err).replace(f"video {str(path)!r}", label).replace(str(path), "the video")
+            raise MediaError(message, code="invalid_video_format") from None
+
+
+def _check_frame_count(probe: VideoProbe, label: str, policy: MediaPolicy) -> None:
+    """Refuse a video that would be sampled to more than ``max_video_frames`` frames (a model whose video spec
+    sets no ``frames_upbound`` samples every ``video_fps``-th second of any length)."""
+    frames = len(probe.frame_indices)
+    if frames > policy.max_video_frames:
+        raise MediaError(
+            f"{label} would be sampled to {frames} frames, above this server's limit of {policy.max_video_frames}; "
+            "send a shorter clip",
+            code="video_too_large",
+        )
+
+
+def _check_video_header(path: Path, label: str, policy: MediaPolicy) -> None:
+    """Refuse containers outside ``allowed_video_formats`` and frames above ``max_image_pixels``, before decoding."""
+    try:
+        import av
+    except ImportError as exc:  # the server's installation, not the request, is at fault: a 500
+        raise VideoError("reading videos needs PyAV: pip install 'llavakit[video]' (or 'av>=12')") from exc
+    try:
+        with av.open(str(path), mode="r") as container:
+            demuxer = container.format.name
+            streams = container.streams.video
+            context = streams[0].codec_context if streams else None
+            width, height = (context.width, context.height) if context is not None else (0, 0)
+    except av.FFmpegError as exc:  # its text names the temporary copy; the reason alone is kept
+        raise MediaError(
+            f"{label} is not a video FFmpeg can open ({exc.strerror}); send an MP4, WebM, MKV or AVI file",
+            code="invalid_video_format",
+        ) from None
+    if demuxer not in policy.allowed_video_formats:
+        raise MediaError(
+            f"{label} is a {demuxer!r} file, not one of this server's video formats (MP4/MOV, WebM/MKV, AVI); "
+            "re-encode it (e.g. `ffmpeg -i IN -c:v libx264 OUT.mp4`)",
+            code="invalid_video_format",
+        )
+    if width * height > policy.max_image_pixels:
+        raise MediaError(
+            f"{label} has {width}x{height} (WxH) frames, above this server's limit of {policy.max_image_pixels} "
+            "pixels per frame; downscale it before sending",
+            code="video_too_large",
+        )

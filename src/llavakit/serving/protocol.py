@@ -34,11 +34,22 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoURL(BaseModel):
+    url: str
+
+
+class VideoPart(BaseModel):
+    """A video (vLLM's ``video_url`` part, which OpenAI's API does not define)."""
+
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class Message(BaseModel):
-    """One message; ``content`` is a string or a list of text / image_url parts."""
+    """One message; ``content`` is a string or a list of text / image_url / video_url parts."""
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
