@@ -1254,6 +1254,14 @@ CHAT_CASES = [
         lambda ws: chat(ws, "--template", "vicuna"),
         "'vicuna'",
     ),
+    _c(
+        "chat-video-image-only-model",
+        "chat",
+        "`chat --video clip.mp4` with a model built without video",
+        lambda ws: chat(ws, "--video", str(text_file(ws.root / "clip.mp4", "not a video"))),
+        "takes no videos",
+        forbid=("assistant>",),
+    ),
 ]
 
 SERVE_CASES = [
@@ -1646,6 +1654,22 @@ TRAINING_CASES = [
         lambda ws: train(ws, {"optim": {"lr": 1e38}}),
         "optim.lr 1e+38 is too large",
         check=not_exported,
+    ),
+    _c(
+        "train-video-data-image-model",
+        "training",
+        "training data with `video` samples for a model built without video",
+        lambda ws: train_on(ws, [{**sample("<image>\nWhat happens?", "It moves."), "video": "clip.mp4"}]),
+        "no video support",
+        "model.video_spec",
+    ),
+    _c(
+        "train-video-spec-bad-field",
+        "training",
+        "`model.video_spec` with an unknown pooling mode",
+        lambda ws: train(ws, model={"preset": "debug-clip-llama", "video_spec": {"pool_mode": "mean"}}),
+        "video_spec.pool_mode 'mean'",
+        "bilinear",
     ),
     _c(
         "train-literal-eos",
