@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
-from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -33,24 +32,12 @@ from llavakit.model.presets import build_parts
 
 av = pytest.importorskip("av")
 
+from video_helpers import encode_video  # noqa: E402  (needs av)
+
 TILE = 40
 NEW_TOKENS = 6
 PLAIN = VideoSpec(frames_upbound=4)
 TIMED = VideoSpec(frames_upbound=3, force_sample=True, newline="grid", add_time_instruction=True)
-
-
-def write_video(path, frames: int, fps: int = 4, side: int = 32):
-    """``frames`` frames of noisy solid colours (frame i brighter than frame i-1) at ``fps``, H.264 in MP4."""
-    rng = np.random.default_rng(frames)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps))
-        stream.width, stream.height, stream.pix_fmt = side, side, "yuv420p"
-        for index in range(frames):
-            pixels = np.full((side, side, 3), (20 * index) % 256, dtype=np.int16)
-            pixels = (pixels + rng.integers(-30, 31, pixels.shape)).clip(0, 255).astype(np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
-        container.mux(stream.encode())
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +71,7 @@ def timed(parts, tmp_path_factory):
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
     folder = tmp_path_factory.mktemp("clips")
-    return [str(write_video(folder / "long.mp4", 24)), str(write_video(folder / "short.mp4", 6, fps=2))]
+    return [str(encode_video(folder / "long.mp4", 24, fps=4, noise=True)), str(encode_video(folder / "short.mp4", 6, fps=2, noise=True))]
 
 
 @pytest.fixture(scope="module")

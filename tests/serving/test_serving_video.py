@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import replace
-from fractions import Fraction
 
-import numpy as np
 import openai
 import pytest
 import torch
@@ -23,21 +21,9 @@ from llavakit.model.presets import build_parts
 
 av = pytest.importorskip("av")
 
+from video_helpers import encode_video  # noqa: E402  (needs av)
+
 NEW_TOKENS = 5
-
-
-def write_video(path, frames: int, fps: int = 4, side: int = 32):
-    """``frames`` noisy solid-colour frames at ``fps``, H.264 in MP4."""
-    rng = np.random.default_rng(frames)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps))
-        stream.width, stream.height, stream.pix_fmt = side, side, "yuv420p"
-        for index in range(frames):
-            pixels = np.full((side, side, 3), (20 * index) % 256, dtype=np.int16)
-            pixels = (pixels + rng.integers(-30, 31, pixels.shape)).clip(0, 255).astype(np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
-        container.mux(stream.encode())
-    return path
 
 
 def video_url(data: bytes, mime: str = "video/mp4") -> str:
@@ -57,7 +43,7 @@ def video_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
-    return write_video(tmp_path_factory.mktemp("clip") / "clip.mp4", 16)
+    return encode_video(tmp_path_factory.mktemp("clip") / "clip.mp4", 16, fps=4, noise=True)
 
 
 @pytest.fixture(scope="module")
