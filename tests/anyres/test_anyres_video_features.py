@@ -142,3 +142,21 @@ def test_grid_with_cls_token_is_refused():
 def test_empty_video_is_refused():
     with pytest.raises(ConfigError, match="no frames"):
         merge_video_features(torch.randn(0, 16, 3), 4, VideoSpec(), NEWLINE)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("force_sample", "false"), ("frames_upbound", "32"), ("frames_upbound", True), ("pool_mode", 2),
+     ("add_time_instruction", 1), ("video_fps", 1.5)],
+)  # fmt: skip
+def test_video_spec_fields_are_type_checked(field, value):
+    with pytest.raises(ConfigError, match=rf"video_spec\.{field} must be a"):
+        VideoSpec.from_dict({field: value})
+
+
+def test_video_spec_refuses_unknown_keys_and_bad_values():
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['frames'\]"):
+        VideoSpec.from_dict({"frames": 8})
+    with pytest.raises(ConfigError, match="force_sample needs frames_upbound > 0"):
+        VideoSpec(frames_upbound=0, force_sample=True)
+    assert VideoSpec.from_dict(VideoSpec(newline="grid").to_dict()) == VideoSpec(newline="grid")

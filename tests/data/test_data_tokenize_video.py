@@ -61,3 +61,11 @@ def test_counts_must_match_and_video_needs_the_token(tokenizers, video_tokenizer
         image_only.encode(_conversation("<video>\nWhat happens?"), [], video_token_counts=[4])
     # Without the token, "<video>" is ordinary text.
     assert image_only.encode(_conversation("<video> is text"), []).video_spans == []
+
+
+def test_video_text_in_a_reply_is_ordinary_text_without_the_token(tokenizers, video_tokenizers):
+    answer = Conversation((Turn(USER, "How do I embed a clip?"), Turn(ASSISTANT, "Use the <video> element.")))
+    image_only = SampleEncoder(tokenizers["qwen2"], get_template("qwen_1_5"))
+    assert image_only.encode(answer, []).num_supervised > 0
+    with pytest.raises(DataError, match="placeholder landed in a supervised span"):
+        SampleEncoder(video_tokenizers["qwen2"], get_template("qwen_1_5")).encode(answer, [])

@@ -197,3 +197,23 @@ def test_cli_prints_the_plan_and_refuses_bad_input(capsys):
     assert "unknown recipe 'no-such-recipe'" in capsys.readouterr().err
     assert main(["plan", "--recipe", "qwen2.5-0.5b-siglip", "--gpu-memory", "lots"]) == 2
     assert "bad memory size 'lots'" in capsys.readouterr().err
+
+
+def test_a_video_model_plans_its_frames_per_row(preset_parts):
+    from dataclasses import replace
+
+    from llavakit.anyres.video_spec import VideoSpec
+    from llavakit.errors import ConfigError
+    from llavakit.model.llava_next import LlavaNextModel
+    from llavakit.training.plan import _tiles_per_row
+
+    model_config = LlavaNextModel.from_parts(**preset_parts("debug-clip-llama").from_parts_kwargs()).config
+    image_tiles = _tiles_per_row(model_config)
+
+    def with_video(frames: int):
+        return replace(model_config, video_spec=VideoSpec(frames_upbound=frames), video_token_id=7)
+
+    assert _tiles_per_row(with_video(64)) == max(64, image_tiles)
+    assert _tiles_per_row(with_video(1)) == image_tiles
+    with pytest.raises(ConfigError, match="frames_upbound is 0.*cannot bound"):
+        _tiles_per_row(with_video(0))

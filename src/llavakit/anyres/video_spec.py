@@ -57,6 +57,7 @@ class VideoSpec:
     add_time_instruction: bool = False
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.frames_upbound < 0:
             raise ConfigError(f"video_spec.frames_upbound {self.frames_upbound} must be >= 0 (0: no bound)")
         if self.force_sample and self.frames_upbound == 0:
@@ -74,6 +75,22 @@ class VideoSpec:
                 raise ConfigError(
                     f"video_spec.{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}"
                 )
+
+    def _check_types(self) -> None:
+        """Each field has its declared type (YAML's "false" or "32" would otherwise pass or fail obscurely)."""
+        for name, kind in (
+            ("frames_upbound", int),
+            ("video_fps", int),
+            ("pool_stride", int),
+            ("force_sample", bool),
+            ("add_time_instruction", bool),
+            ("frame_view", str),
+            ("pool_mode", str),
+            ("newline", str),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ConfigError(f"video_spec.{name} must be a {kind.__name__}, got {value!r}")
 
     def pooled_side(self, grid_side: int) -> int:
         """Tokens per side of one frame after pooling a ``grid_side``² feature grid."""

@@ -88,7 +88,7 @@ def collate_videos(examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor
     frames = [example["pixel_values_videos"] for example in examples if example.get("pixel_values_videos") is not None]
     if not frames:
         return {}
-    counts = [count for example in examples for count in example["video_frames"]]
+    counts = [count for example in examples for count in example.get("video_frames", ())]
     return {"pixel_values_videos": torch.cat(frames), "video_frames": torch.tensor(counts, dtype=torch.long)}
 
 

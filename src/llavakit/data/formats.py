@@ -213,6 +213,13 @@ def _parse_paths(value: Any, name: str, where: str) -> tuple[str, ...]:
     return tuple(paths)
 
 
+def timed_video_text(text: str, instruction: str, mark: str = VIDEO_PLACEHOLDER) -> str:
+    """A user turn's ``text`` with upstream's time instruction: ``{mark}\\n{instruction}\\n{text without mark}``
+    (upstream's ``_get_item`` prepends the sentence, then ``preprocess_multimodal`` moves the placeholder to the
+    front, so ``"<image>\\nQ"`` keeps a blank line before ``Q``). Training and inference both write it here."""
+    return f"{mark}\n{instruction}\n{text.replace(mark, '')}"
+
+
 def _with_time_instruction(turns: list[Turn], num_videos: int, instruction: str, where: str) -> list[Turn]:
     if num_videos != 1:
         raise DataError(
@@ -220,9 +227,11 @@ def _with_time_instruction(turns: list[Turn], num_videos: int, instruction: str,
             "the sample or turn the instruction off"
         )
     mark = VIDEO_PLACEHOLDER if any(VIDEO_PLACEHOLDER in turn.text for turn in turns) else IMAGE_PLACEHOLDER
-    first = next(number for number, turn in enumerate(turns) if turn.role == USER)
+    first = next((number for number, turn in enumerate(turns) if turn.role == USER), None)
+    if first is None:
+        raise DataError(f"{where}: no user turn to put the video's time instruction in")
     turns = list(turns)
-    turns[first] = Turn(USER, f"{mark}\n{instruction}\n{turns[first].text.replace(mark, '')}")
+    turns[first] = Turn(USER, timed_video_text(turns[first].text, instruction, mark))
     return turns
 
 

@@ -63,8 +63,3 @@ class Sample:
     def has_image(self) -> bool:
         """True when the sample has at least one image."""
         return bool(self.images)
-
-    @property
-    def has_video(self) -> bool:
-        """True when the sample has at least one video."""
-        return bool(self.videos)

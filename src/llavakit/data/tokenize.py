@@ -212,8 +212,10 @@ class SampleEncoder:
     def _concatenate(self, segments: list[Segment]) -> tuple[str, bytearray]:
         """The prompt text and, per character, 1 where it belongs to a trainable segment."""
         parts, flags = [], bytearray()
+        # <video> is a placeholder only for tokenizers holding it as a token; elsewhere it is ordinary text.
+        placeholders = (IMAGE_PLACEHOLDER,) if self.video_token_id is None else (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)
         for segment in segments:
-            if segment.trainable and (IMAGE_PLACEHOLDER in segment.text or VIDEO_PLACEHOLDER in segment.text):
+            if segment.trainable and any(placeholder in segment.text for placeholder in placeholders):
                 raise DataError(
                     f"template {self.template.id}: an image or video placeholder landed in a supervised span"
                 )

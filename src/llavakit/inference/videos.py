@@ -27,7 +27,7 @@ import torch
 from llavakit.anyres.spec import ImageSpec
 from llavakit.anyres.video import Video, VideoSource, load_video, process_frames, time_instruction
 from llavakit.anyres.video_spec import VideoSpec
-from llavakit.data.formats import VIDEO_PLACEHOLDER
+from llavakit.data.formats import VIDEO_PLACEHOLDER, timed_video_text
 from llavakit.data.schema import USER, Conversation
 from llavakit.errors import DataError
 
@@ -113,7 +113,7 @@ def with_time_instruction(conversation: Conversation, instruction: str) -> Conve
             "video per conversation (as it was trained): send one video, or start a new conversation for the next"
         )
     turns = tuple(
-        replace(turn, text=f"{VIDEO_PLACEHOLDER}\n{instruction}\n{turn.text.replace(VIDEO_PLACEHOLDER, '')}")
+        replace(turn, text=timed_video_text(turn.text, instruction))
         if turn.role == USER and VIDEO_PLACEHOLDER in turn.text
         else turn
         for turn in conversation.turns

@@ -21,8 +21,10 @@ shortest-edge resize and centre crop) meaning ``square``.
 Video (``video_spec`` set, ``<video>`` in the vocabulary): the spec and the token id live in the ``"llavakit"``
 section. transformers' LlavaOnevision runs videos one way only: bilinear pooling at stride 2 and ``one_token`` (one
 newline after the video), frames squashed to the tile size. A ``llava_onevision`` checkpoint whose video spec pools
-and lays out tokens that way also gets ``video_token_index`` (transformers' field), so it runs videos in transformers
-too; any other video spec keeps ``video_token_index: -1`` (images still run there, videos are refused for a token
+and lays out tokens that way also gets ``video_token_index`` (transformers' field), so
+``LlavaOnevisionForConditionalGeneration`` runs its videos given frames preprocessed as llavakit does (the folder
+holds no ``LlavaOnevisionProcessor`` with a video processor, so ``AutoProcessor`` and vLLM cannot feed it videos
+from the folder alone); any other video spec keeps ``video_token_index: -1`` (images still run there, videos are refused for a token
 count mismatch rather than computed differently). A llava-hf ``llava_onevision`` checkpoint with a
 ``video_token_index`` loads with exactly those transformers semantics (`TRANSFORMERS_VIDEO_SPEC`). A model without
 video writes no video field: its ``config.json`` is byte for byte what it was before video existed.

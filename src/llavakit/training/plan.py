@@ -141,7 +141,8 @@ class ActivationMemory:
         llm_per_token: decoder layers (+ embeddings, final norm), without / with gradient checkpointing.
         vision_per_tile: the vision tower and projector per tile, without / with checkpointing (only the projector
             input when the tower is frozen).
-        tiles_per_row: tiles of the largest grid (one image per row of ``max_length`` tokens).
+        tiles_per_row: vision-tower inputs of the largest row: the largest grid (one image per row of ``max_length``
+            tokens) or a video's ``frames_upbound`` frames, whichever is more.
         loss_per_token: the loss's bytes per supervised token.
         fixed: bytes independent of the token count: a fused loss kernel's chunk and head-weight gradient.
     """
@@ -566,7 +567,7 @@ def activation_memory(
     return ActivationMemory(
         llm_per_token=(llm_full, llm_checkpointed),
         vision_per_tile=(vision_full, vision_checkpointed),
-        tiles_per_row=_tiles_per_image(spec),
+        tiles_per_row=_tiles_per_row(model_config),
         loss_per_token=loss_per_token,
         fixed=loss_fixed,
     )
@@ -576,6 +577,24 @@ def _has_cls(model_config: LlavaKitConfig) -> bool:
     from llavakit.model.vision import VISION_BACKBONES
 
     return VISION_BACKBONES.get(model_config.vision_encoder).has_cls_token
+
+
+def _tiles_per_row(model_config: LlavaKitConfig) -> int:
+    """Vision-tower inputs of the largest row: one image's largest grid, or one video's frames if more.
+
+    Raises:
+        ConfigError: a video spec with no ``frames_upbound`` (a row's frames are then unbounded).
+    """
+    tiles = _tiles_per_image(model_config.image_spec)
+    video = model_config.video_spec
+    if video is None:
+        return tiles
+    if video.frames_upbound == 0:
+        raise ConfigError(
+            "video_spec.frames_upbound is 0 (every sampled frame, however long the video): the planner cannot bound "
+            "a row's frames; set frames_upbound (LLaVA-Video: 64, OneVision: 32)"
+        )
+    return max(tiles, video.frames_upbound)
 
 
 def _tiles_per_image(spec: ImageSpec) -> int:
