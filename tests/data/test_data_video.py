@@ -288,3 +288,13 @@ def test_data_inspect_cli_reads_the_video_spec_from_the_checkpoint(model, media,
     # Without a video spec, the video samples are bad and named with the fix.
     assert main(common) == 1
     assert "model.video_spec" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1 << 24])
+def test_the_video_key_search_reads_in_chunks(tmp_path, chunk):
+    from llavakit.data.videos import _mentions_video
+
+    cases = {b'[{"id": 1, "vid': False, b"x" * 30 + b'"video"  :"a"': True, b'"vide" "o":': False}
+    for text, expected in cases.items():
+        (tmp_path / "a.json").write_bytes(text)
+        assert _mentions_video(tmp_path / "a.json", chunk) is expected, text

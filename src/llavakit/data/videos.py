@@ -35,12 +35,24 @@ def data_has_videos(data_path: str | Path) -> bool:
 
     try:
         files = data_files(data_path)
-        if not any(_VIDEO_KEY.search(path.read_bytes()) for path in files):
+        if not any(_mentions_video(path) for path in files):
             return False
         records = read_data_records(data_path, IssueLog("skip"), 0)
         return any(record.data.get("video") for record in records)
     except (OSError, LlavakitError):
         return False
+
+
+def _mentions_video(path: Path, chunk: int = 1 << 24) -> bool:
+    """Whether the file's bytes hold a ``"video":`` key, read in 16 MiB chunks (data files reach gigabytes)."""
+    overlap = b""
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            window = overlap + block
+            if _VIDEO_KEY.search(window):
+                return True
+            overlap = window[-64:]  # a key split across chunks, with any whitespace before its colon
+    return False
 
 
 def resolve_video_path(video_folder: str | Path, relative: str) -> Path:
