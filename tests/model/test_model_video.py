@@ -304,3 +304,79 @@ def test_training_on_videos_reaches_the_vision_parameters_images_reach(pair):
     finally:
         model.zero_grad(set_to_none=True)
         model.eval()
+
+
+def _media_batches(model: LlavaNextModel) -> dict[str, dict[str, torch.Tensor]]:
+    """A text-only, an image-only, a video-only and an image+video (one sample with both) training batch."""
+    spec = model.config.image_spec
+    image_row = [5] + [model.config.image_token_id] * count_visual_tokens((50, 90), spec) + [6]
+    video_row = _video_ids(model, 2)
+    images = {
+        "pixel_values": process_image(_image((50, 90), seed=10), spec),
+        "image_sizes": torch.tensor([[50, 90]]),
+    }
+    videos = {"pixel_values_videos": _frames(2, seed=11), "video_frames": torch.tensor([2])}
+    rows = {"text": [5, 6, 7], "image": image_row, "video": video_row, "image+video": image_row + video_row}
+    media = {"text": {}, "image": images, "video": videos, "image+video": {**images, **videos}}
+    return {
+        kind: {"input_ids": torch.tensor([row]), "labels": torch.tensor([row]), **media[kind]}
+        for kind, row in rows.items()
+    }
+
+
+@pytest.mark.parametrize("kind", ["text", "image", "video", "image+video"])
+def test_every_training_forward_runs_the_vision_encoder_and_projector_once(pair, kind):
+    """Under FSDP2 each call of a sharded vision layer is an all-gather: ranks whose micro-batches hold
+    different media must make the same number of calls, or they hang. Tiles and frames go in one call."""
+    model, _, _ = pair
+    batch = _media_batches(model)[kind]
+    calls: dict[str, list[int]] = {"vision_encoder": [], "projector": []}
+    hooks = [
+        getattr(model, name).register_forward_hook(
+            lambda _, args, __, name=name: calls[name].append(args[0].shape[0])
+        )
+        for name in calls
+    ]
+    model.train()
+    try:
+        model(**batch).loss.backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    tiles = batch["pixel_values"].shape[0] if "pixel_values" in batch else 0
+    frames = batch["pixel_values_videos"].shape[0] if "pixel_values_videos" in batch else 0
+    assert calls["vision_encoder"] == [tiles + frames or 1]  # a text-only batch runs one blank tile
+    assert len(calls["projector"]) == 1
+
+
+def test_image_and_video_encoded_together_equal_each_encoded_alone(pair):
+    model, _, _ = pair
+    batch = _media_batches(model)["image+video"]
+    with torch.no_grad():
+        together = model.embed_inputs(
+            batch["input_ids"],
+            batch["pixel_values"],
+            batch["image_sizes"],
+            pixel_values_videos=batch["pixel_values_videos"],
+            video_frames=batch["video_frames"],
+        )
+        (image,) = model.encode_images(batch["pixel_values"], batch["image_sizes"])
+        (video,) = model.encode_videos(batch["pixel_values_videos"], batch["video_frames"])
+    ids = batch["input_ids"][0]
+    torch.testing.assert_close(together[0, ids == model.config.image_token_id], image, rtol=0, atol=ATOL)
+    torch.testing.assert_close(together[0, ids == model.config.video_token_id], video, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("kind", ["text", "image", "video", "image+video"])
+def test_no_token_videos_keep_every_vision_parameter_in_the_graph(parts, kind):
+    """A ``no_token`` video leaves ``image_newline`` unused: it still gets a (zero) gradient, as DDP/FSDP need
+    the same parameters used on every rank; the vision parameters reached are those an image batch reaches."""
+    model = _build(parts, VideoSpec(newline="no_token"))
+    batches = _media_batches(model)
+    model.train()
+    reference = _vision_parameters_without_grad(model, **batches["image"])
+    assert _vision_parameters_without_grad(model, **batches[kind]) == reference
+    assert model.image_newline.grad is not None
+    assert not any(name.startswith(("projector.", "vision_encoder.model.embeddings")) for name in reference)

@@ -15,7 +15,10 @@ mismatch is an error naming both numbers instead of a silent reuse of another im
 Videos (a model built with a `VideoSpec`) take the same road without AnyRes: ``pixel_values_videos [ΣF, 3, S, S]``
 ──vision_encoder, projector──► ``[ΣF, T, D]`` ──split by ``video_frames``, `anyres.video_features.merge_video_features`
 (2D pooling, newlines from the same ``image_newline``)──► ``[count_tokens(F_v), D]`` per video ──masked_scatter at
-the ``<video>`` positions. Images and videos mix freely in one batch and one sample.
+the ``<video>`` positions. Images and videos mix freely in one batch and one sample; their tiles and frames go
+through the vision encoder and projector in one call, as a text-only training batch's blank tile does, so
+every forward makes exactly one (FSDP2 ranks holding different media must all-gather each vision layer
+equally often).
 
 LLM families differ only by data (`llavakit.model.family`); the class never branches on a model name. The model
 knows nothing of distribution: `shard_units` only *declares* the modules a strategy may shard.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -233,15 +237,27 @@ class LlavaNextModel(nn.Module):
         Returns:
             One ``[n_i, D]`` tensor per image, ``n_i = count_visual_tokens(size_i, spec, tiled_i)``.
         """
+        images = self._image_tiles(pixel_values, image_sizes, image_tiled)
+        return self._merge_images(self._encode_tiles(images.pixels), images)
+
+    def _image_tiles(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor | list[tuple[int, int]],
+        image_tiled: torch.Tensor | list[bool] | None,
+    ) -> _ImageTiles:
+        """All tiles as one flat ``[N_tiles, 3, S, S]`` batch, with each image's size, flag and tile count."""
         sizes = [(int(h), int(w)) for h, w in (image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes)]
         tiled = self._tiled_flags(len(sizes), image_tiled)
         counts = [self._tile_count(size, flag) for size, flag in zip(sizes, tiled)]
-        tiles = _flatten_tiles(pixel_values, counts)
-        features = self.projector(self.vision_encoder(tiles))
+        return _ImageTiles(_flatten_tiles(pixel_values, counts), sizes, tiled, counts)
+
+    def _merge_images(self, features: torch.Tensor, images: _ImageTiles) -> list[torch.Tensor]:
+        """One ``[n_i, D]`` tensor per image from its tiles' projected features ``[N_tiles, T, D]``."""
         newline = self.image_newline
         return [
             anyres_features.merge_image_features(chunk, size, self.image_spec, newline, tiled=flag)
-            for chunk, size, flag in zip(features.split(counts), sizes, tiled)
+            for chunk, size, flag in zip(features.split(images.counts), images.sizes, images.tiled)
         ]
 
     def _tiled_flags(self, count: int, image_tiled: torch.Tensor | list[bool] | None) -> list[bool]:
@@ -272,8 +288,14 @@ class LlavaNextModel(nn.Module):
         Returns:
             One ``[video_spec.count_tokens(F_v, grid_side), D]`` tensor per video.
         """
-        spec = self.config.video_spec
-        if spec is None:
+        videos = self._video_frames(pixel_values_videos, video_frames)
+        return self._merge_videos(self._encode_tiles(videos.pixels), videos)
+
+    def _video_frames(
+        self, pixel_values_videos: torch.Tensor, video_frames: torch.Tensor | list[int]
+    ) -> _VideoFrames:
+        """A batch's checked frames ``[ΣF_v, 3, S, S]`` and frames per video (arguments: `encode_videos`)."""
+        if self.config.video_spec is None:
             raise DataError(
                 "this model takes no videos (config.video_spec is None): build it with "
                 "LlavaNextModel.from_parts(..., video_spec=VideoSpec(...))"
@@ -286,9 +308,21 @@ class LlavaNextModel(nn.Module):
                 f"pixel_values_videos has shape {tuple(pixel_values_videos.shape)} but video_frames {frames} sum to "
                 f"{sum(frames)} frames ([total_frames, 3, S, S], frames of all videos in placeholder order)"
             )
-        features = self.projector(self.vision_encoder(pixel_values_videos))
+        return _VideoFrames(pixel_values_videos, frames)
+
+    def _merge_videos(self, features: torch.Tensor, videos: _VideoFrames) -> list[torch.Tensor]:
+        """One video-token tensor per video from its frames' projected features (``[ΣF_v, T, D]`` in all)."""
+        spec = self.config.video_spec
+        assert spec is not None  # guaranteed by _video_frames
         grid_side = self.image_spec.grid_side
-        return [merge_video_features(chunk, grid_side, spec, self.image_newline) for chunk in features.split(frames)]
+        return [
+            merge_video_features(chunk, grid_side, spec, self.image_newline)
+            for chunk in features.split(videos.counts)
+        ]
+
+    def _encode_tiles(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, S, S]`` tiles or frames → projected features ``[N, T, D]`` (vision encoder, projector)."""
+        return self.projector(self.vision_encoder(pixels))
 
     def embed_inputs(
         self,
@@ -305,46 +339,55 @@ class LlavaNextModel(nn.Module):
         The visual tokens come from ``pixel_values`` (encoded here) or, when given instead, from ``image_features``:
         one ``[n_i, D]`` tensor per image in placeholder order, as `encode_images` returns (e.g. from a cache).
         Video tokens come from ``pixel_values_videos`` and ``video_frames`` (see `encode_videos`).
+
+        Image tiles and video frames go through the vision encoder and projector in ONE call
+        (`_encode_media`), and a training batch with neither runs one blank tile instead: under FSDP2 each
+        call of a sharded vision layer is an all-gather, so ranks holding different media must call equally.
         """
         embeds = self.llm.get_input_embeddings()(input_ids)
-        embeds = self._embed_images(embeds, input_ids, pixel_values, image_sizes, image_tiled, image_features)
-        return self._embed_videos(embeds, input_ids, pixel_values_videos, video_frames)
+        images = self._batch_images(input_ids, pixel_values, image_sizes, image_tiled, image_features)
+        videos = self._batch_videos(input_ids, pixel_values_videos, video_frames)
+        image_tokens, video_tokens = self._encode_media(images, videos)
+        if image_features is not None:
+            image_tokens = list(image_features)
+        if images is not None or image_features is not None:
+            embeds = self._place_visual_tokens(embeds, input_ids == self.config.image_token_id, image_tokens)
+        if videos is not None:
+            embeds = self._place_video_tokens(embeds, input_ids, video_tokens)
+        if self.training:
+            has_images = images is not None or image_features is not None
+            embeds = self._anchor_unused_vision(embeds, has_images, videos is not None)
+        return embeds
 
-    def _embed_images(
+    def _batch_images(
         self,
-        embeds: torch.Tensor,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None,
         image_sizes: torch.Tensor | None,
         image_tiled: torch.Tensor | None,
         image_features: Sequence[torch.Tensor] | None,
-    ) -> torch.Tensor:
-        """``embeds`` with image tokens placed (arguments as in `embed_inputs`)."""
-        image_mask = input_ids == self.config.image_token_id
-        placeholders = int(image_mask.sum())
+    ) -> _ImageTiles | None:
+        """The batch's image tiles to encode (None: no images, or cached ``image_features``), checked."""
+        placeholders = int((input_ids == self.config.image_token_id).sum())
         if image_features is not None:
             if pixel_values is not None:
                 raise DataError("pass either pixel_values or image_features, not both")
-            return self._place_visual_tokens(embeds, image_mask, list(image_features))
+            return None
         if pixel_values is None:
             if placeholders:
                 raise DataError(f"the batch has {placeholders} <image> tokens but no pixel_values")
-            # Also in a video-only batch: a no_token video leaves image_newline out of the graph.
-            if self.training:
-                embeds = embeds + self._vision_graph_anchor(embeds.dtype)
-            return embeds
+            return None
         if image_sizes is None:
             raise DataError("pixel_values were given without image_sizes ([N_images, 2], original height and width)")
-        return self._place_visual_tokens(embeds, image_mask, self.encode_images(pixel_values, image_sizes, image_tiled))
+        return self._image_tiles(pixel_values, image_sizes, image_tiled)
 
-    def _embed_videos(
+    def _batch_videos(
         self,
-        embeds: torch.Tensor,
         input_ids: torch.Tensor,
         pixel_values_videos: torch.Tensor | None,
         video_frames: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """``embeds`` with video tokens placed at the ``<video>`` positions (arguments as in `encode_videos`)."""
+    ) -> _VideoFrames | None:
+        """The batch's video frames to encode (None: no videos); arguments checked as in `encode_videos`."""
         token = self.config.video_token_id
         placeholders = 0 if token is None else int((input_ids == token).sum())
         if pixel_values_videos is None:
@@ -352,18 +395,41 @@ class LlavaNextModel(nn.Module):
                 raise DataError(f"the batch has {placeholders} <video> tokens but no pixel_values_videos")
             if video_frames is not None:
                 raise DataError("video_frames were given without pixel_values_videos")
-            return embeds
+            return None
         if video_frames is None:
             raise DataError("pixel_values_videos were given without video_frames ([N_videos], frames per video)")
-        features = self.encode_videos(pixel_values_videos, video_frames)
+        return self._video_frames(pixel_values_videos, video_frames)
+
+    def _encode_media(
+        self, images: _ImageTiles | None, videos: _VideoFrames | None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each image's and each video's tokens from one vision encoder + projector call on tiles and frames.
+
+        Both are ``[*, 3, S, S]`` tiles read at the same select layer and feature, so ``[N_tiles + ΣF_v, 3, S,
+        S]`` is encoded once and the features ``[N_tiles + ΣF_v, T, D]`` are split back: tiles, then frames.
+        """
+        pixels = [batch.pixels for batch in (images, videos) if batch is not None]
+        if not pixels:
+            return [], []
+        features = self._encode_tiles(torch.cat(pixels) if len(pixels) > 1 else pixels[0])
+        tile_count = 0 if images is None else images.pixels.shape[0]
+        image_tokens = [] if images is None else self._merge_images(features[:tile_count], images)
+        video_tokens = [] if videos is None else self._merge_videos(features[tile_count:], videos)
+        return image_tokens, video_tokens
+
+    def _place_video_tokens(
+        self, embeds: torch.Tensor, input_ids: torch.Tensor, features: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """``embeds`` with the videos' tokens (``[count_tokens(F_v), D]`` each, in order) at ``<video>``."""
+        video_mask = input_ids == self.config.video_token_id
+        placeholders = int(video_mask.sum())
         visual = torch.cat(features)
         if visual.shape[0] != placeholders:
             raise DataError(
                 f"the batch has {placeholders} <video> tokens but its videos yield {visual.shape[0]} video tokens: "
                 "expand each <video> to video_spec.count_tokens(frames, grid_side) and never truncate inside a video"
             )
-        video_mask = (input_ids == token).unsqueeze(-1)
-        return embeds.masked_scatter(video_mask, visual.to(embeds.dtype))
+        return embeds.masked_scatter(video_mask.unsqueeze(-1), visual.to(embeds.dtype))
 
     def _place_visual_tokens(
         self, embeds: torch.Tensor, image_mask: torch.Tensor, features: list[torch.Tensor]
@@ -377,19 +443,29 @@ class LlavaNextModel(nn.Module):
             )
         return embeds.masked_scatter(image_mask.unsqueeze(-1), visual.to(embeds.dtype))
 
-    def _vision_graph_anchor(self, dtype: torch.dtype) -> torch.Tensor:
-        """A zero that depends on every vision/projector/newline parameter in use.
+    def _anchor_unused_vision(self, embeds: torch.Tensor, has_images: bool, has_videos: bool) -> torch.Tensor:
+        """``embeds`` plus a zero that depends on the vision-side parameters this training batch left out.
 
-        A text-only batch would otherwise leave those parameters out of the graph, which makes DDP raise
-        (unused parameters) and FSDP ranks run different collectives. One blank tile costs little.
+        Every rank must use the same parameters (DDP raises on unused ones) and make the same collectives: a
+        batch with neither images nor videos runs one blank tile (`_vision_graph_anchor`), and one whose
+        layouts never append ``image_newline`` (only videos, newline ``no_token``) adds ``0 * image_newline``.
+        """
+        newline_used = has_images or (has_videos and self.config.video_spec.newline != "no_token")
+        terms = [] if has_images or has_videos else [self._vision_graph_anchor()]
+        if self.image_newline is not None and not newline_used:
+            terms.append(self.image_newline.sum())
+        if not terms:
+            return embeds
+        return embeds + (sum(terms) * 0).to(embeds.dtype)
+
+    def _vision_graph_anchor(self) -> torch.Tensor:
+        """The sum of one blank tile's projected features: makes a text-only batch use every vision/projector
+        parameter in use (and make the one vision encoder call every forward makes). It costs little.
         """
         spec = self.image_spec
         device = self.llm.get_input_embeddings().weight.device
         blank = torch.zeros(1, 3, spec.tile_size, spec.tile_size, device=device)
-        anchor = self.projector(self.vision_encoder(blank)).sum()
-        if self.image_newline is not None:
-            anchor = anchor + self.image_newline.sum()
-        return (anchor * 0).to(dtype)
+        return self._encode_tiles(blank).sum()
 
     def forward(
         self,
@@ -584,6 +660,25 @@ def _check_video_spec(config: LlavaKitConfig) -> None:
             f"video_spec.pool_stride {spec.pool_stride} with pool_mode {spec.pool_mode!r} pools the "
             f"{config.image_spec.grid_side}² frame grid to nothing: use a stride of at most the grid side"
         )
+
+
+@dataclass(frozen=True)
+class _ImageTiles:
+    """A batch's images ready to encode: ``pixels [N_tiles, 3, S, S]`` (images in order), each image's
+    original (height, width) ``sizes``, ``tiled`` flag and tile ``counts`` (summing to N_tiles)."""
+
+    pixels: torch.Tensor
+    sizes: list[tuple[int, int]]
+    tiled: list[bool]
+    counts: list[int]
+
+
+@dataclass(frozen=True)
+class _VideoFrames:
+    """A batch's videos ready to encode: ``pixels [ΣF_v, 3, S, S]`` (videos in order) and frames per video."""
+
+    pixels: torch.Tensor
+    counts: list[int]
 
 
 def _flatten_tiles(pixel_values: torch.Tensor, counts: list[int]) -> torch.Tensor:
