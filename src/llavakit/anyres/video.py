@@ -29,6 +29,11 @@ Upstream quirks and the choices made here:
   repeated frames are kept, as upstream does.
 - Display rotation metadata is not applied (decord applies 90/270 degree rotations; PyAV does not).
 
+A caller reading untrusted files (the server, `llavakit.serving.media`) passes a `DecodeGuard` to `probe_video`
+and `load_video`: the FFmpeg demuxer forced instead of probed, FFmpeg options (e.g. ``protocol_whitelist``), a
+per-frame pixel cap FFmpeg enforces before allocating a frame (its ``max_pixels``), and a callback run on every
+decoded frame (a deadline, a pixel budget). Without one (training, inference on local files) nothing changes.
+
 `probe_video` does everything `load_video` does but decode: it returns the sampled frames' indices and times, the
 length and the rate (a `VideoProbe`), so the data layer counts a video's tokens and writes its time instruction
 when it scans a dataset, without decoding a frame.
@@ -42,7 +47,8 @@ normalisation so the pixels are bit-identical to those processors.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -110,6 +116,27 @@ def folder_indices(total_frames: int, spec: VideoSpec) -> list[int]:
 
 
 @dataclass(frozen=True)
+class DecodeGuard:
+    """Limits for reading an untrusted video file with `probe_video` / `load_video` (frame folders ignore it).
+
+    Attributes:
+        demuxer: the FFmpeg demuxer to use (``av.open(format=...)``, e.g. ``"matroska"``) instead of letting FFmpeg
+            probe the bytes with every demuxer it has; None: probe.
+        options: FFmpeg options given to ``av.open`` (the container and the decoders ``find_stream_info`` opens),
+            e.g. ``{"protocol_whitelist": "file"}``.
+        max_frame_pixels: FFmpeg's ``max_pixels`` for the decoder: a frame above it fails to decode (as FFmpeg's
+            "invalid data") before its buffer is allocated; None: FFmpeg's own bound.
+        on_frame: called as ``on_frame(index, width, height)`` for every decoded frame, sampled or not, before it
+            is kept; it raises to stop decoding (a deadline, a memory budget).
+    """
+
+    demuxer: str | None = None
+    options: Mapping[str, str] = field(default_factory=dict)
+    max_frame_pixels: int | None = None
+    on_frame: Callable[[int, int, int], None] | None = None
+
+
+@dataclass(frozen=True)
 class VideoProbe:
     """What `load_video` would sample, known without decoding a frame (see `probe_video`).
 
@@ -133,9 +160,9 @@ class VideoProbe:
         return len(self.frame_indices)
 
 
-def probe_video(source: VideoSource, spec: VideoSpec) -> VideoProbe:
+def probe_video(source: VideoSource, spec: VideoSpec, guard: DecodeGuard | None = None) -> VideoProbe:
     """The frames `load_video` samples from ``source`` and their times, without decoding: a file is demuxed once
-    (its packets counted, as `load_video` does), a frame folder only listed.
+    (its packets counted, as `load_video` does, opened as ``guard`` says), a frame folder only listed.
 
     Raises:
         VideoError: as `load_video`, for a URL, a missing, still-image, corrupt or frameless source (a frame that
@@ -145,7 +172,7 @@ def probe_video(source: VideoSource, spec: VideoSpec) -> VideoProbe:
     if path.is_dir():
         total = len(_frame_names(path, label))
         return _probe(folder_indices(total, spec), FOLDER_FPS, total)
-    with _open(path, label) as container:
+    with _open(path, label, guard) as container:
         stream = _video_stream(container, label)
         fps = _average_rate(stream, label)
         total = _count_frames(container, stream, fps, label)
@@ -156,13 +183,14 @@ def _probe(indices: list[int], fps: float, total: int) -> VideoProbe:
     return VideoProbe(indices, [index / fps for index in indices], total / fps, fps, total)
 
 
-def load_video(source: VideoSource, spec: VideoSpec) -> Video:
+def load_video(source: VideoSource, spec: VideoSpec, guard: DecodeGuard | None = None) -> Video:
     """Sample and decode the frames of a local video file or a folder of frame images.
 
     Args:
         source: a video file PyAV (FFmpeg) can read (mp4, webm, mkv, avi, mov, gif, ...) or a folder of frame
             images (upstream's ``shareVideoGPTV`` layout, one image file per frame, named in time order).
         spec: the sampling settings (``video_fps``, ``frames_upbound``, ``force_sample``).
+        guard: limits for an untrusted file (see `DecodeGuard`); whatever its ``on_frame`` raises propagates.
 
     Returns:
         The `Video` with the sampled frames, their times, and the video's length, rate and frame count.
@@ -170,14 +198,14 @@ def load_video(source: VideoSource, spec: VideoSpec) -> Video:
     Raises:
         VideoError: the source is a URL, missing, an image, corrupt, truncated, or has no frames.
     """
-    probe = probe_video(source, spec)
+    probe = probe_video(source, spec, guard)
     path, label = _local_source(source)
     if path.is_dir():
         names = _frame_names(path, label)
         decoded = {index: _load_frame(path / names[index], label) for index in set(probe.frame_indices)}
     else:
-        with _open(path, label) as container:
-            decoded = _decode(container, set(probe.frame_indices), probe.total_frames, label)
+        with _open(path, label, guard) as container:
+            decoded = _decode(container, set(probe.frame_indices), probe.total_frames, label, guard)
     return Video(
         frames=[decoded[index] for index in probe.frame_indices],
         frame_times=probe.frame_times,
@@ -224,7 +252,7 @@ def _load_frame(path: Path, label: str) -> Image.Image:
         raise VideoError(f"{label}: frame {path.name!r} is unusable: {exc}") from exc
 
 
-def _import_av() -> Any:
+def import_av() -> Any:
     """The PyAV module (an optional extra), or a `VideoError` saying how to install it."""
     try:
         import av
@@ -235,11 +263,12 @@ def _import_av() -> Any:
     return av
 
 
-def _open(path: Path, label: str) -> av.container.InputContainer:
+def _open(path: Path, label: str, guard: DecodeGuard | None) -> av.container.InputContainer:
     """Open the container, refusing undecodable files and still images (FFmpeg reads a PNG as a 1-frame video)."""
-    av = _import_av()
+    av = import_av()
+    guard = guard or DecodeGuard()
     try:
-        container = av.open(str(path), mode="r")
+        container = av.open(str(path), mode="r", format=guard.demuxer, options=dict(guard.options))
     except av.FFmpegError as exc:
         raise VideoError(
             f"{label} cannot be opened as a video ({exc}): it is corrupt, truncated or not a video; re-download it "
@@ -274,7 +303,7 @@ def _count_frames(
     try:
         # PyAV ends the demux with an empty flush packet per stream; it holds no frame
         packets = sum(1 for packet in container.demux(stream) if packet.size > 0)
-    except _import_av().FFmpegError as exc:
+    except import_av().FFmpegError as exc:
         raise VideoError(f"{label} is corrupt: demuxing failed ({exc}); re-download or re-encode it") from exc
     if packets == 0:
         raise VideoError(f"{label} has no video frames: re-encode it or remove the sample")
@@ -294,21 +323,28 @@ def _count_frames(
 
 
 def _decode(
-    container: av.container.InputContainer, wanted: set[int], total: int, label: str
+    container: av.container.InputContainer, wanted: set[int], total: int, label: str, guard: DecodeGuard | None
 ) -> dict[int, Image.Image]:
     """Decode frames in order up to the last wanted one, keeping only the wanted ones as RGB PIL images."""
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"  # frame-threaded decoding; frames still come out in order
+    guard = guard or DecodeGuard()
+    if guard.max_frame_pixels is not None:
+        stream.codec_context.options = {**stream.codec_context.options, "max_pixels": str(guard.max_frame_pixels)}
     last, kept, index = max(wanted), {}, -1
     try:
         for index, frame in enumerate(container.decode(stream)):
+            if guard.on_frame is not None:
+                guard.on_frame(index, frame.width, frame.height)
             if index in wanted:
                 kept[index] = frame.to_image()
             if index >= last:
                 break
-    except _import_av().FFmpegError as exc:
+    except import_av().FFmpegError as exc:
+        # FFmpeg reports a frame above max_pixels as invalid data, indistinguishable from damage
+        cap = f", or a frame is above the limit of {guard.max_frame_pixels} pixels" if guard.max_frame_pixels else ""
         raise VideoError(
-            f"{label} is corrupt: decoding failed after {index + 1} of {total} frames ({exc}); re-download or "
+            f"{label} is corrupt{cap}: decoding failed after {index + 1} of {total} frames ({exc}); re-download or "
             "re-encode it"
         ) from exc
     if index < last:

@@ -82,6 +82,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="frames one video may be sampled to at most, counted before decoding (%(default)s)",
     )
     parser.add_argument(
+        "--max-video-source-frames",
+        type=int,
+        default=_DEFAULTS.max_video_source_frames,
+        help="frames a video may have at most, counted from its packets before decoding, since decoding walks "
+        "them all (%(default)s: 10 minutes at 30 fps)",
+    )
+    parser.add_argument(
+        "--max-video-decoded-pixels",
+        type=int,
+        default=_DEFAULTS.max_video_decoded_pixels,
+        help="frames x width x height of a video at most, checked before decoding (%(default)s: 10 minutes of "
+        "720p at 30 fps)",
+    )
+    parser.add_argument(
+        "--max-video-sampled-pixels",
+        type=int,
+        default=_DEFAULTS.max_video_sampled_pixels,
+        help="width x height summed over a video's sampled frames, the frames held in memory, at most "
+        "(%(default)s: 64 frames of 1080p)",
+    )
+    parser.add_argument(
+        "--video-decode-timeout",
+        type=float,
+        default=_DEFAULTS.video_decode_timeout_s,
+        metavar="SECONDS",
+        help="time to read and decode one video at most (%(default)s)",
+    )
+    parser.add_argument(
         "--max-batch",
         type=int,
         default=_DEFAULTS.max_batch,
@@ -140,6 +168,10 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_image_bytes=args.max_image_bytes,
         max_video_bytes=args.max_video_bytes,
         max_video_frames=args.max_video_frames,
+        max_video_source_frames=args.max_video_source_frames,
+        max_video_decoded_pixels=args.max_video_decoded_pixels,
+        max_video_sampled_pixels=args.max_video_sampled_pixels,
+        video_decode_timeout_s=args.video_decode_timeout,
         max_image_pixels=args.max_image_pixels,
         max_body_bytes=args.max_body_bytes,
         max_batch=args.max_batch,

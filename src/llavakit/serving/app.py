@@ -84,6 +84,10 @@ def create_app(pool: ModelPool, config: ServeConfig) -> FastAPI:
         fetch_timeout_s=config.fetch_timeout_s,
         max_video_bytes=config.max_video_bytes,
         max_video_frames=config.max_video_frames,
+        max_video_source_frames=config.max_video_source_frames,
+        max_video_decoded_pixels=config.max_video_decoded_pixels,
+        max_video_sampled_pixels=config.max_video_sampled_pixels,
+        video_decode_timeout_s=config.video_decode_timeout_s,
     )
     created = int(time.time())
     authorized = Depends(_api_key_check(config.api_key))

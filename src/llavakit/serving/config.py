@@ -44,6 +44,13 @@ class ServeConfig:
         max_videos_per_request: videos (``video_url`` parts) in one request's messages at most.
         max_video_bytes: encoded size of one video at most.
         max_video_frames: frames one video is sampled to at most (checked before decoding).
+        max_video_source_frames: frames (packets) one video has at most, counted before decoding (decoding walks
+            every frame up to the last sampled one).
+        max_video_decoded_pixels: frames x width x height of one video at most (the decoding work, from the
+            header, before decoding).
+        max_video_sampled_pixels: width x height summed over one video's sampled frames at most (the frames kept
+            in memory; from the header before decoding, then on the decoded frames).
+        video_decode_timeout_s: time to read one video's header, packets and frames at most.
         max_image_bytes: encoded size of one image at most.
         max_image_pixels: width × height of one image at most (checked before decoding).
         max_body_bytes: request body size at most.
@@ -67,6 +74,10 @@ class ServeConfig:
     max_videos_per_request: int = 1
     max_video_bytes: int = 40 * 1024**2
     max_video_frames: int = 64
+    max_video_source_frames: int = 18_000  # 10 minutes at 30 fps
+    max_video_decoded_pixels: int = 18_000 * 1280 * 720  # 10 minutes of 720p at 30 fps
+    max_video_sampled_pixels: int = 64 * 1920 * 1080  # 64 sampled 1080p frames, ~400 MB as RGB
+    video_decode_timeout_s: float = 30.0
     max_image_bytes: int = 20 * 1024**2
     max_image_pixels: int = 40_000_000
     max_body_bytes: int = 64 * 1024**2
@@ -94,6 +105,9 @@ class ServeConfig:
             "max_image_bytes",
             "max_video_bytes",
             "max_video_frames",
+            "max_video_source_frames",
+            "max_video_decoded_pixels",
+            "max_video_sampled_pixels",
             "max_image_pixels",
             "max_body_bytes",
             "max_batch",
@@ -102,10 +116,10 @@ class ServeConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 1 <= self.max_n <= 128:
             raise ConfigError(f"max_n must be in [1, 128], got {self.max_n}")
-        if self.feature_cache_bytes < 0 or not self.fetch_timeout_s > 0:
+        if self.feature_cache_bytes < 0 or not self.fetch_timeout_s > 0 or not self.video_decode_timeout_s > 0:
             raise ConfigError(
-                f"feature_cache_bytes must be >= 0 and fetch_timeout_s > 0, got {self.feature_cache_bytes} and "
-                f"{self.fetch_timeout_s}"
+                f"feature_cache_bytes must be >= 0, fetch_timeout_s and video_decode_timeout_s > 0, got "
+                f"{self.feature_cache_bytes}, {self.fetch_timeout_s} and {self.video_decode_timeout_s}"
             )
         if self.default_max_tokens < 1:
             raise ConfigError(f"default_max_tokens must be at least 1, got {self.default_max_tokens}")

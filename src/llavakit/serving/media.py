@@ -32,11 +32,33 @@ and the check that answers each:
   and symlinks resolved) must lie inside it, and it must be a regular file (no FIFOs or devices).
 
 Videos (vLLM's ``video_url`` part, `load_video_url`) are read under the same policy: the same schemes, local
-folder, hosts and deadline (``data:video/...;base64`` URLs), with their own byte limit (``max_video_bytes``). FFmpeg
-has many more demuxers than PIL has decoders, so the container is opened (probed) first and only the formats in
-``allowed_video_formats`` (MP4/MOV, Matroska/WebM, AVI) are decoded, each frame's width*height checked against
-``max_image_pixels`` from the stream header; then `llavakit.anyres.video.load_video` samples the frames with the
-model's `VideoSpec` from a private temporary copy of the bytes (PyAV reads files; the copy is deleted at once).
+folder, hosts and fetch deadline (``data:video/...;base64`` URLs), with their own byte limit (``max_video_bytes``).
+PyAV reads files, so the bytes go to a private temporary copy, deleted once the frames are decoded or the video is
+refused. FFmpeg has far more demuxers and decoders than PIL, and a small file can cost unbounded work, so:
+
+- Demuxers: the container is recognised from its first bytes (MP4/MOV: ``ftyp`` at offset 4; Matroska/WebM:
+  ``1A 45 DF A3``; AVI: ``RIFF....AVI ``) before FFmpeg sees the file; anything else, or a container outside
+  ``allowed_video_formats``, is refused unopened. FFmpeg then opens the file with that demuxer forced (never
+  probing with the others) and only the ``file`` protocol allowed (a reference inside the file cannot reach the
+  network or a pipe; MOV's external data references to local files are off by FFmpeg's default).
+- Decoders: the video stream's codec must be in ``allowed_video_codecs`` (H.264, HEVC, VP8, VP9, AV1, MPEG-4
+  Part 2, MJPEG) before a frame is decoded. Not guaranteed: opening a file runs FFmpeg's ``find_stream_info``,
+  which may decode a few packets of each stream (audio included) with the decoder the allowed demuxer names,
+  whatever it is, before the codec check can refuse it (bounded by FFmpeg's probe size, 5 MB by default, and its
+  frames by the ``max_pixels`` backstop below).
+- Work and memory: decoding walks every frame up to the last sampled one (the last frame, when frames are spread
+  evenly), so the cost grows with the video's length, not the sampled count: a black 1080p H.264 frame is ~55
+  bytes, 40 MiB hold ~750k of them. Before any frame is decoded (from the header and the packets, counted with an
+  early stop), a video is refused above ``max_video_source_frames`` frames, ``max_video_decoded_pixels`` (frames x
+  width x height, the decoding work), ``max_video_frames`` sampled frames, ``max_image_pixels`` per frame and
+  ``max_video_sampled_pixels`` over the sampled frames kept in memory. Decoding then runs under a deadline
+  (``video_decode_timeout_s``, checked after every decoded frame), each decoded frame is checked again (a stream
+  can change resolution mid-stream; FFmpeg's ``max_pixels``, at 4x the limit since it counts padded widths, stops a
+  far larger one before it is allocated, which FFmpeg reports as invalid data), and the kept frames' pixels are
+  summed as they are kept.
+
+Frames are sampled with the model's `VideoSpec` by `llavakit.anyres.video.load_video`, given a `DecodeGuard` that
+carries these limits.
 
 Every refusal is a `MediaError` (an OpenAI ``invalid_request_error``, HTTP 400: the client sent something this
 server will not use, including a URL that timed out or whose server failed) naming the URL and the fix. Messages do
@@ -61,15 +83,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 import httpx
 from PIL import Image, UnidentifiedImageError
 
 from llavakit.anyres.pixels import check_complete, load_image
-from llavakit.anyres.video import Video, VideoProbe, load_video, probe_video
+from llavakit.anyres.video import DecodeGuard, Video, VideoProbe, import_av, load_video, probe_video
 from llavakit.anyres.video_spec import VideoSpec
 from llavakit.errors import ConfigError, ImageError, LlavakitError, VideoError
+
+if TYPE_CHECKING:
+    import av
 
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
 # 40 megapixels: above any camera photo a client would send (a 24 MP DSLR shot is 6000x4000), far below bombs.
@@ -78,8 +104,21 @@ DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 DEFAULT_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 DEFAULT_MAX_VIDEO_BYTES = 40 * 1024 * 1024
 DEFAULT_MAX_VIDEO_FRAMES = 64  # LLaVA-Video samples 64 frames, OneVision 32
-# FFmpeg demuxer names (``container.format.name``): MP4/MOV, Matroska/WebM, AVI.
+DEFAULT_MAX_VIDEO_SOURCE_FRAMES = 18_000  # 10 minutes at 30 fps
+DEFAULT_MAX_VIDEO_DECODED_PIXELS = 18_000 * 1280 * 720  # 10 minutes of 720p at 30 fps (~4.4 min of 1080p)
+DEFAULT_MAX_VIDEO_SAMPLED_PIXELS = 64 * 1920 * 1080  # 64 sampled 1080p frames, ~400 MB as RGB
+DEFAULT_VIDEO_DECODE_TIMEOUT_S = 30.0
+# FFmpeg demuxer names (``container.format.name``): MP4/MOV, Matroska/WebM, AVI; the containers `_sniff_container`
+# recognises.
 DEFAULT_VIDEO_FORMATS = ("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi")
+# FFmpeg codec names (``Codec.canonical_name``, not the decoder's name: AV1 may decode with libdav1d).
+DEFAULT_VIDEO_CODECS = ("h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "mjpeg")
+# Packets demuxed between two deadline checks while counting them.
+_VIDEO_CHECK_INTERVAL = 256
+# FFmpeg's max_pixels counts the width padded to its stride alignment (up to 64: a 32x32 frame counts 64x32), so at
+# max_image_pixels itself it would refuse frames the policy allows; this multiple of it is a backstop (a frame above
+# it is never allocated), _FrameGuard the exact check.
+_FFMPEG_PIXEL_SLACK = 4
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
@@ -122,7 +161,15 @@ class MediaPolicy:
         max_video_bytes: largest encoded video (download, decoded data URL, local file).
         max_video_frames: most frames one video may be sampled to (counted from its packets before decoding): a
             small file can hold a great many tiny frames, each of which becomes a full tile.
-        allowed_video_formats: FFmpeg demuxer names (``container.format.name``) whose videos may be decoded.
+        max_video_source_frames: most frames (video packets) a video may have, counted before decoding: decoding
+            walks all of them.
+        max_video_decoded_pixels: largest frames x width x height of a video (header size), before decoding.
+        max_video_sampled_pixels: largest sum of the distinct sampled frames' width x height (the frames kept in
+            memory), checked from the header before decoding and on the decoded frames.
+        video_decode_timeout_s: deadline for reading a video once its bytes are here (header, packets, decoding).
+        allowed_video_formats: FFmpeg demuxer names (``container.format.name``) whose videos may be decoded; a
+            subset of `DEFAULT_VIDEO_FORMATS`, the containers recognised from their first bytes.
+        allowed_video_codecs: FFmpeg codec names (``canonical_name``) of video streams that may be decoded.
     """
 
     allowed_local_path: Path | None = None
@@ -134,12 +181,33 @@ class MediaPolicy:
     allowed_formats: tuple[str, ...] = DEFAULT_IMAGE_FORMATS
     max_video_bytes: int = DEFAULT_MAX_VIDEO_BYTES
     max_video_frames: int = DEFAULT_MAX_VIDEO_FRAMES
+    max_video_source_frames: int = DEFAULT_MAX_VIDEO_SOURCE_FRAMES
+    max_video_decoded_pixels: int = DEFAULT_MAX_VIDEO_DECODED_PIXELS
+    max_video_sampled_pixels: int = DEFAULT_MAX_VIDEO_SAMPLED_PIXELS
+    video_decode_timeout_s: float = DEFAULT_VIDEO_DECODE_TIMEOUT_S
     allowed_video_formats: tuple[str, ...] = DEFAULT_VIDEO_FORMATS
+    allowed_video_codecs: tuple[str, ...] = DEFAULT_VIDEO_CODECS
 
     def __post_init__(self) -> None:
-        for name in ("max_image_bytes", "max_image_pixels", "fetch_timeout_s", "max_video_bytes", "max_video_frames"):
+        for name in (
+            "max_image_bytes",
+            "max_image_pixels",
+            "fetch_timeout_s",
+            "max_video_bytes",
+            "max_video_frames",
+            "max_video_source_frames",
+            "max_video_decoded_pixels",
+            "max_video_sampled_pixels",
+            "video_decode_timeout_s",
+        ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"MediaPolicy.{name}={getattr(self, name)!r} must be positive")
+        unknown_containers = set(self.allowed_video_formats) - set(DEFAULT_VIDEO_FORMATS)
+        if unknown_containers:
+            raise ConfigError(
+                f"MediaPolicy.allowed_video_formats has {sorted(unknown_containers)}; only {DEFAULT_VIDEO_FORMATS} "
+                "are recognised from their first bytes"
+            )
         if self.max_redirects < 0:
             raise ConfigError(f"MediaPolicy.max_redirects={self.max_redirects!r} must be >= 0")
         unknown = set(self.allowed_formats) - set(Image.registered_extensions().values())
@@ -566,7 +634,8 @@ def load_video_url(url: str, policy: MediaPolicy, spec: VideoSpec) -> Video:
     Args:
         url: a ``data:video/<type>;base64,...`` URL, an ``http(s)://`` URL, or (with ``policy.allowed_local_path``)
             a ``file://`` URL or a plain path.
-        policy: what may be read and the size limits (``max_video_bytes``, ``max_image_pixels`` per frame).
+        policy: what may be read and the limits (``max_video_bytes``, the ``max_video_*`` bounds, the video
+            containers and codecs, ``max_image_pixels`` per frame, ``video_decode_timeout_s``).
         spec: the model's frame sampling.
 
     Raises:
@@ -584,56 +653,183 @@ def load_video_url(url: str, policy: MediaPolicy, spec: VideoSpec) -> Video:
         raise MediaError(
             str(err).replace(_LOCAL_FIX, _VIDEO_FIX), code=err.code.replace("image", "video"), status=err.status
         ) from None
+    import_av()  # without PyAV the server's installation, not the request, is at fault: a VideoError, a 500
+    container = _sniff_container(data, label, policy)
+    deadline = time.monotonic() + policy.video_decode_timeout_s
     with tempfile.TemporaryDirectory(prefix="llavakit-video-") as folder:
         path = Path(folder) / "video"
         path.write_bytes(data)
-        _check_video_header(path, label, policy)
         try:
-            _check_frame_count(probe_video(path, spec), label, policy)
-            return load_video(path, spec)
+            return _read_video(path, container, label, policy, spec, deadline)
         except VideoError as err:  # names the temporary copy (FFmpeg's text too): say the URL instead
             message = str(err).replace(f"video {str(path)!r}", label).replace(str(path), "the video")
             raise MediaError(message, code="invalid_video_format") from None
 
 
-def _check_frame_count(probe: VideoProbe, label: str, policy: MediaPolicy) -> None:
-    """Refuse a video that would be sampled to more than ``max_video_frames`` frames (a model whose video spec
-    sets no ``frames_upbound`` samples every ``video_fps``-th second of any length)."""
-    frames = len(probe.frame_indices)
-    if frames > policy.max_video_frames:
-        raise MediaError(
-            f"{label} would be sampled to {frames} frames, above this server's limit of {policy.max_video_frames}; "
-            "send a shorter clip",
-            code="video_too_large",
-        )
+def _read_video(
+    path: Path, container: str, label: str, policy: MediaPolicy, spec: VideoSpec, deadline: float
+) -> Video:
+    """Check the header and the packets, then the sampled frames' budget, then decode under `_FrameGuard`."""
+    backstop = _FFMPEG_PIXEL_SLACK * policy.max_image_pixels
+    guard = DecodeGuard(
+        demuxer=container.split(",")[0],  # "mov", "matroska", "avi": FFmpeg's short names for the demuxers
+        options={"protocol_whitelist": "file", "max_pixels": str(backstop)},
+        max_frame_pixels=backstop,
+    )
+    width, height = _check_video_header(path, label, policy, guard, deadline)
+    probe = probe_video(path, spec, guard)
+    _check_budget(probe, width * height, label, policy)
+    _check_deadline(deadline, label, policy)
+    on_frame = _FrameGuard(set(probe.frame_indices), label, policy, deadline)
+    return load_video(path, spec, replace(guard, on_frame=on_frame))
 
 
-def _check_video_header(path: Path, label: str, policy: MediaPolicy) -> None:
-    """Refuse containers outside ``allowed_video_formats`` and frames above ``max_image_pixels``, before decoding."""
-    try:
-        import av
-    except ImportError as exc:  # the server's installation, not the request, is at fault: a 500
-        raise VideoError("reading videos needs PyAV: pip install 'llavakit[video]' (or 'av>=12')") from exc
-    try:
-        with av.open(str(path), mode="r") as container:
-            demuxer = container.format.name
-            streams = container.streams.video
-            context = streams[0].codec_context if streams else None
-            width, height = (context.width, context.height) if context is not None else (0, 0)
-    except av.FFmpegError as exc:  # its text names the temporary copy; the reason alone is kept
+def _sniff_container(data: bytes, label: str, policy: MediaPolicy) -> str:
+    """The FFmpeg demuxer name of the container the first bytes show, refused unless in ``allowed_video_formats``
+    (FFmpeg never sees the bytes of any other container)."""
+    if data[4:8] == b"ftyp":
+        container = "mov,mp4,m4a,3gp,3g2,mj2"
+    elif data[:4] == b"\x1a\x45\xdf\xa3":
+        container = "matroska,webm"
+    elif data[:4] == b"RIFF" and data[8:12] == b"AVI ":
+        container = "avi"
+    else:
+        container = None
+    if container not in policy.allowed_video_formats:
+        found = f"a {container!r} file" if container else f"not an MP4/MOV, WebM/MKV or AVI file (starts {data[:12]!r})"
         raise MediaError(
-            f"{label} is not a video FFmpeg can open ({exc.strerror}); send an MP4, WebM, MKV or AVI file",
-            code="invalid_video_format",
-        ) from None
-    if demuxer not in policy.allowed_video_formats:
-        raise MediaError(
-            f"{label} is a {demuxer!r} file, not one of this server's video formats (MP4/MOV, WebM/MKV, AVI); "
+            f"{label} is {found}, not one of this server's video containers {list(policy.allowed_video_formats)}; "
             "re-encode it (e.g. `ffmpeg -i IN -c:v libx264 OUT.mp4`)",
             code="invalid_video_format",
         )
-    if width * height > policy.max_image_pixels:
+    return container
+
+
+def _check_video_header(
+    path: Path, label: str, policy: MediaPolicy, guard: DecodeGuard, deadline: float
+) -> tuple[int, int]:
+    """Open with the sniffed demuxer forced, refuse a codec outside ``allowed_video_codecs``, frames above
+    ``max_image_pixels`` and more than ``max_video_source_frames`` packets (counting stops at the first one over),
+    all before decoding; ``(width, height)`` from the header."""
+    av = import_av()
+    try:
+        with av.open(str(path), mode="r", format=guard.demuxer, options=dict(guard.options)) as container:
+            if not container.streams.video:
+                raise MediaError(f"{label} has no video stream; send a video file", code="invalid_video_format")
+            stream = container.streams.video[0]
+            context = stream.codec_context  # None: FFmpeg has no decoder for the codec
+            _check_codec(context.codec.canonical_name if context is not None else "none", label, policy)
+            width, height = context.width, context.height
+            if width * height > policy.max_image_pixels:
+                raise _video_too_large(
+                    label,
+                    f"has {width}x{height} (WxH) frames",
+                    f"{policy.max_image_pixels} pixels per frame",
+                    "downscale it",
+                )
+            _check_packet_count(container, stream, label, policy, deadline)
+    except av.FFmpegError as exc:  # its text names the temporary copy; the reason alone is kept
         raise MediaError(
-            f"{label} has {width}x{height} (WxH) frames, above this server's limit of {policy.max_image_pixels} "
-            "pixels per frame; downscale it before sending",
-            code="video_too_large",
+            f"{label} is not a video FFmpeg can open as {guard.demuxer} ({exc.strerror}); send an MP4, WebM, MKV "
+            "or AVI file",
+            code="invalid_video_format",
+        ) from None
+    return width, height
+
+
+def _check_codec(codec: str, label: str, policy: MediaPolicy) -> None:
+    if codec not in policy.allowed_video_codecs:
+        raise MediaError(
+            f"{label} is encoded with {codec!r}, not one of this server's video codecs "
+            f"{list(policy.allowed_video_codecs)}; re-encode it (e.g. `ffmpeg -i IN -c:v libx264 OUT.mp4`)",
+            code="invalid_video_format",
         )
+
+
+def _check_packet_count(
+    container: av.container.InputContainer, stream: av.VideoStream, label: str, policy: MediaPolicy, deadline: float
+) -> None:
+    """Refuse more than ``max_video_source_frames`` video packets, stopping at the first one over the limit."""
+    packets = 0
+    for packet in container.demux(stream):
+        packets += packet.size > 0  # PyAV's final flush packet is empty
+        if packets > policy.max_video_source_frames:
+            raise _video_too_large(
+                label,
+                f"has more than {policy.max_video_source_frames} frames",
+                f"{policy.max_video_source_frames} frames per video (decoding reads them all)",
+                "send a shorter clip or a lower frame rate",
+            )
+        if packets % _VIDEO_CHECK_INTERVAL == 0:
+            _check_deadline(deadline, label, policy)
+
+
+def _check_budget(probe: VideoProbe, frame_pixels: int, label: str, policy: MediaPolicy) -> None:
+    """Refuse, before decoding, a video sampled to more than ``max_video_frames`` frames (a model whose video spec
+    sets no ``frames_upbound`` samples every ``video_fps``-th second of any length), or whose decoding work or kept
+    frames (header size) exceed ``max_video_decoded_pixels`` / ``max_video_sampled_pixels``."""
+    frames = probe.num_frames
+    if frames > policy.max_video_frames:
+        raise _video_too_large(
+            label, f"would be sampled to {frames} frames", f"{policy.max_video_frames}", "send a shorter clip"
+        )
+    decoded = probe.total_frames * frame_pixels
+    if decoded > policy.max_video_decoded_pixels:
+        raise _video_too_large(
+            label,
+            f"has {probe.total_frames} frames of {frame_pixels} pixels ({decoded} pixels to decode)",
+            f"{policy.max_video_decoded_pixels} decoded pixels per video",
+            "send a shorter or lower-resolution clip",
+        )
+    kept = len(set(probe.frame_indices)) * frame_pixels
+    if kept > policy.max_video_sampled_pixels:
+        raise _video_too_large(
+            label,
+            f"would keep {len(set(probe.frame_indices))} sampled frames of {frame_pixels} pixels ({kept} pixels)",
+            f"{policy.max_video_sampled_pixels} pixels over the sampled frames",
+            "downscale it",
+        )
+
+
+class _FrameGuard:
+    """`DecodeGuard.on_frame` for one video: the deadline, ``max_image_pixels`` per decoded frame (the resolution
+    can change mid-stream) and ``max_video_sampled_pixels`` summed over the sampled frames as they are kept."""
+
+    def __init__(self, wanted: set[int], label: str, policy: MediaPolicy, deadline: float) -> None:
+        self.wanted, self.label, self.policy, self.deadline = wanted, label, policy, deadline
+        self.kept_pixels = 0
+
+    def __call__(self, index: int, width: int, height: int) -> None:
+        _check_deadline(self.deadline, self.label, self.policy)
+        pixels = width * height
+        if pixels > self.policy.max_image_pixels:
+            raise _video_too_large(
+                self.label,
+                f"has a {width}x{height} (WxH) frame at frame {index}",
+                f"{self.policy.max_image_pixels} pixels per frame",
+                "downscale it",
+            )
+        if index in self.wanted:
+            self.kept_pixels += pixels
+            if self.kept_pixels > self.policy.max_video_sampled_pixels:
+                raise _video_too_large(
+                    self.label,
+                    f"keeps more than {self.policy.max_video_sampled_pixels} pixels in its sampled frames (frames "
+                    f"grow mid-stream, to {width}x{height} at frame {index})",
+                    f"{self.policy.max_video_sampled_pixels} pixels over the sampled frames",
+                    "downscale it",
+                )
+
+
+def _check_deadline(deadline: float, label: str, policy: MediaPolicy) -> None:
+    if time.monotonic() > deadline:
+        raise _video_too_large(
+            label,
+            f"took more than {policy.video_decode_timeout_s:g} s to read",
+            f"{policy.video_decode_timeout_s:g} s of decoding per video",
+            "send a shorter or lower-resolution clip",
+        )
+
+
+def _video_too_large(label: str, what: str, limit: str, fix: str) -> MediaError:
+    return MediaError(f"{label} {what}, above this server's limit of {limit}; {fix}", code="video_too_large")
