@@ -122,6 +122,11 @@ def test_bad_videos_are_refused_with_openai_errors(video_client, clip):
         )
     error = _refusal(lambda: _ask(video_client, "video", _video_part(video_url(data)), text="see <video>"))
     assert "reserved for videos" in error.body["message"]
+    # For a model without video, "<video>" is ordinary text (as in its training data).
+    reply = video_client.chat.completions.create(
+        model="image-only", messages=[{"role": "user", "content": "What does <video> do in HTML?"}], max_tokens=2
+    )
+    assert reply.choices[0].finish_reason in ("stop", "length")
     two = [_video_part(video_url(data)), _video_part(video_url(data)), {"type": "text", "text": "Compare."}]
     error = _refusal(
         lambda: video_client.chat.completions.create(

@@ -107,7 +107,12 @@ def create_app(pool: ModelPool, config: ServeConfig) -> FastAPI:
         if request.n > config.max_n:
             raise bad_request(f"n={request.n} is above this server's limit of {config.max_n}", param="n")
         stops = request.stop_strings()
-        parsed = parse_messages(request.messages, config.max_images_per_request, config.max_videos_per_request)
+        parsed = parse_messages(
+            request.messages,
+            config.max_images_per_request,
+            config.max_videos_per_request,
+            video_model=served.assistant.model.config.video_spec is not None,
+        )
         encoded = await run_in_threadpool(_encode, served, parsed, policy)
         prompt_tokens = len(encoded.input_ids)
         max_new = _answer_budget(served, request, prompt_tokens, config.default_max_tokens)

@@ -36,9 +36,16 @@ class ParsedMessages:
     videos: tuple[ImageRef, ...] = ()
 
 
-def parse_messages(messages: list[Message], max_images: int, max_videos: int = 1) -> ParsedMessages:
-    """Check and convert ``messages``; every problem is a 400 naming ``messages[i]...``."""
-    system, start = _system_prompt(messages)
+def parse_messages(
+    messages: list[Message], max_images: int, max_videos: int = 1, video_model: bool = True
+) -> ParsedMessages:
+    """Check and convert ``messages``; every problem is a 400 naming ``messages[i]...``.
+
+    ``<video>`` typed in the text is refused only for a model with video (``video_model``), where it would be a
+    placeholder; for other models it is ordinary text (an HTML question, say), as in training.
+    """
+    reserved = (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER) if video_model else (IMAGE_PLACEHOLDER,)
+    system, start = _system_prompt(messages, reserved)
     turns: list[Turn] = []
     images: list[ImageRef] = []
     videos: list[ImageRef] = []
@@ -51,7 +58,7 @@ def parse_messages(messages: list[Message], max_images: int, max_videos: int = 1
                 "system message, user and assistant messages must alternate, starting with a user message",
                 param=f"messages[{index}].role",
             )
-        text, refs, video_refs = _content(message, index)
+        text, refs, video_refs = _content(message, index, reserved)
         if (refs or video_refs) and message.role != USER:
             raise bad_request("only user messages may hold images or videos", param=f"messages[{index}].content")
         turns.append(Turn(message.role, text))
@@ -74,17 +81,19 @@ def parse_messages(messages: list[Message], max_images: int, max_videos: int = 1
     return ParsedMessages(Conversation(tuple(turns), system), tuple(images), tuple(videos))
 
 
-def _system_prompt(messages: list[Message]) -> tuple[str | None, int]:
+def _system_prompt(messages: list[Message], reserved: tuple[str, ...]) -> tuple[str | None, int]:
     first = messages[0]
     if first.role not in ("system", "developer"):
         return None, 0
-    text, refs, video_refs = _content(first, 0)
+    text, refs, video_refs = _content(first, 0, reserved)
     if refs or video_refs:
         raise bad_request("a system message cannot hold images or videos", param="messages[0].content")
     return text, 1
 
 
-def _content(message: Message, index: int) -> tuple[str, list[ImageRef], list[ImageRef]]:
+def _content(
+    message: Message, index: int, reserved: tuple[str, ...]
+) -> tuple[str, list[ImageRef], list[ImageRef]]:
     if message.role in ("system", "developer") and index > 0:
         raise bad_request(
             "a system message is only allowed first",
@@ -94,7 +103,7 @@ def _content(message: Message, index: int) -> tuple[str, list[ImageRef], list[Im
     if message.content is None or message.content == "" or message.content == []:
         raise bad_request(f"messages[{index}] has no content", param=f"messages[{index}].content")
     if isinstance(message.content, str):
-        return _checked_text(message.content, f"messages[{index}].content"), [], []
+        return _checked_text(message.content, f"messages[{index}].content", reserved), [], []
     pieces: list[str] = []
     refs: list[ImageRef] = []
     video_refs: list[ImageRef] = []
@@ -107,13 +116,13 @@ def _content(message: Message, index: int) -> tuple[str, list[ImageRef], list[Im
             pieces.append(VIDEO_PLACEHOLDER)
             video_refs.append(ImageRef(part.video_url.url, f"{param}.video_url"))
         else:
-            pieces.append(_checked_text(part.text, f"{param}.text"))
+            pieces.append(_checked_text(part.text, f"{param}.text", reserved))
     return "\n".join(pieces), refs, video_refs
 
 
-def _checked_text(text: str, param: str) -> str:
+def _checked_text(text: str, param: str, reserved: tuple[str, ...]) -> str:
     for placeholder, media in ((IMAGE_PLACEHOLDER, "image"), (VIDEO_PLACEHOLDER, "video")):
-        if placeholder in text:
+        if placeholder in reserved and placeholder in text:
             raise bad_request(
                 f"the text contains {placeholder!r}, which is reserved for {media}s: send {media}s as {media}_url "
                 "parts (the server places them) and remove the placeholder from the text",
