@@ -6,8 +6,24 @@ PyAV (its wheels bundle FFmpeg) instead of decord. Like decord, the frame count 
 the demuxer finds (decord's ``len(VideoReader)`` is its packet index) and the rate is the stream's average frame
 rate (``avg_frame_rate``); see `sample_indices`. Counting packets reads the file once without decoding, which is
 cheap next to decoding, and is exact where container headers are missing (WebM/MKV store no frame count) or stale.
-The sampled frames are then decoded in one sequential pass that stops after the last sampled frame and keeps only
-the sampled frames as PIL images, so a long video never sits in memory.
+
+The same demux records each packet's presentation timestamp (pts) and keyframe flag (a `FrameIndex`): frame ``i``
+is the ``i``-th smallest pts, which is the order the decoder outputs frames in, so the ``i``-th decoded frame of a
+sequential pass (decord's frame ``i``) is the frame with that pts. Decoding then seeks, as decord does: the sampled
+frames are split into runs wherever decoding on to the next run's keyframe would decode a whole GOP for nothing;
+such a run starts with a seek to the keyframe at or before its first frame (``backward=True``, keyframes only) and
+decodes forward, each decoded frame named by its pts and required to follow the previous one. A frame after a seek
+depends only on frames from that keyframe on (closed GOPs; an open GOP's leading frames, which sit before the
+keyframe in time, are decoded and dropped), so its pixels equal the sequential pass's. Sparse sampling
+(``frames_upbound`` with ``force_sample``) thus decodes about one GOP per sampled frame instead of the whole video;
+with GOPs longer than the gaps between sampled frames nothing is skipped and decoding stays sequential.
+
+Where the timestamps cannot be trusted the file is decoded in one sequential pass, frames numbered by counting, and
+an INFO log line says why (once per file): packets without a pts (raw elementary streams) or with repeated ones; a
+seek that does not reach the keyframe's pts first, or reaches a frame the decoder does not call a keyframe (AVI's
+demuxer seeks by decode time, so a keyframe's decode timestamp is tried after its pts); a decoded pts that no packet
+has or that is out of order; an FFmpeg error after a seek (the sequential pass then reports it as today). Either
+way only the sampled frames are kept as PIL images, so a long video never sits in memory.
 
 Unlike decord, which pads a short read with cached frames, every inconsistency fails loudly with `VideoError`: a
 header frame count above the packets found, a decode error, fewer decoded frames than the sampled indices need, or,
@@ -46,8 +62,9 @@ normalisation so the pixels are bit-identical to those processors.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,6 +82,7 @@ if TYPE_CHECKING:
     import av
 
 VideoSource = str | os.PathLike
+_log = logging.getLogger(__name__)
 
 # upstream's frame-folder branch: the rate its frames were extracted at, and how many it samples
 FOLDER_FPS = 2.0
@@ -136,6 +154,59 @@ class DecodeGuard:
     on_frame: Callable[[int, int, int], None] | None = None
 
 
+@dataclass(frozen=True, eq=False)
+class FrameIndex:
+    """Where each frame of a video stream sits, from the probe's demux, so `load_video` can seek to sampled frames.
+
+    Frame ``i`` is the packet with the ``i``-th smallest pts: the decoder outputs frames in pts order, so this is
+    the frame a sequential pass counts as ``i`` (B-frames make the packets' own order differ).
+
+    Attributes:
+        pts: ``int64 [total_frames]``, frame ``i``'s presentation timestamp (stream time base), ascending.
+        keyframes: ``int64 [K]``, ascending indices of the frames whose packets the container flags as keyframes.
+        keyframe_dts: ``int64 [K]``, each keyframe packet's decode timestamp (its pts where the packet has none).
+        problem: why the timestamps cannot number the frames (a packet without a pts, two with the same), else
+            None; the arrays are then empty and `load_video` decodes sequentially.
+    """
+
+    pts: np.ndarray
+    keyframes: np.ndarray
+    keyframe_dts: np.ndarray
+    problem: str | None = None
+
+    @classmethod
+    def from_packets(cls, packets: list[tuple[int | None, int | None, bool]]) -> FrameIndex:
+        """From each video packet's ``(pts, dts, is_keyframe)``, in demux order."""
+        empty = np.zeros(0, dtype=np.int64)
+        if any(pts is None for pts, _, _ in packets):
+            return cls(empty, empty, empty, "a packet has no presentation timestamp")
+        ordered = sorted(packets, key=lambda packet: packet[0])
+        pts = np.array([packet[0] for packet in ordered], dtype=np.int64)
+        if np.any(np.diff(pts) <= 0):
+            return cls(empty, empty, empty, "two packets share a presentation timestamp")
+        keyframes = np.array([i for i, packet in enumerate(ordered) if packet[2]], dtype=np.int64)
+        dts = [ordered[i][1] if ordered[i][1] is not None else ordered[i][0] for i in keyframes]
+        return cls(pts, keyframes, np.array(dts, dtype=np.int64))
+
+    def position(self, pts: int | None) -> int | None:
+        """The index of the frame with this pts, or None when no packet has it."""
+        if pts is None:
+            return None
+        found = int(np.searchsorted(self.pts, pts))
+        return found if found < len(self.pts) and self.pts[found] == pts else None
+
+    def keyframe_at_or_before(self, frame: int) -> int:
+        """The index of the last keyframe at or before frame ``frame`` in time, -1 when there is none."""
+        found = int(np.searchsorted(self.keyframes, frame, side="right")) - 1
+        return int(self.keyframes[found]) if found >= 0 else -1
+
+    def seek_timestamps(self, keyframe: int) -> tuple[int, int]:
+        """``(pts, dts)`` of keyframe ``keyframe`` (a frame index): what demuxers seek by (MP4, Matroska: pts; AVI:
+        dts)."""
+        found = int(np.searchsorted(self.keyframes, keyframe))
+        return int(self.pts[keyframe]), int(self.keyframe_dts[found])
+
+
 @dataclass(frozen=True)
 class VideoProbe:
     """What `load_video` would sample, known without decoding a frame (see `probe_video`).
@@ -146,6 +217,8 @@ class VideoProbe:
         duration: the video's length in seconds (``total_frames / source_fps``).
         source_fps: the stream's average frame rate (2 for frame folders).
         total_frames: frames in the video (video packets; files in a frame folder).
+        frame_index: where each frame of a video file sits, for `load_video` to seek (None: a frame folder, or a
+            probe made by hand; such a file is decoded sequentially).
     """
 
     frame_indices: list[int]
@@ -153,6 +226,7 @@ class VideoProbe:
     duration: float
     source_fps: float
     total_frames: int
+    frame_index: FrameIndex | None = field(default=None, compare=False, repr=False)
 
     @property
     def num_frames(self) -> int:
@@ -162,7 +236,8 @@ class VideoProbe:
 
 def probe_video(source: VideoSource, spec: VideoSpec, guard: DecodeGuard | None = None) -> VideoProbe:
     """The frames `load_video` samples from ``source`` and their times, without decoding: a file is demuxed once
-    (its packets counted, as `load_video` does, opened as ``guard`` says), a frame folder only listed.
+    (its packets counted and their timestamps recorded, opened as ``guard`` says), a frame folder only listed.
+    Passing the probe to `load_video` spares it a second demux.
 
     Raises:
         VideoError: as `load_video`, for a URL, a missing, still-image, corrupt or frameless source (a frame that
@@ -175,15 +250,17 @@ def probe_video(source: VideoSource, spec: VideoSpec, guard: DecodeGuard | None 
     with _open(path, label, guard) as container:
         stream = _video_stream(container, label)
         fps = _average_rate(stream, label)
-        total = _count_frames(container, stream, fps, label)
-    return _probe(sample_indices(total, fps, spec), fps, total)
+        total, index = _count_frames(container, stream, fps, label)
+    return _probe(sample_indices(total, fps, spec), fps, total, index)
 
 
-def _probe(indices: list[int], fps: float, total: int) -> VideoProbe:
-    return VideoProbe(indices, [index / fps for index in indices], total / fps, fps, total)
+def _probe(indices: list[int], fps: float, total: int, index: FrameIndex | None = None) -> VideoProbe:
+    return VideoProbe(indices, [i / fps for i in indices], total / fps, fps, total, index)
 
 
-def load_video(source: VideoSource, spec: VideoSpec, guard: DecodeGuard | None = None) -> Video:
+def load_video(
+    source: VideoSource, spec: VideoSpec, guard: DecodeGuard | None = None, probe: VideoProbe | None = None
+) -> Video:
     """Sample and decode the frames of a local video file or a folder of frame images.
 
     Args:
@@ -191,21 +268,26 @@ def load_video(source: VideoSource, spec: VideoSpec, guard: DecodeGuard | None =
             images (upstream's ``shareVideoGPTV`` layout, one image file per frame, named in time order).
         spec: the sampling settings (``video_fps``, ``frames_upbound``, ``force_sample``).
         guard: limits for an untrusted file (see `DecodeGuard`); whatever its ``on_frame`` raises propagates.
+        probe: `probe_video(source, spec, guard)` when the caller already has it (saves a demux of the file);
+            None: probed here.
 
     Returns:
         The `Video` with the sampled frames, their times, and the video's length, rate and frame count.
 
     Raises:
-        VideoError: the source is a URL, missing, an image, corrupt, truncated, or has no frames.
+        VideoError: the source is a URL, missing, an image, corrupt, truncated, or has no frames; ``probe``
+            samples other frames than ``spec`` does.
     """
-    probe = probe_video(source, spec, guard)
     path, label = _local_source(source)
+    if probe is None:
+        probe = probe_video(source, spec, guard)
+    else:
+        _check_probe(probe, spec, path.is_dir(), label)
     if path.is_dir():
         names = _frame_names(path, label)
         decoded = {index: _load_frame(path / names[index], label) for index in set(probe.frame_indices)}
     else:
-        with _open(path, label, guard) as container:
-            decoded = _decode(container, set(probe.frame_indices), probe.total_frames, label, guard)
+        decoded = _decode_file(path, label, guard or DecodeGuard(), probe)
     return Video(
         frames=[decoded[index] for index in probe.frame_indices],
         frame_times=probe.frame_times,
@@ -214,6 +296,17 @@ def load_video(source: VideoSource, spec: VideoSpec, guard: DecodeGuard | None =
         total_frames=probe.total_frames,
         frame_indices=probe.frame_indices,
     )
+
+
+def _check_probe(probe: VideoProbe, spec: VideoSpec, folder: bool, label: str) -> None:
+    """A probe given to `load_video` must sample what ``spec`` samples from the same frame count and rate."""
+    total = probe.total_frames
+    expected = folder_indices(total, spec) if folder else sample_indices(total, probe.source_fps, spec)
+    if probe.frame_indices != expected:
+        raise VideoError(
+            f"{label}: the probe given to load_video samples frames {probe.frame_indices}, but the spec "
+            f"samples {expected}: probe it with the same spec (probe_video(source, spec)) or pass no probe"
+        )
 
 
 def _local_source(source: VideoSource) -> tuple[Path, str]:
@@ -298,13 +391,19 @@ def _average_rate(stream: av.VideoStream, label: str) -> float:
 
 def _count_frames(
     container: av.container.InputContainer, stream: av.VideoStream, fps: float, label: str
-) -> int:
-    """Video packets found by demuxing (decord's frame count), checked against what the headers promise."""
+) -> tuple[int, FrameIndex]:
+    """Video packets found by demuxing (decord's frame count), checked against what the headers promise, and the
+    `FrameIndex` their timestamps give."""
     try:
         # PyAV ends the demux with an empty flush packet per stream; it holds no frame
-        packets = sum(1 for packet in container.demux(stream) if packet.size > 0)
+        found = [
+            (packet.pts, packet.dts, packet.is_keyframe)
+            for packet in container.demux(stream)
+            if packet.size > 0
+        ]
     except import_av().FFmpegError as exc:
         raise VideoError(f"{label} is corrupt: demuxing failed ({exc}); re-download or re-encode it") from exc
+    packets = len(found)
     if packets == 0:
         raise VideoError(f"{label} has no video frames: re-encode it or remove the sample")
     if stream.frames > packets:
@@ -319,23 +418,164 @@ def _count_frames(
                 f"{label} is truncated: its header says {header_s:.2f} s but its frames cover {found_s:.2f} s; "
                 "re-download or re-encode it"
             )
-    return packets
+    return packets, FrameIndex.from_packets(found)
+
+
+class _Reporter:
+    """Runs ``guard.on_frame`` once per decoded frame index: after a fallback the sequential pass decodes again
+    frames the seeking pass decoded, and a budget summed over sampled frames must not count them twice."""
+
+    def __init__(self, on_frame: Callable[[int, int, int], None] | None) -> None:
+        self.on_frame, self.reported = on_frame, set[int]()
+
+    def __call__(self, index: int, frame: av.VideoFrame) -> None:
+        if self.on_frame is not None and index not in self.reported:
+            self.reported.add(index)
+            self.on_frame(index, frame.width, frame.height)
+
+
+class _SeekFailed(Exception):
+    """The file's timestamps or seeks cannot be trusted to name frames: decode it sequentially instead."""
+
+
+def _decode_file(path: Path, label: str, guard: DecodeGuard, probe: VideoProbe) -> dict[int, Image.Image]:
+    """The sampled frames of a video file: seeking where the plan skips a GOP or more, else (or where seeking
+    fails) one sequential pass."""
+    wanted, report, index = set(probe.frame_indices), _Reporter(guard.on_frame), probe.frame_index
+    problem = index.problem if index is not None else None
+    if index is not None and problem is None:
+        plan = _plan(index, sorted(wanted))
+        if any(seek_to is not None for seek_to, _ in plan):
+            try:
+                with _open(path, label, guard) as container:
+                    return _SeekingDecoder(container, guard, index, report).decode(plan, wanted)
+            except _SeekFailed as exc:
+                problem = str(exc)
+    if problem is not None:
+        _log.info(
+            "%s: decoding every frame up to the last sampled one instead of seeking: %s", label, problem
+        )
+    with _open(path, label, guard) as container:
+        return _decode(container, wanted, probe.total_frames, label, guard, report)
+
+
+def _plan(index: FrameIndex, wanted: list[int]) -> list[tuple[int | None, int]]:
+    """The sampled frames (ascending, unique) as runs decoded without a seek: ``(keyframe to seek to first, or None
+    to decode on from where the decoder stands, last frame of the run)``. A run starts with a seek when decoding on
+    to its first frame's keyframe would decode a whole GOP for nothing (another keyframe lies before that one)."""
+    runs: list[tuple[int | None, int]] = []
+    next_frame = 0
+    for frame in wanted:
+        keyframe = index.keyframe_at_or_before(frame)
+        if keyframe > next_frame and index.keyframe_at_or_before(keyframe - 1) >= next_frame:
+            runs.append((keyframe, frame))
+        elif runs:
+            runs[-1] = (runs[-1][0], frame)
+        else:
+            runs.append((None, frame))
+        next_frame = frame + 1
+    return runs
+
+
+class _SeekingDecoder:
+    """Decodes a `_plan`'s runs, naming each decoded frame by its pts; `_SeekFailed` where that is not possible."""
+
+    def __init__(
+        self, container: av.container.InputContainer, guard: DecodeGuard, index: FrameIndex, report: _Reporter
+    ) -> None:
+        self.container, self.index, self.report = container, index, report
+        self.stream = _decode_stream(container, guard)
+        # the demuxer seeks by decode time (AVI): learned from the first seek that needs it
+        self.by_dts = False
+
+    def decode(self, plan: list[tuple[int | None, int]], wanted: set[int]) -> dict[int, Image.Image]:
+        """The ``wanted`` frames as RGB PIL images, decoding the runs of ``plan`` in order."""
+        kept: dict[int, Image.Image] = {}
+        try:
+            frames, expected = self._numbered(self.container.decode(self.stream)), 0
+            for seek_to, last in plan:
+                if seek_to is not None:
+                    frames, expected = self._seek(seek_to), seek_to
+                for index, frame in frames:
+                    if index != expected:
+                        raise _SeekFailed(f"frame {index} was decoded where frame {expected} was due")
+                    self.report(index, frame)
+                    if index in wanted:
+                        kept[index] = frame.to_image()
+                    expected += 1
+                    if index == last:
+                        break
+                else:
+                    raise _SeekFailed(f"the stream ended before frame {last}")
+        except import_av().FFmpegError as exc:
+            raise _SeekFailed(f"FFmpeg failed while seeking and decoding ({exc})") from exc
+        return kept
+
+    def _numbered(self, frames: Iterator[av.VideoFrame]) -> Iterator[tuple[int, av.VideoFrame]]:
+        """``(frame index, frame)`` for decoded frames, the index found from the frame's pts."""
+        for frame in frames:
+            index = self.index.position(frame.pts)
+            if index is None:
+                raise _SeekFailed(f"a decoded frame has pts {frame.pts}, which no packet has")
+            yield index, frame
+
+    def _seek(self, keyframe: int) -> Iterator[tuple[int, av.VideoFrame]]:
+        """Numbered frames from frame ``keyframe`` on, after seeking by its pts (or its dts, for demuxers that seek
+        by decode time); frames decoded before it (an open GOP's leading frames) are reported and dropped."""
+        pts, dts = self.index.seek_timestamps(keyframe)
+        landed: int | None = None
+        for timestamp in dict.fromkeys((dts, pts) if self.by_dts else (pts, dts)):  # distinct, in order
+            self.container.seek(timestamp, stream=self.stream, backward=True, any_frame=False)
+            frames = self._numbered(self.container.decode(self.stream))
+            landed, frame = self._first_from(frames, keyframe)
+            if landed == keyframe and frame.key_frame:  # the decoder's word: container flags can be wrong
+                self.by_dts = timestamp != pts
+                return _chain((landed, frame), frames)
+            if frame is not None:
+                self.report(landed, frame)
+        raise _SeekFailed(f"a seek to keyframe {keyframe} landed on frame {landed}, or it is not a keyframe")
+
+    def _first_from(
+        self, frames: Iterator[tuple[int, av.VideoFrame]], keyframe: int
+    ) -> tuple[int | None, av.VideoFrame | None]:
+        """The first numbered frame at or after frame ``keyframe``; earlier ones are reported and dropped."""
+        for index, frame in frames:
+            if index >= keyframe:
+                return index, frame
+            self.report(index, frame)
+        return None, None
+
+
+def _chain(first: tuple[int, av.VideoFrame], rest: Iterator[tuple[int, av.VideoFrame]]) -> Iterator:
+    """``first``, then ``rest``: the frame that confirmed a seek goes back in front of the frames after it."""
+    yield first
+    yield from rest
+
+
+def _decode_stream(container: av.container.InputContainer, guard: DecodeGuard) -> av.VideoStream:
+    """The video stream, set up to decode: frame threads, and the guard's pixel cap."""
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"  # frame-threaded decoding; frames still come out in order
+    if guard.max_frame_pixels is not None:
+        stream.codec_context.options = {**stream.codec_context.options, "max_pixels": str(guard.max_frame_pixels)}
+    return stream
 
 
 def _decode(
-    container: av.container.InputContainer, wanted: set[int], total: int, label: str, guard: DecodeGuard | None
+    container: av.container.InputContainer,
+    wanted: set[int],
+    total: int,
+    label: str,
+    guard: DecodeGuard,
+    report: _Reporter,
 ) -> dict[int, Image.Image]:
-    """Decode frames in order up to the last wanted one, keeping only the wanted ones as RGB PIL images."""
-    stream = container.streams.video[0]
-    stream.thread_type = "AUTO"  # frame-threaded decoding; frames still come out in order
-    guard = guard or DecodeGuard()
-    if guard.max_frame_pixels is not None:
-        stream.codec_context.options = {**stream.codec_context.options, "max_pixels": str(guard.max_frame_pixels)}
+    """Decode frames in order up to the last wanted one, keeping only the wanted ones as RGB PIL images; frames are
+    numbered by counting."""
+    stream = _decode_stream(container, guard)
     last, kept, index = max(wanted), {}, -1
     try:
         for index, frame in enumerate(container.decode(stream)):
-            if guard.on_frame is not None:
-                guard.on_frame(index, frame.width, frame.height)
+            report(index, frame)
             if index in wanted:
                 kept[index] = frame.to_image()
             if index >= last:

@@ -681,7 +681,7 @@ def _read_video(
     _check_budget(probe, width * height, label, policy)
     _check_deadline(deadline, label, policy)
     on_frame = _FrameGuard(set(probe.frame_indices), label, policy, deadline)
-    return load_video(path, spec, replace(guard, on_frame=on_frame))
+    return load_video(path, spec, replace(guard, on_frame=on_frame), probe=probe)
 
 
 def _sniff_container(data: bytes, label: str, policy: MediaPolicy) -> str:
