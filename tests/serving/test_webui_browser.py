@@ -21,6 +21,7 @@ import openai
 import pytest
 from PIL import Image, ImageDraw
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -127,9 +128,11 @@ class ChatPage:
         driver.execute_script(OBSERVER)
 
     def wait(self, condition, what: str):
-        return WebDriverWait(self.driver, TIMEOUT_S, poll_frequency=0.05).until(
-            lambda _: condition(), message=f"timed out waiting for {what}"
-        )
+        # Gradio re-renders the chat while it streams or clears: an element found a moment ago may be gone when read,
+        # which only means "look again".
+        return WebDriverWait(
+            self.driver, TIMEOUT_S, poll_frequency=0.05, ignored_exceptions=(StaleElementReferenceException,)
+        ).until(lambda _: condition(), message=f"timed out waiting for {what}")
 
     def log(self) -> dict:
         return self.driver.execute_script("return window.llavakitLog")
