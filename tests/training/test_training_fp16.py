@@ -228,6 +228,9 @@ _TWO_RANK_SCRIPT = textwrap.dedent(
     assert all(torch.equal(p.detach().to_local(), b) for p, b in zip(model.parameters(), before))
     assert scaler.get_scale() == 2.0**15, scaler.get_scale()
     Path(sys.argv[1], f"ok-{rank}").touch()  # a file per rank: both ranks' prints can interleave on one stdout
+    # Both ranks done before either tears gloo down (a rank destroying its group while the other still talks to
+    # it aborted one CI run with "terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
     """
 )
